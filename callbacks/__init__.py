@@ -1,0 +1,6 @@
+"""Lightning callbacks of lightning_rec (installed as ``lightning_rec.callbacks``)."""
+
+from .metrics_printer import MetricsPrinter
+from .rng_state import RNGStateCallback
+
+__all__ = ["MetricsPrinter", "RNGStateCallback"]

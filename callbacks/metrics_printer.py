@@ -1,0 +1,31 @@
+"""One line of metrics per epoch on the console (rank zero), next to the progress bar."""
+
+from __future__ import annotations
+
+import time
+
+import pytorch_lightning as pl
+from pytorch_lightning.utilities import rank_zero_info
+
+
+class MetricsPrinter(pl.Callback):
+    """Prints ``epoch N | train/loss=... val/ndcg@10=... | 12.3s`` after each validation.
+
+    Args:
+        keys: metric-name prefixes to print (default: loss, NDCG@10, HR@10).
+    """
+
+    def __init__(self, keys: list[str] | None = None):
+        self.keys = list(keys or ["train/loss_epoch", "val/ndcg@10", "val/hr@10", "val/sampled_ndcg@10", "val/sampled_hr@10"])
+        self._t0 = None
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        m = trainer.callback_metrics
+        parts = [f"{k.replace('_epoch', '')}={float(m[k]):.4f}" for k in self.keys if k in m]
+        took = f" | {time.perf_counter() - self._t0:.1f}s" if self._t0 is not None else ""
+        rank_zero_info(f"epoch {trainer.current_epoch} | step {trainer.global_step} | {' '.join(parts)}{took}")

@@ -1,0 +1,1 @@
+"""Hydra configs of lightning_rec (installed as ``lightning_rec.conf``)."""

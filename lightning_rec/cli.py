@@ -1,0 +1,348 @@
+"""``python -m lightning_rec {fit,test,predict} [key=value ...]`` (also ``lightning-rec``).
+
+fit      train a model, checkpoint the best and last epochs, then test the best one
+test     evaluate a checkpoint on the test split:      test ckpt_path=<file>
+predict  write top-K recommendations per user (original ids): predict ckpt_path=<file> predict.k=10
+
+Overrides follow Hydra: ``model=nextitnet data=ml-1m data.path=... trainer.max_epochs=50 logger=wandb``.
+Add ``--cfg`` to print the composed config and exit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from .errors import ConfigError, LightningRecError
+
+COMMANDS = ("fit", "test", "predict")
+
+
+def _quiet() -> None:
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=r".*`isinstance\(treespec, LeafSpec\)`.*")
+    warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.INFO)
+
+
+def _precision_for(cfg: DictConfig) -> None:
+    """Mixed precision is a GPU feature: on a CPU fall back to 32-bit instead of failing."""
+    import torch
+
+    prec = str(cfg.trainer.get("precision", "32-true"))
+    acc = str(cfg.trainer.get("accelerator", "auto"))
+    on_cpu = acc == "cpu" or (acc == "auto" and not torch.cuda.is_available())
+    if on_cpu and ("16" in prec):
+        from pytorch_lightning.utilities import rank_zero_info
+
+        rank_zero_info(f"trainer.precision={prec} needs a GPU; using 32-true on the CPU")
+        cfg.trainer.precision = "32-true"
+
+
+def _instantiate_dict(conf: DictConfig | None, what: str) -> list:
+    from hydra.utils import instantiate
+
+    out = []
+    for key, c in (conf or {}).items():
+        if c is None:
+            continue
+        try:
+            out.append(instantiate(c, _convert_="all"))
+        except Exception as e:
+            raise _unwrap(e, f"{what}.{key}") from None
+    return out
+
+
+def _unwrap(e: Exception, where: str) -> LightningRecError:
+    """Hydra wraps errors raised by constructors; surface ours, summarise the rest in one line."""
+    cause = e
+    while cause is not None:
+        if isinstance(cause, LightningRecError):
+            return cause
+        cause = cause.__cause__ or cause.__context__
+    msg = " ".join(str(e).split())
+    if "got an unexpected keyword argument" in msg:
+        arg = msg.split("unexpected keyword argument")[-1].strip(" '\".")
+        return ConfigError(f"{where}: no option '{arg}'")
+    return ConfigError(f"{where}: {msg[:300]}")
+
+
+def _build_datamodule(data_conf: dict[str, Any]):
+    from .data import SeqDataModule
+
+    conf = {k: v for k, v in data_conf.items() if k != "_target_"}
+    try:
+        return SeqDataModule(**conf)
+    except TypeError as e:
+        raise ConfigError(f"data: {e}") from None
+
+
+def _build_model(model_conf: dict[str, Any], num_items: int):
+    from .module import SeqRecModule
+
+    conf = {k: v for k, v in model_conf.items() if k != "_target_"}
+    try:
+        return SeqRecModule(num_items=num_items, **conf)
+    except TypeError as e:
+        raise ConfigError(f"model: {e}") from None
+
+
+def _build_trainer(cfg: DictConfig, run_dir: str, callbacks: list, loggers: list):
+    from hydra.utils import instantiate
+
+    from .checkpoint_io import AtomicCheckpointIO
+
+    _precision_for(cfg)
+    try:
+        return instantiate(
+            cfg.trainer, callbacks=callbacks, logger=loggers if loggers else False,
+            default_root_dir=run_dir, plugins=[AtomicCheckpointIO()], _convert_="all",
+        )
+    except Exception as e:
+        raise _unwrap(e, "trainer") from None
+
+
+def _data_conf_from_checkpoint(ckpt: dict[str, Any], cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
+    """The data settings a checkpoint was trained with, updated by explicit ``data.*`` overrides.
+
+    ``data=<name>`` on the command line replaces them with that dataset's config.
+    """
+    from .config import to_plain
+
+    composed = to_plain(cfg.data)
+    if any(o.startswith("data=") for o in overrides) or "datamodule_hyper_parameters" not in ckpt:
+        return composed
+    saved = dict(ckpt["datamodule_hyper_parameters"])
+    for o in overrides:
+        key = o.split("=", 1)[0].lstrip("+~")
+        if key.startswith("data."):
+            sub = key[len("data."):].split(".")[0]
+            saved[sub] = composed.get(sub)
+        elif key.startswith("eval."):
+            for dk, ek in (("eval_protocol", "protocol"), ("eval_negatives", "num_negatives"),
+                           ("eval_sampler", "negative_sampler")):
+                saved[dk] = composed[dk]
+        elif key == "seed":
+            saved["seed"] = composed["seed"]
+    return saved
+
+
+def _eval_overrides(cfg: DictConfig) -> dict[str, Any]:
+    return {
+        "eval_ks": list(cfg.eval.ks), "exclude_seen": bool(cfg.eval.exclude_seen),
+        "eval_protocol": str(cfg.eval.protocol), "eval_chunk_size": int(cfg.eval.chunk_size),
+    }
+
+
+def _monitor(cfg: DictConfig) -> None:
+    if cfg.eval.protocol == "sampled" and cfg.eval.monitor.startswith("val/") and "sampled_" not in cfg.eval.monitor:
+        cfg.eval.monitor = cfg.eval.monitor.replace("val/", "val/sampled_")
+
+
+# ---------------------------------------------------------------------- fit
+def fit(cfg: DictConfig, overrides: list[str]) -> dict[str, float]:
+    """Train (or resume), then test the best checkpoint. Returns the test metrics."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.utilities import rank_zero_info
+
+    from . import runs
+    from .config import set_value, to_plain
+
+    _monitor(cfg)
+    resuming = cfg.ckpt_path is not None
+    ckpt_path = None
+    saved_model = None
+    if resuming:
+        ckpt_path = runs.resolve_checkpoint(str(cfg.ckpt_path), cfg.runs_dir, cfg.name)
+        ckpt = runs.load_checkpoint(ckpt_path)
+        saved_model = ckpt.get("hyper_parameters")
+        run_dir = os.environ.get(runs.RUN_DIR_ENV) or runs.run_dir_of(ckpt_path) or runs.new_run_dir(cfg.runs_dir, cfg.name)
+        data_conf = _data_conf_from_checkpoint(ckpt, cfg, overrides)
+        del ckpt
+    else:
+        run_dir = os.environ.get(runs.RUN_DIR_ENV)
+        if not run_dir:
+            run_dir = runs.claim_run_dir(cfg.run_dir) if cfg.run_dir else runs.new_run_dir(cfg.runs_dir, cfg.name)
+        data_conf = None
+    os.environ[runs.RUN_DIR_ENV] = run_dir  # DDP workers re-run this command; they must share the folder
+    set_value(cfg, "run_dir", run_dir)
+    set_value(cfg, "ckpt_path", ckpt_path)
+    plain = to_plain(cfg)
+    data_conf = data_conf or plain["data"]
+
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    dm = _build_datamodule(data_conf)
+    dm.setup("fit")
+    if saved_model is not None:
+        # Architecture comes from the checkpoint (nanoGPT-style); the training settings from the command line.
+        model_conf = dict(saved_model)
+        model_conf.update({k: plain["model"][k] for k in ("optimizer", "scheduler", "compile") if k in plain["model"]})
+        model_conf.update(_eval_overrides(cfg))
+        model_conf.pop("num_items", None)
+    else:
+        model_conf = plain["model"]
+    model = _build_model(model_conf, dm.num_items)
+    callbacks = _instantiate_dict(cfg.callbacks, "callbacks")
+    loggers = runs.build_loggers(cfg.logger, run_dir, resuming)
+    trainer = _build_trainer(cfg, run_dir, callbacks, loggers)
+
+    if trainer.is_global_zero:
+        cfg_file = os.path.join(run_dir, "config.yaml" if not resuming else f"config.resume-{_stamp()}.yaml")
+        OmegaConf.save(cfg, cfg_file, resolve=True)
+        dm.save_id_maps(os.path.join(run_dir, "id_maps.json"))
+        for lg in loggers:
+            lg.log_hyperparams(plain)
+        n_params = sum(p.numel() for p in model.parameters())
+        rank_zero_info(
+            f"{'resuming' if resuming else 'run'} {run_dir}\n"
+            f"data: {dm.source} | {dm.num_users} users, {dm.num_items} items | "
+            f"model: {model.hparams.arch} x{model.hparams.num_blocks} blocks, {n_params:,} parameters"
+        )
+    trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+    results: dict[str, float] = {}
+    if cfg.test_after_fit and not trainer.interrupted:
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        out = trainer.test(model, datamodule=dm, ckpt_path=best or None, verbose=False)
+        results = {k: float(v) for k, v in (out[0] if out else {}).items()}
+        if trainer.is_global_zero:
+            _print_metrics("test", results, best)
+    if trainer.is_global_zero:
+        rank_zero_info(f"run folder: {run_dir}")
+    os.environ.pop(runs.RUN_DIR_ENV, None)
+    return results
+
+
+def _stamp() -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def _print_metrics(stage: str, metrics: dict[str, float], ckpt: str | None) -> None:
+    keys = sorted(metrics, key=lambda k: (k.split("@")[0], int(k.split("@")[1]) if "@" in k else 0))
+    lines = [f"{stage} metrics" + (f" ({ckpt})" if ckpt else "") + ":"]
+    lines += [f"  {k:<22} {metrics[k]:.4f}" for k in keys]
+    print("\n".join(lines), flush=True)
+
+
+# ---------------------------------------------------------------------- test / predict
+def _load_for_eval(cfg: DictConfig, overrides: list[str]):
+    from . import runs
+    from .module import SeqRecModule
+
+    if not cfg.ckpt_path:
+        raise ConfigError("ckpt_path: required, e.g. ckpt_path=runs/.../checkpoints/last.ckpt (or ckpt_path=last)")
+    _monitor(cfg)
+    path = runs.resolve_checkpoint(str(cfg.ckpt_path), cfg.runs_dir, None)
+    ckpt = runs.load_checkpoint(path)
+    if "hyper_parameters" not in ckpt or "state_dict" not in ckpt:
+        raise ConfigError(f"ckpt_path={path}: not a lightning_rec checkpoint (no hyper_parameters/state_dict)")
+    dm = _build_datamodule(_data_conf_from_checkpoint(ckpt, cfg, overrides))
+    dm.setup("test")
+    saved_maps = (ckpt.get("SeqDataModule") or {}).get("id_maps")
+    if saved_maps and saved_maps["items"] != dm.id_maps()["items"]:
+        raise ConfigError(
+            f"{dm.source}: its item catalogue ({dm.num_items} items) differs from the one checkpoint {path} was "
+            f"trained on ({len(saved_maps['items']) - 1} items); pass the training data with data.path="
+        )
+    if ckpt["hyper_parameters"].get("num_items") != dm.num_items:
+        raise ConfigError(f"ckpt_path={path}: model has {ckpt['hyper_parameters'].get('num_items')} items, "
+                          f"data {dm.source} has {dm.num_items}")
+    model = SeqRecModule.load_from_checkpoint(path, map_location="cpu", weights_only=True, **_eval_overrides(cfg))
+    return path, dm, model
+
+
+def test(cfg: DictConfig, overrides: list[str]) -> dict[str, float]:
+    """Evaluate a checkpoint on the test split and print the metrics."""
+    import pytorch_lightning as pl
+
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    path, dm, model = _load_for_eval(cfg, overrides)
+    trainer = _build_trainer(cfg, os.path.dirname(os.path.abspath(path)), [], [])
+    out = trainer.test(model, datamodule=dm, verbose=False)
+    results = {k: float(v) for k, v in (out[0] if out else {}).items()}
+    if trainer.is_global_zero:
+        _print_metrics("test", results, path)
+    return results
+
+
+def predict(cfg: DictConfig, overrides: list[str]) -> str:
+    """Write the top-``predict.k`` unseen items for every user, with original ids, as TSV."""
+    import pytorch_lightning as pl
+    import torch
+
+    from . import runs
+
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    path, dm, model = _load_for_eval(cfg, overrides)
+    k = int(cfg.predict.k)
+    if k < 1 or k > dm.num_items:
+        raise ConfigError(f"predict.k={k}: expected 1..{dm.num_items} (the catalogue size)")
+    out = cfg.predict.out or os.path.join(runs.run_dir_of(path) or os.path.dirname(os.path.abspath(path)), "predictions.tsv")
+    if os.path.exists(out) and not cfg.predict.overwrite:
+        raise ConfigError(f"predict.out={out}: file exists; choose another path or pass predict.overwrite=true")
+    model.predict_k = k
+    trainer = _build_trainer(cfg, os.path.dirname(os.path.abspath(out)) or ".", [], [])
+    batches = trainer.predict(model, datamodule=dm)
+    maps = dm.id_maps()
+    users, items = maps["users"], maps["items"]
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = out + ".tmp"
+    n = 0
+    with open(tmp, "w") as f:
+        f.write("user\trank\titem\tscore\n")
+        for b in batches:
+            u, it, sc = b["user"].tolist(), b["items"].tolist(), b["scores"].to(torch.float32).tolist()
+            for uu, row_i, row_s in zip(u, it, sc):
+                for r, (i, s) in enumerate(zip(row_i, row_s), start=1):
+                    f.write(f"{users[uu]}\t{r}\t{items[i]}\t{s:.6g}\n")
+                n += 1
+    os.replace(tmp, out)
+    print(f"wrote top-{k} recommendations for {n} users to {out}", flush=True)
+    return out
+
+
+# ---------------------------------------------------------------------- entry point
+def run(argv: list[str]) -> Any:
+    """Run one command; raises :class:`LightningRecError` on bad input."""
+    from .config import load_config
+
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(__doc__.strip())
+        return None
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        raise ConfigError(f"unknown command '{command}'; expected one of {', '.join(COMMANDS)} (see --help)")
+    show_cfg = "--cfg" in rest
+    overrides = [a for a in rest if a != "--cfg"]
+    if any(a.startswith("-") and not a.startswith("~") for a in overrides):
+        flag = next(a for a in overrides if a.startswith("-"))
+        raise ConfigError(f"unknown flag '{flag}'; commands take key=value overrides and --cfg")
+    cfg = load_config(overrides)
+    if show_cfg:
+        print(OmegaConf.to_yaml(cfg))
+        return None
+    return {"fit": fit, "test": test, "predict": predict}[command](cfg, overrides)
+
+
+def main(argv: list[str] | None = None) -> None:
+    _quiet()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        run(argv)
+    except LightningRecError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""Composing the Hydra config from the packaged ``conf/`` and turning Hydra's errors into one line."""
+
+from __future__ import annotations
+
+import re
+
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from .errors import ConfigError
+
+CONFIG_MODULE = "lightning_rec.conf"
+
+
+def _one_line(msg: str) -> str:
+    return " ".join(str(msg).split())
+
+
+def _explain(e: Exception, overrides: list[str]) -> str:
+    msg = _one_line(str(e))
+    m = re.search(r"Could not override '([^']+)'", msg)
+    if m:
+        key = m.group(1)
+        return (f"override '{key}': no such option. Add new keys with '+{key}=...'; "
+                "list the options with `python -m lightning_rec fit --cfg`")
+    m = re.search(r"Could not find '([^/']+)/([^']+)'.*?Available options in '[^']+':(.*?)(?:$|Config search path)", msg)
+    if m:
+        group, choice, avail = m.group(1), m.group(2), m.group(3).split()
+        return f"{group}={choice}: unknown {group}; available: {', '.join(avail)}"
+    m = re.search(r"Key '([^']+)' is not in struct", msg)
+    if m:
+        return f"override '{m.group(1)}': no such option; list the options with `python -m lightning_rec fit --cfg`"
+    if "mismatched input" in msg or "no viable alternative" in msg or "extraneous input" in msg:
+        return f"could not parse the overrides {overrides}: {msg}; expected key=value"
+    return msg
+
+
+def load_config(overrides: list[str]) -> DictConfig:
+    """Compose ``conf/config.yaml`` with command-line overrides (``key=value``, ``group=option``)."""
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"argument '{bad[0]}': expected key=value (e.g. model=nextitnet trainer.max_epochs=5)")
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+            cfg = compose(config_name="config", overrides=list(overrides))
+    except Exception as e:  # Hydra raises several exception types for bad overrides
+        raise ConfigError(_explain(e, overrides)) from None
+    finally:
+        GlobalHydra.instance().clear()
+    return cfg
+
+
+def to_plain(cfg) -> object:
+    """Resolve interpolations and return plain containers."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except Exception as e:
+        raise ConfigError(_one_line(str(e))) from None
+
+
+def set_value(cfg: DictConfig, key: str, value) -> None:
+    with open_dict(cfg):
+        OmegaConf.update(cfg, key, value, merge=False)

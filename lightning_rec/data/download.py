@@ -1,0 +1,80 @@
+"""Download of public datasets from their publishers, with checksum verification."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+
+from ..errors import DataError
+
+# name -> (url, MD5 of the archive as GroupLens publishes it, member to extract, format)
+DATASETS = {
+    "ml-1m": (
+        "https://files.grouplens.org/datasets/movielens/ml-1m.zip",
+        "c4d9eecfca2ab87c1945afe126590906",
+        "ml-1m/ratings.dat",
+        "movielens",
+    ),
+    "ml-100k": (
+        "https://files.grouplens.org/datasets/movielens/ml-100k.zip",
+        "0e33842e24a9c977be4e0107933c0723",
+        "ml-100k/u.data",
+        "udata",
+    ),
+}
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("LIGHTNING_REC_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "lightning_rec"))
+
+
+def md5_file(path: str) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fetch(name: str, cache_dir: str | None = None, verify: bool = True) -> tuple[str, str]:
+    """Return ``(path, format)`` of the dataset's interaction file, downloading it once.
+
+    The archive is downloaded into ``cache_dir`` (atomically), its MD5 checked against
+    the checksum GroupLens publishes,
+    and the ratings member extracted next to it.
+    """
+    if name not in DATASETS:
+        raise DataError(f"data.name: no download known for '{name}'; known: {', '.join(DATASETS)}")
+    url, md5, member, fmt = DATASETS[name]
+    cache_dir = cache_dir or default_cache_dir()
+    target = os.path.join(cache_dir, member)
+    if os.path.exists(target):
+        return target, fmt
+    os.makedirs(cache_dir, exist_ok=True)
+    archive = os.path.join(cache_dir, os.path.basename(url))
+    if not os.path.exists(archive):
+        fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=30) as resp:
+                shutil.copyfileobj(resp, out)
+        except (urllib.error.URLError, OSError) as e:
+            os.unlink(tmp)
+            raise DataError(
+                f"data={name}: could not download {url} ({getattr(e, 'reason', e)}); "
+                f"pass data.path=<path to {os.path.basename(member)} or a 'user item' file> instead"
+            ) from None
+        if verify and (got := md5_file(tmp)) != md5:
+            os.unlink(tmp)
+            raise DataError(
+                f"{url}: MD5 {got} does not match the published archive ({md5}); "
+                "pass data.download_verify=false if the publisher changed the file"
+            )
+        os.replace(tmp, archive)
+    with zipfile.ZipFile(archive) as z:
+        z.extract(member, cache_dir)
+    return target, fmt

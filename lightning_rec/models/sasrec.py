@@ -1,0 +1,121 @@
+"""SASRec (Kang & McAuley, ICDM 2018): causal self-attention, pre- or post-LN, with StackRec's alphas."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SASRecBlock(nn.Module):
+    """Multi-head causal self-attention and a position-wise feed-forward net.
+
+    Pre-LN: ``x + a_att * attn(LN(x))`` then ``x + a_ffn * ffn(LN(x))``.
+    Post-LN: ``LN(x + a_att * attn(x))`` then ``LN(x + a_ffn * ffn(x))``.
+    ``a_att``/``a_ffn`` are zero-initialised scalars (StackRec) or absent (plain SASRec).
+    """
+
+    def __init__(self, d: int, num_heads: int, ffn_dim: int, dropout: float, norm_first: bool, residual_alpha: bool):
+        super().__init__()
+        if d % num_heads:
+            raise ValueError(f"model.d_model={d} is not divisible by model.num_heads={num_heads}")
+        self.num_heads, self.norm_first, self.dropout_p = num_heads, norm_first, dropout
+        self.ln_att = nn.LayerNorm(d, eps=1e-8)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+        self.ln_ffn = nn.LayerNorm(d, eps=1e-8)
+        self.ffn = nn.Sequential(nn.Linear(d, ffn_dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(ffn_dim, d))
+        self.dropout = nn.Dropout(dropout)
+        self.alpha_att = nn.Parameter(torch.zeros(1)) if residual_alpha else None
+        self.alpha_ffn = nn.Parameter(torch.zeros(1)) if residual_alpha else None
+
+    def attend(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        B, T, d = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)  # (B, h, T, dh)
+        p = self.dropout_p if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, h, T, dh)
+        return self.dropout(self.out(y.transpose(1, 2).reshape(B, T, d)))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # (B, T, d), mask (B, 1, T, T)
+        def scaled(alpha, h):
+            return alpha * h if alpha is not None else h
+
+        if self.norm_first:
+            x = x + scaled(self.alpha_att, self.attend(self.ln_att(x), mask))
+            x = x + scaled(self.alpha_ffn, self.dropout(self.ffn(self.ln_ffn(x))))
+        else:
+            x = self.ln_att(x + scaled(self.alpha_att, self.attend(x, mask)))
+            x = self.ln_ffn(x + scaled(self.alpha_ffn, self.dropout(self.ffn(x))))
+        return x
+
+
+class SASRec(nn.Module):
+    """Item + learned position embeddings followed by ``num_blocks`` causal attention blocks.
+
+    Positions are counted from the most recent item (right-aligned), as in SASRec with
+    left padding, so trimming all-padding columns does not change any output.
+
+    Args:
+        num_items: catalogue size (ids ``1..num_items``, 0 is padding).
+        d_model: width; num_heads: attention heads; ffn_dim: feed-forward width (default d).
+        num_blocks: depth.
+        max_len: longest input sequence (size of the position table).
+        dropout: embedding, attention and feed-forward dropout.
+        norm_first: pre-LN (True) or post-LN (False) blocks.
+        residual_alpha: zero-initialised alphas on both branches (StackRec).
+    """
+
+    arch = "sasrec"
+
+    def __init__(
+        self,
+        num_items: int,
+        d_model: int = 64,
+        num_blocks: int = 2,
+        num_heads: int = 1,
+        ffn_dim: int | None = None,
+        max_len: int = 200,
+        dropout: float = 0.2,
+        norm_first: bool = True,
+        residual_alpha: bool = True,
+        **_: object,
+    ):
+        super().__init__()
+        self.d_model, self.num_heads, self.ffn_dim = d_model, num_heads, ffn_dim or d_model
+        self.max_len, self.dropout_p, self.norm_first, self.residual_alpha = max_len, dropout, norm_first, residual_alpha
+        self.item_embedding = nn.Embedding(num_items + 1, d_model, padding_idx=0)
+        self.position_embedding = nn.Embedding(max_len, d_model)
+        nn.init.normal_(self.item_embedding.weight, std=d_model**-0.5)
+        nn.init.normal_(self.position_embedding.weight, std=d_model**-0.5)
+        with torch.no_grad():
+            self.item_embedding.weight[0].zero_()
+        self.emb_dropout = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(self.make_block(i) for i in range(num_blocks))
+        self.final_ln = nn.LayerNorm(d_model, eps=1e-8) if norm_first else nn.Identity()
+
+    def make_block(self, index: int) -> SASRecBlock:
+        """A freshly initialised block (``index`` is unused; kept for one interface with NextItNet)."""
+        return SASRecBlock(self.d_model, self.num_heads, self.ffn_dim, self.dropout_p, self.norm_first, self.residual_alpha)
+
+    def embed(self, items: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, d)
+        T = items.shape[1]
+        if T > self.max_len:
+            raise ValueError(f"sequence length {T} exceeds model.max_len={self.max_len}")
+        pos = torch.arange(self.max_len - T, self.max_len, device=items.device)  # right-aligned positions
+        x = self.item_embedding(items) * math.sqrt(self.d_model) + self.position_embedding(pos)[None]
+        return self.emb_dropout(x)
+
+    def forward(self, items: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, d)
+        T = items.shape[1]
+        valid = items != 0  # (B, T)
+        keep = valid.unsqueeze(-1).to(self.item_embedding.weight.dtype)
+        causal = torch.ones(T, T, dtype=torch.bool, device=items.device).tril()
+        # Attend to earlier non-padding positions; every position also sees itself so no row is empty.
+        mask = (causal[None] & valid[:, None, :]) | torch.eye(T, dtype=torch.bool, device=items.device)[None]
+        mask = mask.unsqueeze(1)  # (B, 1, T, T)
+        x = self.embed(items) * keep
+        for block in self.blocks:
+            x = block(x, mask) * keep
+        return self.final_ln(x) * keep

@@ -1,0 +1,224 @@
+"""One LightningModule for both encoders: training losses, full-ranking evaluation, top-K prediction.
+
+All constructor arguments are plain values (ints, floats, strings, lists, dicts of
+those), so a checkpoint loads with ``weights_only=True`` and rebuilds the exact model.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_info
+from torch import nn
+from torchmetrics import MeanMetric
+
+from .errors import ConfigError
+from .losses import LOSSES, bce_one_negative, full_ce, sampled_softmax
+from .metrics import full_ranks, metrics_from_ranks, sampled_ranks, topk_items
+from .models import ENCODERS, build_encoder
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULERS = ("none", "cosine", "step", "linear_warmup")
+
+
+class SeqRecModule(pl.LightningModule):
+    """Next-item prediction with NextItNet or SASRec.
+
+    Args:
+        num_items: catalogue size (from the DataModule).
+        arch: ``sasrec`` or ``nextitnet``.
+        d_model, num_blocks, num_heads, ffn_dim, max_len, dropout, norm_first,
+        residual_alpha, kernel_size, dilations: encoder hyperparameters (see the encoders).
+        tied_embeddings: score items with the input embedding table (else a separate one).
+        loss: ``ce`` (full softmax), ``sampled_softmax`` (``num_negatives``) or ``bce``.
+        optimizer: ``{name: adam|adamw|sgd, lr, weight_decay, betas | momentum}``.
+        scheduler: ``{name: none|cosine|step|linear_warmup, warmup_steps, ...}``, per step.
+        eval_ks: cut-offs of HR/NDCG/MRR.
+        exclude_seen: drop items the user already interacted with from the ranking.
+        eval_protocol: ``full`` or ``sampled`` (metric names get a ``sampled_`` prefix).
+        eval_chunk_size: items scored at once in evaluation and prediction.
+        compile: ``torch.compile`` the encoder when a GPU is used (ignored on the CPU).
+    """
+
+    def __init__(
+        self,
+        num_items: int,
+        arch: str = "sasrec",
+        d_model: int = 64,
+        num_blocks: int = 2,
+        num_heads: int = 1,
+        ffn_dim: int | None = None,
+        max_len: int = 200,
+        dropout: float = 0.2,
+        norm_first: bool = True,
+        residual_alpha: bool = True,
+        kernel_size: int = 3,
+        dilations: list[int] | None = None,
+        tied_embeddings: bool = True,
+        loss: str = "ce",
+        num_negatives: int = 256,
+        optimizer: dict[str, Any] | None = None,
+        scheduler: dict[str, Any] | None = None,
+        eval_ks: list[int] | None = None,
+        exclude_seen: bool = True,
+        eval_protocol: str = "full",
+        eval_chunk_size: int = 65536,
+        compile: bool = False,
+    ):
+        super().__init__()
+        optimizer = dict(optimizer or {"name": "adam", "lr": 1e-3})
+        scheduler = dict(scheduler or {"name": "none"})
+        eval_ks = list(eval_ks or [5, 10, 20])
+        dilations = list(dilations or [1, 4])
+        if arch not in ENCODERS:
+            raise ConfigError(f"model.arch: unknown model '{arch}'; expected one of {', '.join(ENCODERS)}")
+        if loss not in LOSSES:
+            raise ConfigError(f"model.loss: unknown loss '{loss}'; expected one of {', '.join(LOSSES)}")
+        if optimizer.get("name", "adam") not in OPTIMIZERS:
+            raise ConfigError(f"optimizer.name: unknown optimizer '{optimizer.get('name')}'; expected one of {', '.join(OPTIMIZERS)}")
+        if scheduler.get("name", "none") not in SCHEDULERS:
+            raise ConfigError(f"scheduler.name: unknown scheduler '{scheduler.get('name')}'; expected one of {', '.join(SCHEDULERS)}")
+        if eval_protocol not in ("full", "sampled"):
+            raise ConfigError(f"eval.protocol: '{eval_protocol}' is not one of full, sampled")
+        if num_items < 1:
+            raise ConfigError(f"num_items: expected a positive catalogue size, got {num_items}")
+        self.save_hyperparameters()
+        hp = self.hparams
+        # Normalised defaults replace the Nones, so the checkpoint states the exact setting.
+        hp.update(optimizer=optimizer, scheduler=scheduler, eval_ks=eval_ks, dilations=dilations)
+        self.encoder = build_encoder(
+            arch, num_items, d_model=d_model, num_blocks=num_blocks, num_heads=num_heads, ffn_dim=ffn_dim,
+            max_len=max_len, dropout=dropout, norm_first=norm_first, residual_alpha=residual_alpha,
+            kernel_size=kernel_size, dilations=dilations,
+        )
+        self.output = None
+        if not tied_embeddings:
+            self.output = nn.Embedding(num_items + 1, d_model, padding_idx=0)
+            nn.init.normal_(self.output.weight, std=d_model**-0.5)
+        prefix = "sampled_" if eval_protocol == "sampled" else ""
+        self.metric_names = [f"{prefix}{m}@{k}" for k in hp.eval_ks for m in ("hr", "ndcg", "mrr")]
+        self.val_metrics = nn.ModuleDict({n.replace("@", "_at_"): MeanMetric() for n in self.metric_names})
+        self.test_metrics = nn.ModuleDict({n.replace("@", "_at_"): MeanMetric() for n in self.metric_names})
+        self._compiled = None
+
+    # ------------------------------------------------------------------ model
+    @property
+    def num_items(self) -> int:
+        return self.hparams.num_items
+
+    def output_weight(self) -> torch.Tensor:
+        """Item scoring table (N + 1, d); row 0 is padding."""
+        return self.encoder.item_embedding.weight if self.output is None else self.output.weight
+
+    def setup(self, stage: str) -> None:
+        if self.hparams.compile and self._compiled is None:
+            if torch.cuda.is_available() and self.device.type == "cuda" or (
+                self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+            ):
+                # Kept outside the module tree so state_dict keys stay unchanged.
+                self.__dict__["_compiled"] = torch.compile(self.encoder, dynamic=True)
+            else:
+                rank_zero_info("model.compile=true ignored: torch.compile is only used on a GPU")
+
+    def forward(self, items: torch.Tensor) -> torch.Tensor:
+        """Hidden states (B, T, d) for item sequences (B, T), left-padded with 0."""
+        enc = self._compiled if self._compiled is not None and self.training else self.encoder
+        return enc(items)
+
+    def user_representation(self, items: torch.Tensor) -> torch.Tensor:
+        """The hidden state at the most recent position (B, d)."""
+        return self(items)[:, -1]
+
+    def score_fn(self, h: torch.Tensor):
+        w = self.output_weight()
+        return lambda c0, c1: h @ w[c0:c1].T
+
+    # ------------------------------------------------------------------ training
+    def loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Next-item loss for hidden states (M, d) and their targets (M,)."""
+        w = self.output_weight()
+        if self.hparams.loss == "ce":
+            return full_ce(hidden, w, targets)
+        if self.hparams.loss == "sampled_softmax":
+            return sampled_softmax(hidden, w, targets, self.hparams.num_negatives)
+        return bce_one_negative(hidden, w, targets)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        h = self(batch["inputs"])  # (B, T, d)
+        mask = batch["targets"] != 0
+        n = int(mask.sum())
+        loss = self.loss(h[mask], batch["targets"][mask])
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
+        self.log("train/targets", float(n), on_step=False, on_epoch=True, reduce_fx="sum", batch_size=1)
+        return loss
+
+    # ------------------------------------------------------------------ evaluation
+    def _ranks(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        h = self.user_representation(batch["inputs"])  # (B, d)
+        if "negatives" in batch and self.hparams.eval_protocol == "sampled":
+            w = self.output_weight()
+            t = (h * w[batch["target"]]).sum(-1)
+            neg = torch.einsum("bd,bkd->bk", h, w[batch["negatives"]])
+            return sampled_ranks(t, neg)
+        seen = batch["seen"] if self.hparams.exclude_seen else None
+        return full_ranks(self.score_fn(h), self.num_items, batch["target"], seen, self.hparams.eval_chunk_size)
+
+    def _eval_step(self, batch, stage: str, metrics: nn.ModuleDict) -> None:
+        ranks = self._ranks(batch)
+        prefix = "sampled_" if self.hparams.eval_protocol == "sampled" else ""
+        for name, values in metrics_from_ranks(ranks, self.hparams.eval_ks).items():
+            key = f"{prefix}{name}"
+            m = metrics[key.replace("@", "_at_")]
+            m.update(values)
+            self.log(f"{stage}/{key}", m, on_step=False, on_epoch=True, prog_bar=key.startswith(f"{prefix}ndcg@10"),
+                     batch_size=ranks.shape[0])
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, "val", self.val_metrics)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, "test", self.test_metrics)
+
+    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
+        k = getattr(self, "predict_k", 10)
+        h = self.user_representation(batch["inputs"])
+        seen = batch["seen"] if self.hparams.exclude_seen else None
+        items, scores = topk_items(self.score_fn(h), self.num_items, k, seen, self.hparams.eval_chunk_size)
+        return {"user": batch["user"], "items": items, "scores": scores}
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        o = dict(self.hparams.optimizer)
+        name, lr, wd = o.pop("name", "adam"), float(o.pop("lr", 1e-3)), float(o.pop("weight_decay", 0.0))
+        params = [p for p in self.parameters() if p.requires_grad]
+        if name == "adam":
+            opt = torch.optim.Adam(params, lr=lr, weight_decay=wd, betas=tuple(o.get("betas", (0.9, 0.999))))
+        elif name == "adamw":
+            opt = torch.optim.AdamW(params, lr=lr, weight_decay=wd, betas=tuple(o.get("betas", (0.9, 0.999))))
+        else:
+            opt = torch.optim.SGD(params, lr=lr, weight_decay=wd, momentum=float(o.get("momentum", 0.9)),
+                                  nesterov=bool(o.get("nesterov", False)))
+        s = dict(self.hparams.scheduler)
+        sname = s.get("name", "none")
+        if sname == "none":
+            return opt
+        warmup = int(s.get("warmup_steps", 0))
+        total = max(int(self.trainer.estimated_stepping_batches), 1) if self.trainer is not None else 1
+        min_ratio = float(s.get("min_lr_ratio", 0.0))
+        if sname == "step":
+            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=int(s.get("step_size", 1000)),
+                                                    gamma=float(s.get("gamma", 0.5)))
+        else:
+            def factor(step: int) -> float:
+                if step < warmup:
+                    return (step + 1) / warmup
+                if sname == "linear_warmup":
+                    return 1.0
+                progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+                return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

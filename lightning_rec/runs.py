@@ -1,0 +1,148 @@
+"""Run folders, checkpoint lookup and loggers.
+
+A run lives in ``runs_dir/name/<timestamp>/``: ``config.yaml``, ``id_maps.json``,
+``checkpoints/`` and the loggers' files. A new run never reuses an existing folder; a
+resumed run (``ckpt_path=``) continues in the folder its checkpoint belongs to.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import socket
+import time
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+
+from .errors import ConfigError
+
+RUN_DIR_ENV = "LIGHTNING_REC_RUN_DIR"  # handed to DDP worker processes so every rank uses one folder
+
+
+def new_run_dir(runs_dir: str, name: str) -> str:
+    """Create and return a fresh run folder; never returns one that already exists."""
+    base = os.path.join(runs_dir, name.replace("/", "_"), time.strftime("%Y-%m-%d_%H-%M-%S"))
+    path, i = base, 0
+    while True:
+        try:
+            os.makedirs(path, exist_ok=False)
+            return path
+        except FileExistsError:
+            i += 1
+            path = f"{base}_{i}"
+
+
+def claim_run_dir(path: str) -> str:
+    """Use an explicit ``run_dir``: it must be new or empty, so no earlier run is overwritten."""
+    if os.path.isdir(path) and os.listdir(path):
+        raise ConfigError(
+            f"run_dir={path}: the folder already holds a run; choose a new folder, or resume it with "
+            f"ckpt_path={os.path.join(path, 'checkpoints', 'last.ckpt')}"
+        )
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def find_last_checkpoint(runs_dir: str, name: str | None = None) -> str:
+    """The newest ``last.ckpt`` under ``runs_dir`` (preferring runs named ``name``)."""
+    patterns = []
+    if name:
+        patterns.append(os.path.join(runs_dir, name.replace("/", "_"), "*", "checkpoints", "last*.ckpt"))
+    patterns.append(os.path.join(runs_dir, "*", "*", "checkpoints", "last*.ckpt"))
+    for pattern in patterns:
+        found = glob.glob(pattern)
+        if found:
+            return max(found, key=os.path.getmtime)
+    raise ConfigError(f"ckpt_path=last: no checkpoints/last.ckpt under runs_dir={runs_dir}; pass a checkpoint path")
+
+
+def resolve_checkpoint(ckpt_path: str, runs_dir: str, name: str | None) -> str:
+    if ckpt_path == "last":
+        return find_last_checkpoint(runs_dir, name)
+    if not os.path.isfile(ckpt_path):
+        raise ConfigError(f"ckpt_path={ckpt_path}: no such checkpoint file")
+    return ckpt_path
+
+
+def run_dir_of(ckpt_path: str) -> str | None:
+    """The run folder a checkpoint was written into (``<run>/checkpoints/x.ckpt``)."""
+    folder = os.path.dirname(os.path.abspath(ckpt_path))
+    if os.path.basename(folder) == "checkpoints":
+        return os.path.dirname(folder)
+    return None
+
+
+def load_checkpoint(path: str) -> dict[str, Any]:
+    """Read a checkpoint safely (``weights_only=True``) on the CPU."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ConfigError(f"ckpt_path={path}: not a readable lightning_rec checkpoint ({type(e).__name__}: "
+                          f"{' '.join(str(e).split())[:200]})") from None
+
+
+def wandb_configured() -> bool:
+    """True when W&B credentials or a mode are set up on this machine."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE"):
+        return True
+    netrc = os.path.join(os.path.expanduser("~"), ".netrc")
+    if os.path.exists(netrc):
+        try:
+            with open(netrc) as f:
+                return "api.wandb.ai" in f.read()
+        except OSError:
+            return False
+    return False
+
+
+def wandb_reachable(timeout: float = 2.0) -> bool:
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "dryrun", "disabled"):
+        return False
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    try:
+        socket.create_connection((host.split(":")[0], 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def build_loggers(cfg_loggers: DictConfig | None, run_dir: str, resuming: bool) -> list:
+    """Instantiate the configured loggers; W&B resolves ``offline: auto`` and resumes its run id."""
+    from hydra.utils import instantiate
+
+    loggers = []
+    for key, conf in (cfg_loggers or {}).items():
+        if conf is None:
+            continue
+        conf = dict(conf)
+        enabled = conf.pop("enabled", True)
+        if enabled == "auto":
+            enabled = wandb_configured() if "Wandb" in str(conf.get("_target_", "")) else True
+        if not enabled:
+            continue
+        if "Wandb" in str(conf.get("_target_", "")):
+            if conf.get("offline", "auto") == "auto":
+                conf["offline"] = not wandb_reachable()
+                if conf["offline"]:
+                    rank_zero_info("W&B: no network, logging offline (sync later with `wandb sync`)")
+            id_file = os.path.join(run_dir, "wandb_id.txt")
+            if os.path.exists(id_file):
+                with open(id_file) as f:
+                    conf["id"] = f.read().strip()
+                conf["resume"] = "allow"
+            else:
+                import wandb.util
+
+                conf["id"] = wandb.util.generate_id()
+                with open(id_file, "w") as f:
+                    f.write(conf["id"])
+            if resuming and not os.path.exists(id_file):
+                rank_zero_warn("W&B: the resumed run had no W&B id; starting a new W&B run")
+        try:
+            loggers.append(instantiate(conf))
+        except Exception as e:
+            raise ConfigError(f"logger.{key}: could not create the logger ({' '.join(str(e).split())[:200]})") from None
+    return loggers
