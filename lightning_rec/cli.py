@@ -99,6 +99,10 @@ def _build_trainer(cfg: DictConfig, run_dir: str, callbacks: list, loggers: list
     from .checkpoint_io import AtomicCheckpointIO
 
     _precision_for(cfg)
+    if not cfg.trainer.get("enable_progress_bar", True):
+        from pytorch_lightning.callbacks.progress import ProgressBar
+
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     try:
         return instantiate(
             cfg.trainer, callbacks=callbacks, logger=loggers if loggers else False,
@@ -125,8 +129,7 @@ def _data_conf_from_checkpoint(ckpt: dict[str, Any], cfg: DictConfig, overrides:
             sub = key[len("data."):].split(".")[0]
             saved[sub] = composed.get(sub)
         elif key.startswith("eval."):
-            for dk, ek in (("eval_protocol", "protocol"), ("eval_negatives", "num_negatives"),
-                           ("eval_sampler", "negative_sampler")):
+            for dk in ("eval_protocol", "eval_negatives", "eval_sampler"):
                 saved[dk] = composed[dk]
         elif key == "seed":
             saved["seed"] = composed["seed"]
@@ -146,8 +149,12 @@ def _monitor(cfg: DictConfig) -> None:
 
 
 # ---------------------------------------------------------------------- fit
-def fit(cfg: DictConfig, overrides: list[str]) -> dict[str, float]:
-    """Train (or resume), then test the best checkpoint. Returns the test metrics."""
+def fit(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
+    """Train (or resume), then test the best checkpoint.
+
+    Returns ``{"test": metrics, "run_dir", "best_ckpt", "best_score", "epochs", "fit_seconds"}``.
+    """
+    import time
     import pytorch_lightning as pl
     from pytorch_lightning.utilities import rank_zero_info
 
@@ -204,10 +211,13 @@ def fit(cfg: DictConfig, overrides: list[str]) -> dict[str, float]:
             f"data: {dm.source} | {dm.num_users} users, {dm.num_items} items | "
             f"model: {model.hparams.arch} x{model.hparams.num_blocks} blocks, {n_params:,} parameters"
         )
+    t0 = time.perf_counter()
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+    fit_seconds = time.perf_counter() - t0
     results: dict[str, float] = {}
+    ckpt_cb = trainer.checkpoint_callback
+    best = ckpt_cb.best_model_path if ckpt_cb else ""
     if cfg.test_after_fit and not trainer.interrupted:
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         out = trainer.test(model, datamodule=dm, ckpt_path=best or None, verbose=False)
         results = {k: float(v) for k, v in (out[0] if out else {}).items()}
         if trainer.is_global_zero:
@@ -215,7 +225,12 @@ def fit(cfg: DictConfig, overrides: list[str]) -> dict[str, float]:
     if trainer.is_global_zero:
         rank_zero_info(f"run folder: {run_dir}")
     os.environ.pop(runs.RUN_DIR_ENV, None)
-    return results
+    best_score = ckpt_cb.best_model_score if ckpt_cb is not None else None
+    return {
+        "test": results, "run_dir": run_dir, "best_ckpt": best,
+        "best_score": float(best_score) if best_score is not None else None,
+        "epochs": trainer.current_epoch, "fit_seconds": fit_seconds,
+    }
 
 
 def _stamp() -> str:

@@ -32,9 +32,11 @@ class NextItNetBlock(nn.Module):
         # alpha = 0 makes the block the identity at init; None is the original NextItNet (x + h).
         self.alpha = nn.Parameter(torch.zeros(1)) if residual_alpha else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, d)
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:  # (B, T, d)
         h = self.conv1(x.transpose(1, 2)).transpose(1, 2)
         h = F.relu(self.ln1(h))
+        if keep is not None:  # padded positions must look like the conv's own zero padding
+            h = h * keep
         h = self.conv2(h.transpose(1, 2)).transpose(1, 2)
         h = self.dropout(F.relu(self.ln2(h)))
         return x + (self.alpha * h if self.alpha is not None else h)
@@ -89,5 +91,5 @@ class NextItNet(nn.Module):
         x = self.embed(items) * keep
         for block in self.blocks:
             # Zeroing padded positions makes outputs independent of how much left padding there is.
-            x = block(x) * keep
+            x = block(x, keep) * keep
         return x

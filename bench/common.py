@@ -1,0 +1,42 @@
+"""Helpers shared by the benchmark scripts: machine description and BENCHMARKS.md appends."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{cpu}, {os.cpu_count()} cores, {gpu}; torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads, Python {platform.python_version()}")
+
+
+def command() -> str:
+    return "python " + " ".join(shlex.quote(a) for a in sys.argv)
+
+
+def append(section: str, body: str) -> None:
+    """Append a dated section to BENCHMARKS.md (and print it)."""
+    text = (f"\n### {section}\n\n- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n"
+            f"- machine: {machine()}\n- command: `{command()}`\n\n{body.strip()}\n")
+    print(text, flush=True)
+    with open(os.path.join(ROOT, "BENCHMARKS.md"), "a") as f:
+        f.write(text)

@@ -1,0 +1,61 @@
+"""Accuracy on ML-1M (SASRec's ml-1m.txt): leave-one-out, full ranking, test metrics.
+
+    python bench/ml1m.py --model sasrec            # SASRec d=64, 2 blocks, 1 head, L=200, dropout 0.2, full CE
+    python bench/ml1m.py --model nextitnet         # NextItNet d=64, 8 blocks
+    python bench/ml1m.py --model sasrec --resume   # continue the latest run from its last.ckpt
+
+Targets (issue #2): SASRec test NDCG@10 >= 0.180 and HR@10 >= 0.31 (published 0.1821 / 0.3152);
+NextItNet NDCG@10 >= 0.170. Runs go to bench/out/; results are appended to BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import ROOT, SHARED_DATA, append  # noqa: E402
+
+TARGETS = {"sasrec": {"test/ndcg@10": 0.180, "test/hr@10": 0.31}, "nextitnet": {"test/ndcg@10": 0.170}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=sorted(TARGETS), default="sasrec")
+    ap.add_argument("--data", default=os.path.join(SHARED_DATA, "ml-1m.txt.gz"))
+    ap.add_argument("--max-epochs", type=int, default=200)
+    ap.add_argument("--resume", action="store_true", help="continue the latest run of this model")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("overrides", nargs="*", help="extra Hydra overrides")
+    args = ap.parse_args()
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from lightning_rec.cli import run
+
+    name = f"bench-ml1m-{args.model}"
+    overrides = [
+        f"experiment=ml1m_{args.model}", f"data.path={args.data}", f"name={name}",
+        f"runs_dir={os.path.join(ROOT, 'bench', 'out')}", f"trainer.max_epochs={args.max_epochs}",
+        "logger=csv", "trainer.enable_progress_bar=false", "trainer.check_val_every_n_epoch=1",
+        *args.overrides,
+    ]
+    if args.resume:
+        overrides.append("ckpt_path=last")
+    out = run(["fit", *overrides])
+    test = out["test"]
+    rows = [f"| {k} | {test[k]:.4f} | {TARGETS[args.model].get(k, '')} |" for k in sorted(test)]
+    verdict = all(test.get(k, 0) >= v for k, v in TARGETS[args.model].items())
+    body = (
+        f"{args.model} on `{os.path.basename(args.data)}`: {out['epochs']} epochs"
+        f"{' (resumed)' if args.resume else ''}, fit wall time {out['fit_seconds'] / 60:.1f} min in this invocation, "
+        f"best val NDCG@10 {out['best_score']:.4f}; run folder `{os.path.relpath(out['run_dir'], ROOT)}`.\n"
+        f"Targets {'met' if verdict else 'NOT met'}.\n\n| metric | test | target |\n|---|---|---|\n" + "\n".join(rows)
+    )
+    append(f"ML-1M accuracy: {args.model}", body)
+
+
+if __name__ == "__main__":
+    main()

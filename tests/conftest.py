@@ -1,0 +1,30 @@
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def sasrec_file(tmp_path):
+    """A small SASRec-format file: 60 users, items 1..40, lengths 5..14."""
+    rng = np.random.default_rng(1)
+    lines = []
+    for u in range(1, 61):
+        for it in rng.integers(1, 41, size=int(rng.integers(5, 15))):
+            lines.append(f"{u} {it}")
+    p = tmp_path / "small.txt"
+    p.write_text("\n".join(lines) + "\n")
+    return str(p)
