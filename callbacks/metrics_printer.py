@@ -9,22 +9,23 @@ from pytorch_lightning.utilities import rank_zero_info
 
 
 class MetricsPrinter(pl.Callback):
-    """Prints ``epoch N | train/loss=... val/ndcg@10=... | 12.3s`` after each validation.
+    """Prints ``epoch N | step S | train/loss=... val/ndcg@10=... | 12.3s`` after each epoch.
+
+    Printed at the end of the training epoch, when that epoch's train loss and its
+    validation (which Lightning runs before the epoch closes) are both known.
 
     Args:
-        keys: metric-name prefixes to print (default: loss, NDCG@10, HR@10).
+        keys: metric names to print when present.
     """
 
     def __init__(self, keys: list[str] | None = None):
         self.keys = list(keys or ["train/loss_epoch", "val/ndcg@10", "val/hr@10", "val/sampled_ndcg@10", "val/sampled_hr@10"])
-        self._t0 = None
+        self._t0: float | None = None
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._t0 = time.perf_counter()
 
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         m = trainer.callback_metrics
         parts = [f"{k.replace('_epoch', '')}={float(m[k]):.4f}" for k in self.keys if k in m]
         took = f" | {time.perf_counter() - self._t0:.1f}s" if self._t0 is not None else ""

@@ -1,0 +1,212 @@
+"""Readers, id maps, k-core, leave-one-out split, batching, samplers, download."""
+
+import gzip
+import hashlib
+import os
+
+import pytest
+import torch
+
+from lightning_rec.data import SeqDataModule, encode, kcore, make_synthetic, read_sequences
+from lightning_rec.data import download as dl
+from lightning_rec.data.sampler import EpochSampler
+from lightning_rec.errors import ConfigError, DataError
+
+
+def write(tmp_path, name, text, gz=False):
+    p = tmp_path / name
+    if gz:
+        with gzip.open(p, "wt") as f:
+            f.write(text)
+    else:
+        p.write_text(text)
+    return str(p)
+
+
+def test_sasrec_format_and_gz(tmp_path):
+    text = "1 10\n2 7\n1 11\n1 12\n2 8\n"
+    for gz in (False, True):
+        p = write(tmp_path, "a.txt.gz" if gz else "a.txt", text, gz)
+        assert read_sequences(p) == {"1": ["10", "11", "12"], "2": ["7", "8"]}
+
+
+def test_movielens_dat_sorts_by_time_keeping_ties_in_file_order(tmp_path):
+    p = write(tmp_path, "ratings.dat", "1::5::3::300\n1::6::4::100\n1::7::1::100\n2::5::5::50\n1::8::2::200\n")
+    assert read_sequences(p) == {"1": ["6", "7", "8", "5"], "2": ["5"]}
+    assert read_sequences(p, min_rating=3)["1"] == ["6", "5"]
+
+
+def test_udata_tab_separated(tmp_path):
+    p = write(tmp_path, "u.data", "3\t1\t5\t9\n3\t2\t5\t9\n3\t4\t5\t1\n", gz=False)
+    assert read_sequences(p) == {"3": ["4", "1", "2"]}
+    gz = write(tmp_path, "u.data.gz", "3\t1\t5\t9\n", gz=True)
+    assert read_sequences(gz) == {"3": ["1"]}
+
+
+def test_csv_with_named_columns_and_string_ids(tmp_path):
+    p = write(tmp_path, "log.csv", "when,who,what\n5,alice,b\n1,alice,a\n3,bob,c\n")
+    seqs = read_sequences(p, user_col="who", item_col="what", time_col="when")
+    assert seqs == {"alice": ["a", "b"], "bob": ["c"]}
+    t = write(tmp_path, "log.tsv", "u\ti\nx\tq\nx\tp\n")
+    assert read_sequences(t, user_col="u", item_col="i", time_col=None) == {"x": ["q", "p"]}
+
+
+@pytest.mark.parametrize(
+    "name,text,kwargs,expect",
+    [
+        ("bad.txt", "1 2\n1 2 3\n", {}, "bad.txt line 2: expected 2 whitespace-separated fields"),
+        ("ratings.dat", "1::2::3::4\n1::2::3\n", {}, "ratings.dat line 2: expected 4 fields"),
+        ("ratings.dat", "1::2::3::x\n", {}, "ratings.dat line 1: timestamp 'x' is not a number"),
+        ("c.csv", "a,b\n1,2\n", {"user_col": "user"}, "c.csv line 1: header has no column 'user' (data.user_col)"),
+        ("e.txt", "", {}, "is empty"),
+    ],
+)
+def test_bad_files_name_file_and_line(tmp_path, name, text, kwargs, expect):
+    p = write(tmp_path, name, text)
+    with pytest.raises(DataError) as e:
+        read_sequences(p, **kwargs)
+    assert expect in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        read_sequences(str(tmp_path / "nope.txt"))
+
+
+def test_encode_numeric_ids_keep_order_and_zero_is_padding():
+    enc = encode({"2": ["10", "3"], "1": ["3", "2"]})
+    assert enc.user_ids == ["1", "2"] and enc.item_ids == ["<pad>", "2", "3", "10"]
+    assert enc.indptr.tolist() == [0, 2, 4] and enc.items.tolist() == [2, 1, 3, 2]
+    enc = encode({"b": ["y", "x"], "a": ["x"]})
+    assert enc.item_ids == ["<pad>", "x", "y"] and enc.items.tolist() == [1, 2, 1]
+
+
+def test_kcore_is_iterative():
+    seqs = {"u1": ["a", "b", "c"], "u2": ["a", "b"], "u3": ["a", "d"]}
+    # d has 1 interaction -> dropped -> u3 has 1 item -> dropped -> a now has 2 ... stable
+    assert kcore(seqs, 2, 2) == {"u1": ["a", "b"], "u2": ["a", "b"]}
+    assert kcore(seqs, 0, 0) is seqs
+
+
+def test_leave_one_out_split_by_hand(tmp_path):
+    # user 1: 1 2 3 4 5 6 ; user 2: 7 8 9
+    p = write(tmp_path, "s.txt", "".join(f"1 {i}\n" for i in range(1, 7)) + "2 7\n2 8\n2 9\n")
+    dm = SeqDataModule(name="file", path=p, max_len=3, trim_padding=False)
+    dm.setup()
+    # user 1 trains on 1 2 3 4 (the last max_len=3 positions): inputs 1 2 3 -> targets 2 3 4;
+    # user 2's training part is one item (7), which has no target, so it is not a training row.
+    assert len(dm.train_set) == 1
+    tr = dm.train_set.__getitems__([0])
+    assert tr["inputs"].tolist() == [[1, 2, 3]] and tr["targets"].tolist() == [[2, 3, 4]]
+    val = dm.val_set.__getitems__([0, 1])
+    test = dm.test_set.__getitems__([0, 1])
+    assert val["target"].tolist() == [5, 8] and test["target"].tolist() == [6, 9]
+    assert val["inputs"].tolist() == [[2, 3, 4], [0, 0, 7]]  # most recent max_len items
+    assert test["inputs"].tolist() == [[3, 4, 5], [0, 7, 8]]
+    assert test["seen"].tolist() == [[1, 2, 3, 4, 5], [7, 8, 0, 0, 0]]  # full history, not just the window
+    assert val["seen"].tolist() == [[1, 2, 3, 4], [7, 0, 0, 0]]
+    pred = dm.predict_set.__getitems__([0])
+    assert pred["inputs"].tolist() == [[4, 5, 6]] and pred["seen"].tolist() == [[1, 2, 3, 4, 5, 6]]
+    assert dm.popularity[1:7].tolist() == [1, 1, 1, 1, 0, 0]  # training part only
+
+
+def test_user_with_two_items_trains_nothing_but_is_evaluated(tmp_path):
+    p = write(tmp_path, "s.txt", "1 1\n1 2\n1 3\n2 4\n2 5\n2 6\n2 7\n")
+    dm = SeqDataModule(name="file", path=p, max_len=5)
+    dm.setup()
+    assert len(dm.train_set) == 1 and len(dm.val_set) == 2  # user 1 has one training item: no target
+
+
+def test_short_users_policies(tmp_path):
+    p = write(tmp_path, "s.txt", "1 1\n1 2\n1 3\n1 4\n2 5\n2 6\n")
+    with pytest.raises(DataError, match=r"user '2' has 2 interaction\(s\).*data.short_users=train"):
+        SeqDataModule(name="file", path=p).setup()
+    dm = SeqDataModule(name="file", path=p, short_users="train")
+    dm.setup()
+    assert len(dm.val_set) == 1 and len(dm.train_set) == 2
+    dm = SeqDataModule(name="file", path=p, short_users="drop")
+    dm.setup()
+    assert len(dm.val_set) == 1 and len(dm.train_set) == 1
+
+
+def test_training_batches_trim_padding_columns(sasrec_file):
+    dm = SeqDataModule(name="file", path=sasrec_file, max_len=50, batch_size=8)
+    dm.setup()
+    b = next(iter(dm.train_dataloader()))
+    assert b["inputs"].shape[1] < 50 and (b["inputs"][:, 0] != 0).any()
+    assert ((b["targets"] != 0) <= (b["inputs"] != 0)).all()
+
+
+def test_synthetic_is_deterministic_and_structured():
+    a, b = make_synthetic(num_users=50, seed=3), make_synthetic(num_users=50, seed=3)
+    assert a == b and a != make_synthetic(num_users=50, seed=4)
+    dm = SeqDataModule(synthetic={"num_users": 50, "num_items": 40})
+    dm.setup()
+    assert dm.num_users == 50 and dm.num_items <= 40
+
+
+def test_sampler_order_is_a_function_of_seed_and_epoch_and_shards_cover_users():
+    s = EpochSampler(10, seed=1)
+    s.set_epoch(3)
+    first = list(s)
+    s2 = EpochSampler(10, seed=1)
+    s2.set_epoch(3)
+    assert list(s2) == first and sorted(first) == list(range(10))
+    s2.set_epoch(4)
+    assert list(s2) != first
+    shards = []
+    for rank in range(3):
+        e = EpochSampler(10, shuffle=False, pad=False)
+        e.rank, e.world = rank, 3
+        shards.append(list(e))
+        assert len(e) == len(shards[-1])
+    assert sorted(sum(shards, [])) == list(range(10))  # evaluation: every user exactly once
+    t = EpochSampler(10, seed=0)
+    t.rank, t.world = 2, 3
+    assert len(list(t)) == len(t) == 4  # training: padded to equal length per rank
+
+
+def test_sampled_protocol_negatives_exclude_history_and_are_fixed(sasrec_file):
+    kw = dict(name="file", path=sasrec_file, eval_protocol="sampled", eval_negatives=20)
+    dm, dm2 = SeqDataModule(**kw), SeqDataModule(**kw)
+    dm.setup(), dm2.setup()
+    b = dm.test_set.__getitems__(list(range(len(dm.test_set))))
+    assert torch.equal(b["negatives"], dm2.test_set.__getitems__(list(range(len(dm.test_set))))["negatives"])
+    for neg, seen, t in zip(b["negatives"], b["seen"], b["target"]):
+        assert len(set(neg.tolist())) == 20
+        assert not set(neg.tolist()) & (set(seen.tolist()) | {int(t), 0})
+
+
+def test_config_errors_are_one_line():
+    with pytest.raises(ConfigError, match="data.path: required"):
+        SeqDataModule(name="file")
+    with pytest.raises(ConfigError, match="unknown dataset 'ml-2m'"):
+        SeqDataModule(name="ml-2m")
+
+
+def test_download_verifies_checksum_and_extracts(tmp_path, monkeypatch):
+    import zipfile
+
+    archive = tmp_path / "src" / "ml-100k.zip"
+    archive.parent.mkdir()
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("ml-100k/u.data", "".join(f"1\t{i}\t4\t{10 + i}\n" for i in (2, 3, 4, 5)))
+    md5 = hashlib.md5(archive.read_bytes()).hexdigest()
+    monkeypatch.setitem(dl.DATASETS, "ml-100k", (archive.as_uri(), md5, "ml-100k/u.data", "udata"))
+    cache = tmp_path / "cache"
+    dm = SeqDataModule(name="ml-100k", cache_dir=str(cache))
+    dm.prepare_data()
+    dm.setup()
+    assert dm.num_items == 4 and os.path.exists(cache / "ml-100k" / "u.data")
+    # A corrupted download is rejected and nothing is left in the cache.
+    monkeypatch.setitem(dl.DATASETS, "ml-100k", (archive.as_uri(), "0" * 32, "ml-100k/u.data", "udata"))
+    with pytest.raises(DataError, match="MD5 .* does not match"):
+        dl.fetch("ml-100k", str(tmp_path / "cache2"))
+    assert not [f for f in os.listdir(tmp_path / "cache2")]
+
+
+def test_no_network_and_no_path_says_what_to_pass(tmp_path, monkeypatch):
+    monkeypatch.setitem(dl.DATASETS, "ml-1m", ("http://127.0.0.1:9/ml-1m.zip", "0" * 32, "ml-1m/ratings.dat", "movielens"))
+    with pytest.raises(DataError, match=r"could not download .*pass data.path="):
+        SeqDataModule(name="ml-1m", cache_dir=str(tmp_path)).prepare_data()
