@@ -26,7 +26,8 @@ def _explain(e: Exception, overrides: list[str]) -> str:
                 "list the options with `python -m lightning_rec fit --cfg`")
     m = re.search(r"Could not find '([^/']+)/([^']+)'.*?Available options in '[^']+':(.*?)(?:$|Config search path)", msg)
     if m:
-        group, choice, avail = m.group(1), m.group(2), m.group(3).split()
+        group, choice = m.group(1), m.group(2)
+        avail = [a for a in m.group(3).split() if a != "base"]  # base.yaml files hold shared defaults only
         return f"{group}={choice}: unknown {group}; available: {', '.join(avail)}"
     m = re.search(r"Key '([^']+)' is not in struct", msg)
     if m:

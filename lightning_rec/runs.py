@@ -134,9 +134,9 @@ def build_loggers(cfg_loggers: DictConfig | None, run_dir: str, resuming: bool) 
                     conf["id"] = f.read().strip()
                 conf["resume"] = "allow"
             else:
-                import wandb.util
+                import secrets
 
-                conf["id"] = wandb.util.generate_id()
+                conf["id"] = secrets.token_hex(6)  # W&B run ids: lowercase letters and digits
                 with open(id_file, "w") as f:
                     f.write(conf["id"])
             if resuming and not os.path.exists(id_file):

@@ -28,3 +28,23 @@ def sasrec_file(tmp_path):
     p = tmp_path / "small.txt"
     p.write_text("\n".join(lines) + "\n")
     return str(p)
+
+
+def tiny(tmp_path, *extra, epochs=2):
+    """Overrides for a seconds-long CPU run on small synthetic data (or the data= given in extra)."""
+    synthetic = not any(e.startswith("data=") for e in extra)
+    base = [
+        f"runs_dir={tmp_path / 'runs'}",
+        "logger=csv",
+        "trainer.accelerator=cpu",
+        f"trainer.max_epochs={epochs}",
+        "trainer.num_sanity_val_steps=0",
+        "trainer.enable_progress_bar=false",
+        "trainer.log_every_n_steps=1",
+        "data.max_len=20",
+        "data.batch_size=32",
+        "model.d_model=16",
+    ]
+    if synthetic:
+        base += ["data.synthetic.num_users=200", "data.synthetic.num_items=50"]
+    return base + list(extra)

@@ -1,0 +1,170 @@
+"""The CLI as a user runs it: fit, resume, test, predict, loggers, errors."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import tiny
+
+from lightning_rec import SeqRecModule
+from lightning_rec.cli import run
+from lightning_rec.errors import ConfigError, LightningRecError
+
+
+def fit(tmp_path, *extra, epochs=2):
+    return run(["fit", *tiny(tmp_path, *extra, epochs=epochs)])
+
+
+def test_fit_writes_a_complete_run_folder(tmp_path):
+    out = fit(tmp_path)
+    rd = out["run_dir"]
+    assert sorted(os.listdir(rd)) == ["checkpoints", "config.yaml", "csv", "id_maps.json"]
+    ckpts = sorted(os.listdir(os.path.join(rd, "checkpoints")))
+    assert "last.ckpt" in ckpts and any(c.startswith("epoch") for c in ckpts)
+    assert out["best_ckpt"].endswith(".ckpt") and os.path.exists(out["best_ckpt"])
+    maps = json.load(open(os.path.join(rd, "id_maps.json")))
+    assert maps["items"][0] == "<pad>" and len(maps["users"]) == 200
+    assert set(out["test"]) >= {f"test/{m}@{k}" for m in ("hr", "ndcg", "mrr") for k in (5, 10, 20)}
+    rows = list(csv.DictReader(open(os.path.join(rd, "csv", "version_0", "metrics.csv"))))
+    assert any(r.get("val/ndcg@10") for r in rows) and any(r.get("train/loss_step") for r in rows)
+
+
+def test_a_new_run_never_overwrites_an_old_one(tmp_path):
+    a = fit(tmp_path, "trainer.max_epochs=1")["run_dir"]
+    b = fit(tmp_path, "trainer.max_epochs=1")["run_dir"]
+    assert a != b and os.path.exists(os.path.join(a, "checkpoints", "last.ckpt"))
+    with pytest.raises(ConfigError, match="already holds a run"):
+        fit(tmp_path, f"run_dir={a}")
+
+
+@pytest.mark.parametrize("model", ["sasrec", "nextitnet"])
+def test_resume_ends_exactly_like_an_uninterrupted_run(tmp_path, model):
+    common = [f"model={model}", "model.dropout=0.3", "trainer.deterministic=true", "model.loss=sampled_softmax",
+              "model.num_negatives=20"]
+    full = fit(tmp_path / "a", *common, epochs=4)
+    half = fit(tmp_path / "b", *common, "test_after_fit=false", epochs=2)
+    resumed = fit(tmp_path / "b", *common, "ckpt_path=last", epochs=4)
+    assert resumed["run_dir"] == half["run_dir"]  # continues in its own folder
+    assert resumed["test"] == full["test"]
+    a = torch.load(os.path.join(full["run_dir"], "checkpoints", "last.ckpt"), weights_only=True)
+    b = torch.load(os.path.join(resumed["run_dir"], "checkpoints", "last.ckpt"), weights_only=True)
+    assert a["epoch"] == b["epoch"] == 3 and a["global_step"] == b["global_step"]
+    for k in a["state_dict"]:
+        torch.testing.assert_close(a["state_dict"][k], b["state_dict"][k], rtol=0, atol=0, msg=k)
+    ea, eb = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
+    torch.testing.assert_close(ea[0]["exp_avg"], eb[0]["exp_avg"], rtol=0, atol=0)
+
+
+def test_checkpoint_loads_weights_only_and_rebuilds_the_model(tmp_path):
+    out = fit(tmp_path, "model=nextitnet", "model.num_blocks=3", "model.tied_embeddings=false")
+    path = out["best_ckpt"]
+    raw = torch.load(path, weights_only=True)
+    assert raw["hyper_parameters"]["num_blocks"] == 3
+    m = SeqRecModule.load_from_checkpoint(path, weights_only=True).eval()
+    assert len(m.encoder.blocks) == 3 and m.output is not None
+    res = run(["test", f"ckpt_path={path}", "trainer.enable_progress_bar=false", f"runs_dir={tmp_path / 'runs'}",
+               "data.synthetic.num_users=200", "data.synthetic.num_items=50"])
+    assert res == pytest.approx(out["test"], abs=1e-6)
+
+
+def test_predict_writes_original_ids_and_excludes_seen(tmp_path):
+    rows = []
+    for u in range(30):
+        seq = [f"item-{(u + 3 * t) % 17}" for t in range(8)]
+        rows += [f"user-{u}\t{it}\t{t}" for t, it in enumerate(seq)]
+    data = tmp_path / "log.tsv"
+    data.write_text("user\titem\tts\n" + "\n".join(rows) + "\n")
+    d = [f"data.path={data}", "data=file", "data.user_col=user", "data.item_col=item", "data.time_col=ts"]
+    out = fit(tmp_path, *d, epochs=1)
+    dest = tmp_path / "recs.tsv"
+    run(["predict", f"ckpt_path={out['best_ckpt']}", f"predict.out={dest}", "predict.k=5",
+         "trainer.enable_progress_bar=false"])
+    lines = list(csv.DictReader(open(dest), delimiter="\t"))
+    assert len(lines) == 30 * 5
+    seen = {}
+    for r in rows:
+        u, it, _ = r.split("\t")
+        seen.setdefault(u, set()).add(it)
+    for line in lines:
+        assert line["user"].startswith("user-") and line["item"].startswith("item-")
+        assert line["item"] not in seen[line["user"]]
+    with pytest.raises(ConfigError, match="file exists"):
+        run(["predict", f"ckpt_path={out['best_ckpt']}", f"predict.out={dest}"])
+
+
+def test_loggers_none_csv_and_wandb_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = fit(tmp_path / "n", "logger=none", epochs=1)
+    assert "csv" not in os.listdir(out["run_dir"])
+    out = fit(tmp_path / "w", "logger=wandb", "test_after_fit=false", epochs=1)
+    rd = out["run_dir"]
+    wid = open(os.path.join(rd, "wandb_id.txt")).read().strip()
+    assert os.path.isdir(os.path.join(rd, "wandb")) and any(wid in d for d in os.listdir(os.path.join(rd, "wandb")))
+    # The resumed run logs to the same W&B run id.
+    fit(tmp_path / "w", "logger=wandb", "ckpt_path=last", "test_after_fit=false", epochs=2)
+    assert open(os.path.join(rd, "wandb_id.txt")).read().strip() == wid
+
+
+def test_sampled_protocol_is_labelled(tmp_path):
+    out = fit(tmp_path, "eval.protocol=sampled", "eval.num_negatives=5", epochs=1)
+    assert out["test"] and all(k.startswith("test/sampled_") for k in out["test"])
+
+
+@pytest.mark.parametrize("loss", ["ce", "sampled_softmax", "bce"])
+def test_every_loss_learns(tmp_path, loss):
+    out = fit(tmp_path, f"model.loss={loss}", "model.num_negatives=10", "optimizer.lr=0.005", epochs=4)
+    rows = list(csv.DictReader(open(os.path.join(out["run_dir"], "csv", "version_0", "metrics.csv"))))
+    losses = [float(r["train/loss_epoch"]) for r in rows if r.get("train/loss_epoch")]
+    assert losses[-1] < losses[0]
+
+
+def test_errors_are_one_line(tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_text("1 2\n1 3\nnot-a-pair-line here extra\n")
+    cases = [
+        (["fit", "foo=1"], "override 'foo': no such option"),
+        (["fit", "model=gru4rec"], "model=gru4rec: unknown model; available: nextitnet, sasrec"),
+        (["fit", "data=ml-2m"], "data=ml-2m: unknown data"),
+        (["fit", "data=file", f"data.path={tmp_path / 'missing.txt'}"], "missing.txt' does not exist"),
+        (["fit", "data=file", f"data.path={bad}"], "bad.txt line 3: expected 2 whitespace-separated fields"),
+        (["fit", "model.loss=hinge"], "model.loss: unknown loss 'hinge'"),
+        (["test"], "ckpt_path: required"),
+        (["train"], "unknown command 'train'"),
+    ]
+    for argv, expect in cases:
+        with pytest.raises(LightningRecError) as e:
+            run(argv + [f"runs_dir={tmp_path / 'runs'}"])
+        assert expect in str(e.value), (argv, str(e.value))
+        assert "\n" not in str(e.value)
+
+
+def test_cli_process_prints_one_line_and_exits_2(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "lightning_rec", "fit", "trainer.max_epoch=3"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert p.returncode == 2
+    assert p.stderr.strip().count("\n") == 0 and "trainer.max_epoch" in p.stderr and "Traceback" not in p.stderr
+    p = subprocess.run(["lightning-rec", "--help"], capture_output=True, text=True)
+    assert p.returncode == 0 and "predict" in p.stdout
+
+
+def test_atomic_checkpoint_write_keeps_the_old_file(tmp_path, monkeypatch):
+    from lightning_rec.checkpoint_io import AtomicCheckpointIO
+
+    io = AtomicCheckpointIO()
+    path = tmp_path / "c" / "last.ckpt"
+    io.save_checkpoint({"a": torch.ones(3)}, path)
+
+    def boom(obj, f, *a, **k):
+        f.write(b"partial")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(RuntimeError):
+        io.save_checkpoint({"a": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(3))
+    assert os.listdir(path.parent) == ["last.ckpt"]
