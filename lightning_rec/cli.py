@@ -222,6 +222,7 @@ def fit(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
         results = {k: float(v) for k, v in (out[0] if out else {}).items()}
         if trainer.is_global_zero:
             _print_metrics("test", results, best)
+            _write_metrics(cfg.metrics_out, results)
     if trainer.is_global_zero:
         rank_zero_info(f"run folder: {run_dir}")
     os.environ.pop(runs.RUN_DIR_ENV, None)
@@ -284,7 +285,19 @@ def test(cfg: DictConfig, overrides: list[str]) -> dict[str, float]:
     results = {k: float(v) for k, v in (out[0] if out else {}).items()}
     if trainer.is_global_zero:
         _print_metrics("test", results, path)
+        _write_metrics(cfg.metrics_out, results)
     return results
+
+
+def _write_metrics(dest: str | None, results: dict[str, float]) -> None:
+    if not dest:
+        return
+    import json
+
+    tmp = f"{dest}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=1, sort_keys=True)
+    os.replace(tmp, dest)
 
 
 def predict(cfg: DictConfig, overrides: list[str]) -> str:
@@ -303,6 +316,10 @@ def predict(cfg: DictConfig, overrides: list[str]) -> str:
     if os.path.exists(out) and not cfg.predict.overwrite:
         raise ConfigError(f"predict.out={out}: file exists; choose another path or pass predict.overwrite=true")
     model.predict_k = k
+    if cfg.trainer.get("devices", 1) not in (1, "1", "auto"):
+        print("predict runs on one device so that one process writes every user", flush=True)
+    cfg.trainer.devices = 1
+    cfg.trainer.strategy = "auto"
     trainer = _build_trainer(cfg, os.path.dirname(os.path.abspath(out)) or ".", [], [])
     batches = trainer.predict(model, datamodule=dm)
     maps = dm.id_maps()
