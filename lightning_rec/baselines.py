@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from .metrics import full_ranks, metrics_from_ranks
 
 

@@ -155,6 +155,7 @@ def fit(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     Returns ``{"test": metrics, "run_dir", "best_ckpt", "best_score", "epochs", "fit_seconds"}``.
     """
     import time
+
     import pytorch_lightning as pl
     from pytorch_lightning.utilities import rank_zero_info
 

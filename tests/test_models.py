@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from lightning_rec.models import NextItNet, SASRec, build_encoder
 from lightning_rec.errors import ConfigError
+from lightning_rec.models import NextItNet, SASRec, build_encoder
 
 ARCHS = [
     ("nextitnet", dict(num_blocks=4, dropout=0.0)),
