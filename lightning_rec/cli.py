@@ -24,6 +24,8 @@ COMMANDS = ("fit", "test", "predict")
 
 
 def _quiet() -> None:
+    import pytorch_lightning  # noqa: F401  (its import installs warning filters; ours must come after)
+
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=r".*`isinstance\(treespec, LeafSpec\)`.*")

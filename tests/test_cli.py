@@ -157,6 +157,9 @@ def test_atomic_checkpoint_write_keeps_the_old_file(tmp_path, monkeypatch):
     io = AtomicCheckpointIO()
     path = tmp_path / "c" / "last.ckpt"
     io.save_checkpoint({"a": torch.ones(3)}, path)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask
 
     def boom(obj, f, *a, **k):
         f.write(b"partial")
