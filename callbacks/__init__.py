@@ -2,5 +2,6 @@
 
 from .metrics_printer import MetricsPrinter
 from .rng_state import RNGStateCallback
+from .stacking import StackingCallback
 
-__all__ = ["MetricsPrinter", "RNGStateCallback"]
+__all__ = ["MetricsPrinter", "RNGStateCallback", "StackingCallback"]

@@ -31,7 +31,8 @@ class SeqRecModule(pl.LightningModule):
         num_items: catalogue size (from the DataModule).
         arch: ``sasrec`` or ``nextitnet``.
         d_model, num_blocks, num_heads, ffn_dim, max_len, dropout, norm_first,
-        residual_alpha, kernel_size, dilations: encoder hyperparameters (see the encoders).
+        residual_alpha, kernel_size, dilations, block_dilations: encoder hyperparameters
+            (see the encoders); ``num_blocks``/``block_dilations`` change when StackRec stacks.
         tied_embeddings: score items with the input embedding table (else a separate one).
         loss: ``ce`` (full softmax), ``sampled_softmax`` (``num_negatives``) or ``bce``.
         optimizer: ``{name: adam|adamw|sgd, lr, weight_decay, betas | momentum}``.
@@ -57,6 +58,7 @@ class SeqRecModule(pl.LightningModule):
         residual_alpha: bool = True,
         kernel_size: int = 3,
         dilations: list[int] | None = None,
+        block_dilations: list[int] | None = None,
         tied_embeddings: bool = True,
         loss: str = "ce",
         num_negatives: int = 256,
@@ -92,7 +94,7 @@ class SeqRecModule(pl.LightningModule):
         self.encoder = build_encoder(
             arch, num_items, d_model=d_model, num_blocks=num_blocks, num_heads=num_heads, ffn_dim=ffn_dim,
             max_len=max_len, dropout=dropout, norm_first=norm_first, residual_alpha=residual_alpha,
-            kernel_size=kernel_size, dilations=dilations,
+            kernel_size=kernel_size, dilations=dilations, block_dilations=block_dilations,
         )
         self.output = None
         if not tied_embeddings:
@@ -112,6 +114,37 @@ class SeqRecModule(pl.LightningModule):
     def output_weight(self) -> torch.Tensor:
         """Item scoring table (N + 1, d); row 0 is padding."""
         return self.encoder.item_embedding.weight if self.output is None else self.output.weight
+
+    # ------------------------------------------------------------------ StackRec
+    def stack(self, opts) -> list[int]:
+        """Double the depth (see :mod:`lightning_rec.stacking`); records the new depth in hparams."""
+        from .stacking import block_dilations, stack_encoder
+
+        mapping = stack_encoder(self.encoder, opts)
+        if self.output is not None and not opts.copy_head:
+            nn.init.normal_(self.output.weight, std=self.hparams.d_model**-0.5)
+            with torch.no_grad():
+                self.output.weight[0].zero_()
+        self.hparams.num_blocks = len(self.encoder.blocks)
+        self.hparams.block_dilations = block_dilations(self.encoder) if opts.keep_dilation else None
+        self._compiled = None
+        if self.hparams.compile and self._compiled is None and self.trainer is not None:
+            self.setup("fit")
+        return mapping
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A checkpoint written after a stack holds more blocks than this module was built with
+        # (e.g. a config-built model resumed from a deep checkpoint): grow before weights load.
+        hp = checkpoint.get("hyper_parameters", {})
+        n = hp.get("num_blocks", self.hparams.num_blocks)
+        if n != len(self.encoder.blocks):
+            dils = hp.get("block_dilations")
+            device = self.output_weight().device
+            self.encoder.blocks = nn.ModuleList(
+                self.encoder.make_block(i, None if dils is None else dils[i]).to(device) for i in range(n)
+            )
+            self.hparams.num_blocks = n
+            self.hparams.block_dilations = dils
 
     def setup(self, stage: str) -> None:
         if self.hparams.compile and self._compiled is None:

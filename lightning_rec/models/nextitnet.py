@@ -53,6 +53,8 @@ class NextItNet(nn.Module):
         kernel_size: convolution width (3 in the paper).
         residual_alpha: zero-initialised residual weight per block (StackRec).
         dropout: dropout on the embedding and each block's branch.
+        block_dilations: explicit first-conv dilation of every block, overriding the
+            pattern (StackRec copies blocks with their source's dilation).
     """
 
     arch = "nextitnet"
@@ -66,9 +68,12 @@ class NextItNet(nn.Module):
         dilations: tuple[int, ...] | list[int] = (1, 4),
         residual_alpha: bool = True,
         dropout: float = 0.0,
+        block_dilations: list[int] | None = None,
         **_: object,
     ):
         super().__init__()
+        if block_dilations is not None and len(block_dilations) != num_blocks:
+            raise ValueError(f"model.block_dilations has {len(block_dilations)} entries for {num_blocks} blocks")
         self.d_model, self.kernel_size, self.dilations = d_model, kernel_size, list(dilations)
         self.residual_alpha, self.dropout_p = residual_alpha, dropout
         self.item_embedding = nn.Embedding(num_items + 1, d_model, padding_idx=0)
@@ -76,11 +81,13 @@ class NextItNet(nn.Module):
         with torch.no_grad():
             self.item_embedding.weight[0].zero_()
         self.emb_dropout = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(self.make_block(i) for i in range(num_blocks))
+        self.blocks = nn.ModuleList(
+            self.make_block(i, None if block_dilations is None else block_dilations[i]) for i in range(num_blocks)
+        )
 
-    def make_block(self, index: int) -> NextItNetBlock:
-        """A freshly initialised block for position ``index`` (its dilation is positional)."""
-        dil = self.dilations[index % len(self.dilations)]
+    def make_block(self, index: int, dilation: int | None = None) -> NextItNetBlock:
+        """A freshly initialised block for position ``index`` (positional dilation unless given)."""
+        dil = dilation if dilation is not None else self.dilations[index % len(self.dilations)]
         return NextItNetBlock(self.d_model, self.kernel_size, dil, self.residual_alpha, self.dropout_p)
 
     def embed(self, items: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, d)

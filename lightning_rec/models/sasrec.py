@@ -95,8 +95,8 @@ class SASRec(nn.Module):
         self.blocks = nn.ModuleList(self.make_block(i) for i in range(num_blocks))
         self.final_ln = nn.LayerNorm(d_model, eps=1e-8) if norm_first else nn.Identity()
 
-    def make_block(self, index: int) -> SASRecBlock:
-        """A freshly initialised block (``index`` is unused; kept for one interface with NextItNet)."""
+    def make_block(self, index: int, dilation: int | None = None) -> SASRecBlock:
+        """A freshly initialised block (``index``/``dilation`` unused; one interface with NextItNet)."""
         return SASRecBlock(self.d_model, self.num_heads, self.ffn_dim, self.dropout_p, self.norm_first, self.residual_alpha)
 
     def embed(self, items: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, d)

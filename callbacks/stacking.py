@@ -1,0 +1,150 @@
+"""StackRec as a callback: double the model's depth at given epochs or steps."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_info
+
+from lightning_rec.errors import ConfigError
+from lightning_rec.stacking import PRESETS, index_map, options
+
+
+class StackingCallback(pl.Callback):
+    """Doubles the number of blocks of NextItNet or SASRec during ``fit``.
+
+    Stacks happen at the start of a listed epoch (``at_epochs``) or before a listed
+    optimizer step (``at_steps``). After each: the optimizer and scheduler are rebuilt
+    (fresh, as the authors do, or with Adam moments copied to the copies), DDP is
+    re-wrapped so new parameters are all-reduced, ``hparams.num_blocks`` is updated (every
+    later checkpoint rebuilds the deep model), and the event is logged.
+
+    Args:
+        at_epochs: epochs (0-based) at whose start to stack.
+        at_steps: global steps before which to stack.
+        mode: ``adjacent`` (B0 B0 B1 B1) or ``cross`` (B0 B1 B0 B1).
+        preset: ``function_preserving`` (default) or ``authors`` (fresh LayerNorms, all
+            alphas 0, new output layer, positional dilations); flags below override it.
+        copy_layernorm, copy_alpha, zero_new_alpha, keep_dilation, copy_head: see
+            :class:`lightning_rec.stacking.StackOptions`.
+        optimizer_state: ``fresh`` (new optimizer, moments reset) or ``keep_moments``
+            (copied weights inherit their source's optimizer state; the schedule continues).
+        max_blocks: never grow beyond this depth.
+    """
+
+    def __init__(
+        self,
+        at_epochs: list[int] | None = None,
+        at_steps: list[int] | None = None,
+        mode: str = "adjacent",
+        preset: str | None = "function_preserving",
+        copy_layernorm: bool | None = None,
+        copy_alpha: bool | None = None,
+        zero_new_alpha: bool | None = None,
+        keep_dilation: bool | None = None,
+        copy_head: bool | None = None,
+        optimizer_state: str = "fresh",
+        max_blocks: int | None = None,
+    ):
+        self.at_epochs = sorted({int(e) for e in (at_epochs or [])})
+        self.at_steps = sorted({int(s) for s in (at_steps or [])})
+        if not self.at_epochs and not self.at_steps:
+            raise ConfigError("callbacks.stacking: give at_epochs=[...] or at_steps=[...]")
+        if any(e < 1 for e in self.at_epochs) or any(s < 1 for s in self.at_steps):
+            raise ConfigError("callbacks.stacking: at_epochs/at_steps must be >= 1 (train the shallow model first)")
+        if optimizer_state not in ("fresh", "keep_moments"):
+            raise ConfigError(f"callbacks.stacking.optimizer_state: '{optimizer_state}' is not fresh or keep_moments")
+        if preset is not None and preset not in PRESETS:
+            raise ConfigError(f"callbacks.stacking.preset: '{preset}' is not one of {', '.join(PRESETS)}")
+        self.opts = options(mode, preset, copy_layernorm=copy_layernorm, copy_alpha=copy_alpha,
+                            zero_new_alpha=zero_new_alpha, keep_dilation=keep_dilation, copy_head=copy_head)
+        self.optimizer_state = optimizer_state
+        self.max_blocks = max_blocks
+        self.done: list[str] = []  # events already applied ("epoch:5", "step:100"), kept in checkpoints
+        self.history: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ triggers
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        e = trainer.current_epoch
+        if e in self.at_epochs and f"epoch:{e}" not in self.done:
+            self._stack(trainer, pl_module, f"epoch:{e}")
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        s = trainer.global_step
+        if s in self.at_steps and f"step:{s}" not in self.done:
+            self._stack(trainer, pl_module, f"step:{s}")
+
+    # ------------------------------------------------------------------ surgery
+    def _stack(self, trainer: pl.Trainer, pl_module: pl.LightningModule, event: str) -> None:
+        before = len(pl_module.encoder.blocks)
+        if self.max_blocks is not None and 2 * before > self.max_blocks:
+            rank_zero_info(f"stacking at {event} skipped: {2 * before} blocks would exceed max_blocks={self.max_blocks}")
+            self.done.append(event)
+            return
+        old_state = self._param_states(trainer, pl_module) if self.optimizer_state == "keep_moments" else None
+        old_sched = [c.scheduler.state_dict() for c in trainer.lr_scheduler_configs] if old_state is not None else None
+        mapping = pl_module.stack(self.opts)
+        self._rewrap_ddp(trainer)
+        trainer.strategy.setup_optimizers(trainer)
+        if old_state is not None:
+            self._restore_moments(trainer, pl_module, old_state, mapping, before)
+            for cfg, st in zip(trainer.lr_scheduler_configs, old_sched):
+                cfg.scheduler.load_state_dict(st)
+        n_params = sum(p.numel() for p in pl_module.parameters())
+        after = len(pl_module.encoder.blocks)
+        self.done.append(event)
+        record = {"event": event, "from_blocks": before, "to_blocks": after, "params": n_params,
+                  "step": trainer.global_step, "epoch": trainer.current_epoch, "mode": self.opts.mode}
+        self.history.append(record)
+        rank_zero_info(f"StackRec at {event}: {before} -> {after} blocks ({self.opts.mode}), "
+                       f"{n_params:,} parameters; map {index_map(before, self.opts.mode)}; optimizer {self.optimizer_state}")
+        for lg in trainer.loggers:
+            lg.log_metrics({"stack/num_blocks": float(after), "stack/params": float(n_params)}, step=trainer.global_step)
+
+    @staticmethod
+    def _rewrap_ddp(trainer: pl.Trainer) -> None:
+        from pytorch_lightning.strategies import DDPStrategy
+
+        strategy = trainer.strategy
+        if isinstance(strategy, DDPStrategy) and isinstance(strategy.model, torch.nn.parallel.DistributedDataParallel):
+            # DDP only all-reduces the parameters it saw when it was built; wrap the grown module anew
+            # (its constructor also broadcasts rank 0's weights, so fresh parameters agree across ranks).
+            strategy.model = strategy.lightning_module
+            strategy.configure_ddp()
+
+    @staticmethod
+    def _param_states(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, dict[str, torch.Tensor]]:
+        by_id = {id(p): n for n, p in pl_module.named_parameters()}
+        out = {}
+        for opt in trainer.optimizers:
+            for p, st in opt.state.items():
+                if id(p) in by_id:
+                    out[by_id[id(p)]] = {k: v.clone() if torch.is_tensor(v) else v for k, v in st.items()}
+        return out
+
+    def _restore_moments(self, trainer, pl_module, old_state, mapping, before) -> None:
+        for name, p in pl_module.named_parameters():
+            src = name
+            if name.startswith("encoder.blocks."):
+                rest = name[len("encoder.blocks."):]
+                i, tail = rest.split(".", 1)
+                src = f"encoder.blocks.{mapping[int(i)]}.{tail}"
+                fresh_ln = not self.opts.copy_layernorm and (".ln" in f".{tail}" or tail.startswith("ln"))
+                if fresh_ln or tail.startswith("alpha"):
+                    continue
+            st = old_state.get(src)
+            if st is None:
+                continue
+            for opt in trainer.optimizers:
+                if any(p is q for g in opt.param_groups for q in g["params"]):
+                    opt.state[p] = {k: v.clone() if torch.is_tensor(v) else v for k, v in st.items()}
+
+    # ------------------------------------------------------------------ resume
+    def state_dict(self) -> dict[str, Any]:
+        return {"done": list(self.done), "history": [dict(h) for h in self.history]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.done = list(state.get("done", []))
+        self.history = list(state.get("history", []))

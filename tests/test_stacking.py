@@ -1,0 +1,172 @@
+"""StackRec: index maps, function preservation, optimizer and gradients, resume, DDP."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import tiny
+
+from lightning_rec import SeqRecModule
+from lightning_rec.cli import run
+from lightning_rec.stacking import index_map, is_copy, options
+
+ARCHS = [("nextitnet", {}), ("sasrec", {"norm_first": True, "num_heads": 2})]
+
+
+def model(arch, blocks=2, **kw):
+    m = SeqRecModule(num_items=40, arch=arch, num_blocks=blocks, d_model=16, max_len=12, dropout=0.0, **kw)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "alpha" in n:
+                p.uniform_(0.3, 0.9)
+            if "ln" in n and n.endswith("weight"):
+                p.uniform_(0.5, 1.5)  # so fresh vs copied LayerNorms are distinguishable
+    return m.eval()
+
+
+@pytest.mark.parametrize("L", [1, 2, 3, 5])
+def test_index_maps_follow_the_spec(L):
+    assert index_map(L, "adjacent") == [i // 2 for i in range(2 * L)]
+    assert index_map(L, "cross") == [i % L for i in range(2 * L)]
+    assert [is_copy(i, L, "adjacent") for i in range(2 * L)] == [i % 2 == 1 for i in range(2 * L)]
+    assert [is_copy(i, L, "cross") for i in range(2 * L)] == [i >= L for i in range(2 * L)]
+
+
+@pytest.mark.parametrize("arch,kw", ARCHS)
+@pytest.mark.parametrize("mode", ["adjacent", "cross"])
+def test_function_preserving_stack_keeps_outputs_and_copies_weights(arch, kw, mode):
+    m = model(arch, 3, **kw)
+    x = torch.randint(1, 41, (4, 12))
+    before = m(x)
+    old = [dict((k, v.clone()) for k, v in b.state_dict().items()) for b in m.encoder.blocks]
+    mapping = m.stack(options(mode, "function_preserving"))
+    assert mapping == index_map(3, mode) and len(m.encoder.blocks) == 6 and m.hparams.num_blocks == 6
+    torch.testing.assert_close(m(x), before, atol=1e-5, rtol=1e-5)
+    for i, j in enumerate(mapping):
+        for k, v in m.encoder.blocks[i].state_dict().items():
+            if k.startswith("alpha"):
+                expect = torch.zeros_like(v) if is_copy(i, 3, mode) else old[j][k]
+                torch.testing.assert_close(v, expect)
+            else:
+                torch.testing.assert_close(v, old[j][k], msg=f"block {i} {k}")
+
+
+def test_authors_preset_resets_layernorm_alpha_head_and_dilation():
+    m = model("nextitnet", 2, tied_embeddings=False)
+    emb = m.encoder.item_embedding.weight.clone()
+    head = m.output.weight.clone()
+    conv = [b.conv1.weight.clone() for b in m.encoder.blocks]
+    m.stack(options("adjacent", "authors"))
+    assert [b.dilation for b in m.encoder.blocks] == [1, 4, 1, 4]  # positional
+    assert m.hparams.block_dilations is None
+    for i, b in enumerate(m.encoder.blocks):
+        assert b.alpha.item() == 0
+        assert torch.equal(b.ln1.weight, torch.ones_like(b.ln1.weight))
+        torch.testing.assert_close(b.conv1.weight, conv[i // 2])
+    torch.testing.assert_close(m.encoder.item_embedding.weight, emb)
+    assert not torch.allclose(m.output.weight, head)
+    x = torch.randint(1, 41, (2, 12))
+    torch.testing.assert_close(m(x), m.encoder.embed(x) * (x != 0).unsqueeze(-1))  # identity blocks
+
+
+def test_checkpoint_after_stack_rebuilds_deep_model(tmp_path):
+    m = model("nextitnet", 2)
+    m.stack(options("adjacent"))
+    path = tmp_path / "deep.ckpt"
+    torch.save({"state_dict": m.state_dict(), "hyper_parameters": dict(m.hparams),
+                "pytorch-lightning_version": "2.6.6"}, path)
+    m2 = SeqRecModule.load_from_checkpoint(path, weights_only=True).eval()
+    assert [b.dilation for b in m2.encoder.blocks] == [1, 1, 4, 4]
+    x = torch.randint(1, 41, (2, 12))
+    torch.testing.assert_close(m2(x), m(x))
+    # A config-built shallow module grows itself when restored from the deep checkpoint.
+    shallow = SeqRecModule(**{**dict(m.hparams), "num_blocks": 2, "block_dilations": None})
+    shallow.on_load_checkpoint(torch.load(path, weights_only=True))
+    shallow.load_state_dict(m.state_dict())
+    torch.testing.assert_close(shallow.eval()(x), m(x))
+
+
+def fit(tmp_path, *extra, epochs=4):
+    return run(["fit", *tiny(tmp_path, "callbacks=stacking", "callbacks.stacking.at_epochs=[2]", *extra,
+                             epochs=epochs)])
+
+
+@pytest.mark.parametrize("arch", ["nextitnet", "sasrec"])
+def test_callback_doubles_depth_rebuilds_optimizer_and_new_blocks_learn(tmp_path, arch):
+    out = fit(tmp_path, f"model={arch}", "model.num_blocks=2", "callbacks.stacking.mode=cross")
+    ck = torch.load(os.path.join(out["run_dir"], "checkpoints", "last.ckpt"), weights_only=True)
+    assert ck["hyper_parameters"]["num_blocks"] == 4
+    sd = ck["state_dict"]
+    assert any(k.startswith("encoder.blocks.3.") for k in sd)
+    # Every parameter sits in exactly one optimizer group.
+    groups = ck["optimizer_states"][0]["param_groups"]
+    ids = [i for g in groups for i in g["params"]]
+    assert len(ids) == len(set(ids)) == sum(1 for k in sd if "metrics" not in k)
+    # The copies started at alpha 0 and moved: they received gradients after the stack.
+    alphas = [v.abs().sum().item() for k, v in sd.items() if k.startswith("encoder.blocks.") and "alpha" in k]
+    assert all(a > 0 for a in alphas)
+    st = ck["callbacks"]
+    stack_state = next(v for k, v in st.items() if "StackingCallback" in k)
+    assert stack_state["done"] == ["epoch:2"] and stack_state["history"][0]["to_blocks"] == 4
+
+
+def test_keep_moments_copies_adam_state_to_the_copies(tmp_path):
+    from lightning_rec.callbacks import StackingCallback
+
+    m = model("nextitnet", 2)
+    m.train()
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    x = torch.randint(1, 41, (4, 12))
+    m.loss(m(x)[:, :-1].reshape(-1, 16), x[:, 1:].reshape(-1)).backward()
+    opt.step()
+
+    class T:  # the trainer surface the callback uses
+        optimizers = [opt]
+        lr_scheduler_configs = []
+
+    cb = StackingCallback(at_epochs=[1], mode="adjacent", optimizer_state="keep_moments")
+    state = cb._param_states(T, m)
+    src = state["encoder.blocks.1.conv1.weight"]["exp_avg"]
+    mapping = m.stack(cb.opts)
+    new_opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    T.optimizers = [new_opt]
+    cb._restore_moments(T, m, state, mapping, 2)
+    for i in (2, 3):
+        p = m.encoder.blocks[i].conv1.weight
+        torch.testing.assert_close(new_opt.state[p]["exp_avg"], src)
+    assert m.encoder.blocks[3].alpha not in new_opt.state  # alphas start fresh
+
+
+@pytest.mark.parametrize("stop_at", [1, 3])
+def test_resume_across_a_stack_point_is_exact(tmp_path, stop_at):
+    common = ["model=nextitnet", "model.num_blocks=2", "trainer.deterministic=true", "model.dropout=0.2"]
+    full = fit(tmp_path / "a", *common, epochs=4)
+    fit(tmp_path / "b", *common, "test_after_fit=false", epochs=stop_at)
+    resumed = fit(tmp_path / "b", *common, "ckpt_path=last", epochs=4)
+    assert resumed["test"] == full["test"]
+    a = torch.load(os.path.join(full["run_dir"], "checkpoints", "last.ckpt"), weights_only=True)
+    b = torch.load(os.path.join(resumed["run_dir"], "checkpoints", "last.ckpt"), weights_only=True)
+    assert a["hyper_parameters"]["num_blocks"] == b["hyper_parameters"]["num_blocks"] == 4
+    for k in a["state_dict"]:
+        torch.testing.assert_close(a["state_dict"][k], b["state_dict"][k], rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.ddp
+def test_stacking_under_two_process_ddp_keeps_ranks_in_sync(tmp_path):
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    env = {**os.environ, "PROBE_DIR": str(probe), "PYTHONWARNINGS": "ignore",
+           "PYTHONPATH": os.path.dirname(os.path.abspath(__file__))}
+    args = [sys.executable, "-m", "lightning_rec", "fit", *tiny(tmp_path, "model=nextitnet", "model.num_blocks=2",
+            "callbacks=stacking", "callbacks.stacking.at_epochs=[1]", "trainer.devices=2", "trainer.strategy=ddp",
+            "+callbacks.probe._target_=ddp_probe.WeightProbe", "test_after_fit=false", epochs=3)]
+    p = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r0, r1 = (json.load(open(probe / f"rank{r}.json")) for r in (0, 1))
+    assert r0["num_blocks"] == r1["num_blocks"] == 4 and r0["ddp"] and r1["ddp"]
+    assert all(r0["grads"].values())
+    for k in r0["state"]:  # identical weights on both ranks, new blocks included: they were all-reduced
+        assert abs(r0["state"][k] - r1["state"][k]) < 1e-5, k
