@@ -163,6 +163,8 @@ class SeqRecModule(pl.LightningModule):
 
     def user_representation(self, items: torch.Tensor) -> torch.Tensor:
         """The hidden state at the most recent position (B, d)."""
+        if self.hparams.arch == "sasrec":
+            return self.encoder(items, last_only=True)[:, -1]  # skips the other positions in the last block
         return self(items)[:, -1]
 
     def score_fn(self, h: torch.Tensor):

@@ -91,3 +91,12 @@ def test_interface_and_dilation_pattern():
     assert len(s.blocks) == 5 and s(torch.randint(1, 21, (2, 10))).shape == (2, 10, 8)
     with pytest.raises(ConfigError):
         build_encoder("gru4rec", 10)
+
+
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_sasrec_last_only_inference_equals_full_forward(norm_first):
+    m = SASRec(30, d_model=16, num_blocks=3, num_heads=2, max_len=12, dropout=0.0, norm_first=norm_first).eval()
+    randomise_alphas(m)
+    x = torch.randint(1, 31, (5, 12))
+    x[:2, :4] = 0  # left padding
+    torch.testing.assert_close(m(x, last_only=True)[:, -1], m(x)[:, -1], atol=1e-5, rtol=1e-5)

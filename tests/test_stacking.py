@@ -167,6 +167,5 @@ def test_stacking_under_two_process_ddp_keeps_ranks_in_sync(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     r0, r1 = (json.load(open(probe / f"rank{r}.json")) for r in (0, 1))
     assert r0["num_blocks"] == r1["num_blocks"] == 4 and r0["ddp"] and r1["ddp"]
-    assert all(r0["grads"].values())
     for k in r0["state"]:  # identical weights on both ranks, new blocks included: they were all-reduced
         assert abs(r0["state"][k] - r1["state"][k]) < 1e-5, k

@@ -31,22 +31,26 @@ class SASRecBlock(nn.Module):
         self.alpha_att = nn.Parameter(torch.zeros(1)) if residual_alpha else None
         self.alpha_ffn = nn.Parameter(torch.zeros(1)) if residual_alpha else None
 
-    def attend(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def attend(self, x: torch.Tensor, mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         B, T, d = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)  # (B, h, T, dh)
+        if last_only:  # inference needs the most recent position only
+            q, mask = q[:, :, -1:], mask[:, :, -1:]
         p = self.dropout_p if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, h, T, dh)
-        return self.dropout(self.out(y.transpose(1, 2).reshape(B, T, d)))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, h, Tq, dh)
+        return self.dropout(self.out(y.transpose(1, 2).reshape(B, q.shape[2], d)))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # (B, T, d), mask (B, 1, T, T)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """x (B, T, d), additive mask (B, 1, T, T) -> (B, T, d), or (B, 1, d) with ``last_only``."""
         def scaled(alpha, h):
             return alpha * h if alpha is not None else h
 
+        res = x[:, -1:] if last_only else x
         if self.norm_first:
-            x = x + scaled(self.alpha_att, self.attend(self.ln_att(x), mask))
+            x = res + scaled(self.alpha_att, self.attend(self.ln_att(x), mask, last_only))
             x = x + scaled(self.alpha_ffn, self.dropout(self.ffn(self.ln_ffn(x))))
         else:
-            x = self.ln_att(x + scaled(self.alpha_att, self.attend(x, mask)))
+            x = self.ln_att(res + scaled(self.alpha_att, self.attend(x, mask, last_only)))
             x = self.ln_ffn(x + scaled(self.alpha_ffn, self.dropout(self.ffn(x))))
         return x
 
@@ -107,15 +111,23 @@ class SASRec(nn.Module):
         x = self.item_embedding(items) * math.sqrt(self.d_model) + self.position_embedding(pos)[None]
         return self.emb_dropout(x)
 
-    def forward(self, items: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, d)
+    def forward(self, items: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """(B, T) -> (B, T, d); with ``last_only`` the last block computes the final position only -> (B, 1, d)."""
         T = items.shape[1]
         valid = items != 0  # (B, T)
-        keep = valid.unsqueeze(-1).to(self.item_embedding.weight.dtype)
+        dtype = self.item_embedding.weight.dtype
+        keep = valid.unsqueeze(-1).to(dtype)
         causal = torch.ones(T, T, dtype=torch.bool, device=items.device).tril()
         # Attend to earlier non-padding positions; every position also sees itself so no row is empty.
-        mask = (causal[None] & valid[:, None, :]) | torch.eye(T, dtype=torch.bool, device=items.device)[None]
+        allowed = (causal[None] & valid[:, None, :]) | torch.eye(T, dtype=torch.bool, device=items.device)[None]
+        # One additive mask per forward: SDPA would otherwise convert a boolean mask in every block.
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=items.device).masked_fill_(~allowed, float("-inf"))
         mask = mask.unsqueeze(1)  # (B, 1, T, T)
         x = self.embed(items) * keep
-        for block in self.blocks:
-            x = block(x, mask) * keep
-        return self.final_ln(x) * keep
+        n = len(self.blocks)
+        for i, block in enumerate(self.blocks):
+            last = last_only and i == n - 1
+            x = block(x, mask, last) * (keep[:, -1:] if last else keep)
+        if last_only and n == 0:
+            x = x[:, -1:]
+        return self.final_ln(x) * keep[:, -1:] if last_only else self.final_ln(x) * keep
