@@ -3,6 +3,8 @@
 fit      train a model, checkpoint the best and last epochs, then test the best one
 test     evaluate a checkpoint on the test split:      test ckpt_path=<file>
 predict  write top-K recommendations per user (original ids): predict ckpt_path=<file> predict.k=10
+stack    write a model twice as deep from a trained one: stack ckpt=<file> mode=adjacent|cross out=<file>
+         (start training from it with: fit init_from=<file>)
 
 Overrides follow Hydra: ``model=nextitnet data=ml-1m data.path=... trainer.max_epochs=50 logger=wandb``.
 Add ``--cfg`` to print the composed config and exit.
@@ -20,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .errors import ConfigError, LightningRecError
 
-COMMANDS = ("fit", "test", "predict")
+COMMANDS = ("fit", "test", "predict", "stack")
 
 
 def _quiet() -> None:
@@ -166,8 +168,14 @@ def fit(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
 
     _monitor(cfg)
     resuming = cfg.ckpt_path is not None
+    if resuming and cfg.get("init_from"):
+        raise ConfigError("ckpt_path and init_from are exclusive: ckpt_path resumes a run, init_from starts a new one from weights")
     ckpt_path = None
     saved_model = None
+    init_ckpt = None
+    if cfg.get("init_from"):
+        init_ckpt = runs.load_checkpoint(runs.resolve_checkpoint(str(cfg.init_from), cfg.runs_dir, None))
+        set_value(cfg, "model.arch", (init_ckpt.get("hyper_parameters") or {}).get("arch", cfg.model.arch))
     if resuming:
         ckpt_path = runs.resolve_checkpoint(str(cfg.ckpt_path), cfg.runs_dir, cfg.name)
         ckpt = runs.load_checkpoint(ckpt_path)
@@ -196,8 +204,18 @@ def fit(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
         model_conf.update(_eval_overrides(cfg))
         model_conf.pop("num_items", None)
     else:
-        model_conf = plain["model"]
+        model_conf = dict(plain["model"])
+    new_head = bool(model_conf.pop("new_head", False))
+    if init_ckpt is not None:
+        from .transfer import architecture
+
+        model_conf.update(architecture(init_ckpt))  # depth, width, dilations... come from the checkpoint
     model = _build_model(model_conf, dm.num_items)
+    if init_ckpt is not None:
+        from .transfer import load_initial_weights
+
+        rank_zero_info(load_initial_weights(model, init_ckpt, dm.id_maps()["items"], new_head, str(cfg.init_from)))
+        del init_ckpt
     callbacks = _instantiate_dict(cfg.callbacks, "callbacks")
     loggers = runs.build_loggers(cfg.logger, run_dir, resuming)
     trainer = _build_trainer(cfg, run_dir, callbacks, loggers)
@@ -343,6 +361,53 @@ def predict(cfg: DictConfig, overrides: list[str]) -> str:
     return out
 
 
+# ---------------------------------------------------------------------- stack
+STACK_ALIASES = ("ckpt", "out", "mode", "preset", "times", "overwrite")
+
+
+def stack(cfg: DictConfig, overrides: list[str]) -> str:
+    """Write a deeper model from a trained checkpoint: ``stack ckpt=a.ckpt mode=adjacent out=b.ckpt``."""
+    import torch
+
+    from . import runs
+    from .module import SeqRecModule
+    from .stacking import describe, options
+
+    sc = cfg.stack
+    if not sc.ckpt or not sc.out:
+        raise ConfigError("stack: needs ckpt=<trained.ckpt> and out=<deeper.ckpt> (and optionally mode=adjacent|cross)")
+    src = runs.resolve_checkpoint(str(sc.ckpt), cfg.runs_dir, None)
+    if os.path.exists(sc.out) and not sc.overwrite:
+        raise ConfigError(f"out={sc.out}: file exists; choose another path or pass overwrite=true")
+    if int(sc.times) < 1:
+        raise ConfigError(f"times={sc.times}: expected a positive number of doublings")
+    ckpt = runs.load_checkpoint(src)
+    model = SeqRecModule.load_from_checkpoint(src, map_location="cpu", weights_only=True)
+    opts = options(sc.mode, sc.preset, copy_layernorm=sc.copy_layernorm, copy_alpha=sc.copy_alpha,
+                   zero_new_alpha=sc.zero_new_alpha, keep_dilation=sc.keep_dilation, copy_head=sc.copy_head)
+    before = len(model.encoder.blocks)
+    for _ in range(int(sc.times)):
+        model.stack(opts)
+    out = {
+        "state_dict": model.state_dict(),
+        "hyper_parameters": dict(model.hparams),
+        "pytorch-lightning_version": ckpt.get("pytorch-lightning_version", ""),
+        "stacked_from": os.path.abspath(src),
+        "stacking": describe(opts) | {"times": int(sc.times)},
+    }
+    for key in ("datamodule_hyper_parameters", "datamodule_hparams_name", "SeqDataModule"):
+        if key in ckpt:
+            out[key] = ckpt[key]
+    os.makedirs(os.path.dirname(os.path.abspath(sc.out)), exist_ok=True)
+    tmp = f"{sc.out}.tmp"
+    torch.save(out, tmp)
+    os.replace(tmp, sc.out)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"stacked {src}: {before} -> {len(model.encoder.blocks)} blocks ({sc.mode}, {sc.preset or 'custom'}), "
+          f"{n:,} parameters -> {sc.out}", flush=True)
+    return sc.out
+
+
 # ---------------------------------------------------------------------- entry point
 def run(argv: list[str]) -> Any:
     """Run one command; raises :class:`LightningRecError` on bad input."""
@@ -359,11 +424,13 @@ def run(argv: list[str]) -> Any:
     if any(a.startswith("-") and not a.startswith("~") for a in overrides):
         flag = next(a for a in overrides if a.startswith("-"))
         raise ConfigError(f"unknown flag '{flag}'; commands take key=value overrides and --cfg")
+    if command == "stack":  # `stack ckpt=... mode=... out=...` is short for stack.ckpt=...
+        overrides = [f"stack.{o}" if o.split("=", 1)[0] in STACK_ALIASES else o for o in overrides]
     cfg = load_config(overrides)
     if show_cfg:
         print(OmegaConf.to_yaml(cfg))
         return None
-    return {"fit": fit, "test": test, "predict": predict}[command](cfg, overrides)
+    return {"fit": fit, "test": test, "predict": predict, "stack": stack}[command](cfg, overrides)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -169,3 +169,87 @@ def test_stacking_under_two_process_ddp_keeps_ranks_in_sync(tmp_path):
     assert r0["num_blocks"] == r1["num_blocks"] == 4 and r0["ddp"] and r1["ddp"]
     for k in r0["state"]:  # identical weights on both ranks, new blocks included: they were all-reduced
         assert abs(r0["state"][k] - r1["state"][k]) < 1e-5, k
+
+
+def test_stack_command_then_init_from_round_trip(tmp_path):
+    out = run(["fit", *tiny(tmp_path, "model=nextitnet", "model.num_blocks=2", epochs=1)])
+    src = out["best_ckpt"]
+    deep = tmp_path / "deep.ckpt"
+    run(["stack", f"ckpt={src}", "mode=cross", f"out={deep}", "times=2"])
+    ck = torch.load(deep, weights_only=True)
+    assert ck["hyper_parameters"]["num_blocks"] == 8 and ck["stacking"]["mode"] == "cross"
+    shallow = SeqRecModule.load_from_checkpoint(src, weights_only=True).eval()
+    deep_m = SeqRecModule.load_from_checkpoint(deep, weights_only=True).eval()
+    x = torch.randint(1, shallow.num_items + 1, (3, 20))
+    torch.testing.assert_close(deep_m(x), shallow(x), atol=1e-5, rtol=1e-5)  # function-preserving preset
+    with pytest.raises(Exception, match="file exists"):
+        run(["stack", f"ckpt={src}", f"out={deep}"])
+    # test on the stacked checkpoint gives the shallow model's metrics
+    res = run(["test", f"ckpt_path={deep}", "trainer.enable_progress_bar=false"])
+    assert res == pytest.approx(out["test"], abs=1e-5)
+    # fit init_from: architecture from the checkpoint (8 blocks), weights loaded, fresh optimizer
+    fitted = run(["fit", *tiny(tmp_path, f"init_from={deep}", "trainer.max_epochs=1", "test_after_fit=false")])
+    ck2 = torch.load(os.path.join(fitted["run_dir"], "checkpoints", "last.ckpt"), weights_only=True)
+    assert ck2["hyper_parameters"]["num_blocks"] == 8 and ck2["hyper_parameters"]["arch"] == "nextitnet"
+    assert "nextitnet" in fitted["run_dir"]
+
+
+def test_transfer_to_another_catalogue_keeps_matching_item_rows(tmp_path):
+    def data(name, items, users=40):
+        rows = [f"u{u} it{items[(u * 7 + t) % len(items)]}" for u in range(users) for t in range(10)]
+        p = tmp_path / name
+        p.write_text("\n".join(rows) + "\n")
+        return str(p)
+
+    src = data("src.txt", list(range(0, 30)))
+    dst = data("dst.txt", list(range(20, 60)))  # items it20..it29 are in both
+    common = ["data=file", "data.format=sasrec", "model=sasrec", "model.tied_embeddings=false"]
+    out = run(["fit", *tiny(tmp_path, *common, f"data.path={src}", epochs=1)])
+    src_ckpt = torch.load(out["best_ckpt"], weights_only=True)
+    with pytest.raises(Exception, match="model.new_head=true"):
+        run(["fit", *tiny(tmp_path, *common, f"data.path={dst}", f"init_from={out['best_ckpt']}", epochs=1)])
+    tr = run(["fit", *tiny(tmp_path, *common, f"data.path={dst}", f"init_from={out['best_ckpt']}", "model.new_head=true",
+                           "optimizer.lr=0.0", "test_after_fit=false", epochs=1)])
+    # With lr=0 nothing moves: the saved weights are the transferred ones.
+    m = SeqRecModule.load_from_checkpoint(os.path.join(tr["run_dir"], "checkpoints", "last.ckpt"), weights_only=True)
+    old_ids = src_ckpt["SeqDataModule"]["id_maps"]["items"]
+    new_ids = json.load(open(os.path.join(tr["run_dir"], "id_maps.json")))["items"]
+    old_emb = src_ckpt["state_dict"]["encoder.item_embedding.weight"]
+    for i, it in enumerate(new_ids[1:], start=1):
+        if it in old_ids:
+            torch.testing.assert_close(m.encoder.item_embedding.weight[i], old_emb[old_ids.index(it)])
+        else:
+            assert not any(torch.equal(m.encoder.item_embedding.weight[i], r) for r in old_emb)
+    torch.testing.assert_close(m.encoder.blocks[0].qkv.weight, src_ckpt["state_dict"]["encoder.blocks.0.qkv.weight"])
+
+
+def test_data_fraction_callback_grows_the_training_data_and_resumes(tmp_path):
+    extra = ["data.fraction=0.5", "data.fraction_by=users", "callbacks.stacking.at_epochs=[2]",
+             "+callbacks.data_fraction._target_=lightning_rec.callbacks.DataFractionCallback",
+             "+callbacks.data_fraction.at_epochs=[2]", "+callbacks.data_fraction.fractions=[1.0]", "model=nextitnet",
+             "model.num_blocks=2"]
+    out = run(["fit", *tiny(tmp_path, "callbacks=stacking", *extra, "test_after_fit=false", epochs=4)])
+    ck = torch.load(os.path.join(out["run_dir"], "checkpoints", "last.ckpt"), weights_only=True)
+    # 100 users -> 4 batches of 32 per epoch for 2 epochs, then 200 users -> 7 batches for 2 epochs
+    assert ck["global_step"] == 2 * 4 + 2 * 7
+    assert ck["datamodule_hyper_parameters"]["fraction"] == 1.0
+    assert ck["hyper_parameters"]["num_blocks"] == 4
+    # Stopped after the switch and resumed: the run continues on the grown data and ends identically.
+    half = run(["fit", *tiny(tmp_path / "b", "callbacks=stacking", *extra, "test_after_fit=false", epochs=3)])
+    res = run(["fit", *tiny(tmp_path / "b", "callbacks=stacking", *extra, "test_after_fit=false", "ckpt_path=last",
+                            epochs=4)])
+    assert res["run_dir"] == half["run_dir"]
+    ck2 = torch.load(os.path.join(res["run_dir"], "checkpoints", "last.ckpt"), weights_only=True)
+    assert ck2["global_step"] == ck["global_step"] and ck2["hyper_parameters"]["num_blocks"] == 4
+
+
+@pytest.mark.parametrize("arch,blocks", [("nextitnet", 64), ("nextitnet", 128), ("sasrec", 16), ("sasrec", 24)])
+def test_deep_models_train_stably_with_alpha_residuals(tmp_path, arch, blocks):
+    out = run(["fit", *tiny(tmp_path, f"model={arch}", f"model.num_blocks={blocks}", "model.d_model=16",
+                            "data.max_len=12", "data.synthetic.num_users=150", "trainer.limit_val_batches=1",
+                            "test_after_fit=false", epochs=2)])
+    import csv
+
+    rows = list(csv.DictReader(open(os.path.join(out["run_dir"], "csv", "version_0", "metrics.csv"))))
+    losses = [float(r["train/loss_step"]) for r in rows if r.get("train/loss_step")]
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]

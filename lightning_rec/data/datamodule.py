@@ -121,6 +121,11 @@ class SeqDataModule(pl.LightningDataModule):
             ``popularity`` sampling (fixed per user, by seed).
         seed: shuffling and sampling seed.
         synthetic: options of :func:`~lightning_rec.data.synthetic.make_synthetic`.
+        fraction: keep this part of the data (continual-learning scenarios): the first
+            ``ceil(fraction * n)`` items of each user's history (``fraction_by=history``) or
+            a seeded subset of the users (``fraction_by=users``). Subsets are nested (the 80%
+            lies inside the 90%), and the item catalogue stays that of the full data, so
+            models trained on a fraction and on all of it share their item ids.
     """
 
     def __init__(
@@ -149,6 +154,8 @@ class SeqDataModule(pl.LightningDataModule):
         cache_dir: str | None = None,
         download_verify: bool = True,
         synthetic: dict[str, Any] | None = None,
+        fraction: float = 1.0,
+        fraction_by: str = "history",
     ):
         super().__init__()
         if name not in ("synthetic", "file", *DATASETS):
@@ -163,6 +170,10 @@ class SeqDataModule(pl.LightningDataModule):
             raise ConfigError(f"eval.protocol: '{eval_protocol}' is not one of full, sampled")
         if eval_sampler not in ("uniform", "popularity"):
             raise ConfigError(f"eval.negative_sampler: '{eval_sampler}' is not one of uniform, popularity")
+        if not 0.0 < fraction <= 1.0:
+            raise ConfigError(f"data.fraction: expected a number in (0, 1], got {fraction}")
+        if fraction_by not in ("history", "users"):
+            raise ConfigError(f"data.fraction_by: '{fraction_by}' is not one of history, users")
         if max_len < 1:
             raise ConfigError(f"data.max_len: expected a positive integer, got {max_len}")
         self.save_hyperparameters()
@@ -197,8 +208,27 @@ class SeqDataModule(pl.LightningDataModule):
                     f"data: no user left after k-core filtering (min_user_interactions="
                     f"{self.hparams.min_user_interactions}, min_item_interactions={self.hparams.min_item_interactions})"
                 )
-            self.data = encode(seqs)
+            self.data = self._take_fraction(encode(seqs))
         return self.data
+
+    def _take_fraction(self, enc: EncodedSequences) -> EncodedSequences:
+        frac, by = self.hparams.fraction, self.hparams.fraction_by
+        if frac >= 1.0:
+            return enc
+        lengths = enc.lengths
+        if by == "history":
+            keep_len = np.ceil(lengths * frac).astype(np.int64)
+            users = np.arange(enc.num_users)
+        else:
+            order = np.random.default_rng(self.hparams.seed).permutation(enc.num_users)
+            users = np.sort(order[: int(np.ceil(enc.num_users * frac))])
+            keep_len = lengths
+        starts = enc.indptr[:-1][users]
+        kl = keep_len[users]
+        indptr = np.zeros(len(users) + 1, dtype=np.int64)
+        np.cumsum(kl, out=indptr[1:])
+        idx = np.repeat(starts - indptr[:-1], kl) + np.arange(indptr[-1])
+        return EncodedSequences(indptr, enc.items[idx], [enc.user_ids[u] for u in users], enc.item_ids)
 
     @property
     def source(self) -> str:

@@ -1,0 +1,66 @@
+"""Grow the training data mid-fit (StackRec's continual-learning scenario)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.utilities import rank_zero_info
+
+from lightning_rec.errors import ConfigError
+
+
+class DataFractionCallback(pl.Callback):
+    """At the start of epoch ``at_epochs[i]`` the DataModule switches to ``fractions[i]`` of the data.
+
+    Pairs with ``data.fraction`` (nested, seeded subsets with the full catalogue): e.g. train on
+    80% of each user's history, then on all of it from epoch 10, stacking at the same epoch.
+    The new fraction is written into the DataModule's hyperparameters, so later checkpoints
+    resume on the grown data.
+    """
+
+    def __init__(self, at_epochs: list[int], fractions: list[float]):
+        if not at_epochs or len(at_epochs) != len(fractions):
+            raise ConfigError("callbacks.data_fraction: at_epochs and fractions need the same, non-zero length")
+        if any(not 0 < f <= 1 for f in fractions):
+            raise ConfigError(f"callbacks.data_fraction.fractions: expected numbers in (0, 1], got {fractions}")
+        self.schedule = dict(zip((int(e) for e in at_epochs), (float(f) for f in fractions)))
+        self.done: list[int] = []
+        self._saved_reload: int | None = None
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        nxt = trainer.current_epoch + 1
+        if nxt in self.schedule and nxt not in self.done:
+            self._switch(trainer, self.schedule[nxt])
+            self.done.append(nxt)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Resumed at an epoch whose switch was due but not yet applied (checkpoint from before it).
+        e = trainer.current_epoch
+        if e in self.schedule and e not in self.done and e > 0:
+            self._switch(trainer, self.schedule[e])
+            self.done.append(e)
+
+    def _switch(self, trainer: pl.Trainer, fraction: float) -> None:
+        dm = trainer.datamodule
+        if dm is None or not hasattr(dm, "hparams") or "fraction" not in dm.hparams:
+            raise ConfigError("callbacks.data_fraction needs the lightning_rec SeqDataModule")
+        old = dm.hparams.fraction
+        dm.hparams.fraction = fraction
+        dm.data, dm._built = None, False
+        dm.setup("fit")
+        # Lightning rebuilds loaders when this says so; restored once validation has reloaded too.
+        self._saved_reload = trainer.reload_dataloaders_every_n_epochs
+        trainer.reload_dataloaders_every_n_epochs = 1
+        rank_zero_info(f"data: fraction {old} -> {fraction} ({len(dm.train_set)} training sequences)")
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._saved_reload is not None and not trainer.sanity_checking:
+            trainer.reload_dataloaders_every_n_epochs = self._saved_reload
+            self._saved_reload = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"done": list(self.done)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.done = list(state.get("done", []))
