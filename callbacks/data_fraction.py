@@ -35,11 +35,15 @@ class DataFractionCallback(pl.Callback):
             self.done.append(nxt)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Resumed at an epoch whose switch was due but not yet applied (checkpoint from before it).
+        # On resume (before any loader exists) the data must match what this callback already did,
+        # whatever data.fraction the command line gives.
         e = trainer.current_epoch
         if e in self.schedule and e not in self.done and e > 0:
-            self._switch(trainer, self.schedule[e])
             self.done.append(e)
+        if self.done:
+            latest = self.schedule[max(self.done)]
+            if trainer.datamodule is not None and trainer.datamodule.hparams.get("fraction") != latest:
+                self._switch(trainer, latest)
 
     def _switch(self, trainer: pl.Trainer, fraction: float) -> None:
         dm = trainer.datamodule
