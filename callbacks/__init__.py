@@ -4,5 +4,6 @@ from .data_fraction import DataFractionCallback
 from .metrics_printer import MetricsPrinter
 from .rng_state import RNGStateCallback
 from .stacking import StackingCallback
+from .timeline import Timeline
 
-__all__ = ["DataFractionCallback", "MetricsPrinter", "RNGStateCallback", "StackingCallback"]
+__all__ = ["DataFractionCallback", "MetricsPrinter", "RNGStateCallback", "StackingCallback", "Timeline"]

@@ -1,0 +1,163 @@
+"""StackRec speed-up on ML-1M: stacked vs from-scratch training, wall-clock time to equal quality.
+
+    python bench/stackrec.py --scenario ts     # NextItNet 4 -> 8 -> 16 blocks vs 16 from scratch
+    python bench/stackrec.py --scenario cl     # 8 blocks on 80% of each history, stack, fine-tune on 100%
+    python bench/stackrec.py --scenario both   # TS and CL; CL reuses the TS from-scratch run
+
+Time is training time only (forward, backward, optimizer; validation excluded), read from the
+Timeline callback. The target is the from-scratch run's best validation NDCG@10 minus 1%
+(relative); each run's time to first reach it is reported, and the ratio stacked / scratch.
+For CL only the fine-tune stage (after the stack, on 100%) is counted, as in the paper.
+Plots go to docs/stackrec_<scenario>.png; figures are appended to BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import ROOT, SHARED_DATA, append  # noqa: E402
+
+RUNS = os.environ.get("LIGHTNING_REC_BENCH_RUNS", os.path.expanduser("~/.cache/lightning_rec/bench-runs"))
+
+
+def fit(name: str, args, *extra: str) -> dict:
+    from lightning_rec.cli import run
+
+    over = [
+        "data=file", f"data.path={args.data}", "data.format=sasrec", f"data.max_len={args.max_len}",
+        f"data.batch_size={args.batch_size}", f"model={args.arch}", f"model.d_model={args.d_model}",
+        f"model.dropout={args.dropout}", f"name={name}", f"runs_dir={RUNS}", "logger=csv",
+        "trainer.enable_progress_bar=false", "+callbacks.timeline._target_=lightning_rec.callbacks.Timeline",
+        f"seed={args.seed}", *args.overrides, *extra,
+    ]
+    out = run(["fit", *over])
+    with open(os.path.join(out["run_dir"], "timeline.jsonl")) as f:
+        out["timeline"] = [json.loads(line) for line in f]
+    return out
+
+
+def time_to(timeline: list[dict], target: float, offset: float = 0.0) -> float | None:
+    for row in timeline:
+        if row.get("val/ndcg@10", -1) >= target:
+            return row["train_seconds"] - offset
+    return None
+
+
+def plot(path: str, curves: list[tuple[str, list[dict], float]], target: float, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for label, tl, offset in curves:
+        xs = [(r["train_seconds"] - offset) / 60 for r in tl]
+        ys = [r["val/ndcg@10"] for r in tl]
+        line, = ax.plot(xs, ys, marker="o", ms=3, label=label)
+        prev = None
+        for r, x in zip(tl, xs):
+            if prev is not None and r["num_blocks"] != prev:
+                ax.axvline(x, color=line.get_color(), ls=":", lw=1)
+                ax.annotate(f"{r['num_blocks']} blocks", (x, min(ys)), rotation=90, fontsize=7,
+                            color=line.get_color(), va="bottom", ha="right")
+            prev = r["num_blocks"]
+    ax.axhline(target, color="gray", ls="--", lw=1, label="target: scratch best - 1%")
+    ax.set_xlabel("training wall-clock time (min)")
+    ax.set_ylabel("validation NDCG@10 (full ranking)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scenario", choices=["ts", "cl", "both"], default="both")
+    ap.add_argument("--data", default=os.path.join(SHARED_DATA, "ml-1m.txt.gz"))
+    ap.add_argument("--arch", default="nextitnet", choices=["nextitnet", "sasrec"])
+    ap.add_argument("--start-blocks", type=int, default=4, help="TS: first depth (doubled twice)")
+    ap.add_argument("--stack-epochs", default="2,5", help="TS: epochs at which to stack")
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--cl-blocks", type=int, default=8, help="CL: depth before the stack")
+    ap.add_argument("--cl-pre-epochs", type=int, default=8, help="CL: epochs on the 80% data (not timed)")
+    ap.add_argument("--cl-epochs", type=int, default=12, help="CL: fine-tune epochs on 100%")
+    ap.add_argument("--cl-fraction", type=float, default=0.8)
+    ap.add_argument("--max-len", type=int, default=50)
+    ap.add_argument("--d-model", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--dropout", type=float, default=0.2)
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
+    args = ap.parse_args()
+    stacks = [int(e) for e in args.stack_epochs.split(",") if e]
+    deep = args.start_blocks * 2 ** len(stacks)
+    setting = (f"{args.arch}, d={args.d_model}, max_len={args.max_len}, batch {args.batch_size}, dropout {args.dropout}, "
+               f"full-softmax CE, Adam 1e-3, {args.epochs} epochs, `{os.path.basename(args.data)}`, seed {args.seed}")
+
+    scratch = fit(f"bench-stackrec-scratch-{deep}", args, f"model.num_blocks={deep}", f"trainer.max_epochs={args.epochs}")
+    best = max(r["val/ndcg@10"] for r in scratch["timeline"])
+    target = 0.99 * best
+    t_scratch = time_to(scratch["timeline"], target)
+    lines = []
+
+    if args.scenario in ("ts", "both"):
+        ts = fit(f"bench-stackrec-ts-{args.start_blocks}-{deep}", args, f"model.num_blocks={args.start_blocks}",
+                 "callbacks=stacking", f"callbacks.stacking.at_epochs=[{','.join(map(str, stacks))}]",
+                 f"trainer.max_epochs={args.epochs}")
+        t_ts = time_to(ts["timeline"], target)
+        ratio = f"{t_ts / t_scratch:.2f}" if t_ts is not None and t_scratch else "not reached"
+        plot(os.path.join(ROOT, "docs", "stackrec_ts.png"),
+             [(f"from scratch, {deep} blocks", scratch["timeline"], 0.0),
+              (f"stacked {args.start_blocks}->{deep} at epochs {stacks}", ts["timeline"], 0.0)],
+             target, f"StackRec TS on ML-1M ({setting})")
+        lines.append(
+            f"**TS** ({args.start_blocks} -> {deep} blocks, stacks at epochs {stacks}, adjacent, function-preserving): "
+            f"target val NDCG@10 = 0.99 x {best:.4f} = {target:.4f}. Training time to target: stacked "
+            f"{_fmt(t_ts)} vs from scratch {_fmt(t_scratch)}: **ratio {ratio}** (issue target <= 0.6, paper ~0.57). "
+            f"Total training time: stacked {ts['timeline'][-1]['train_seconds'] / 60:.1f} min, scratch "
+            f"{scratch['timeline'][-1]['train_seconds'] / 60:.1f} min. Test NDCG@10 (best checkpoint): stacked "
+            f"{ts['test'].get('test/ndcg@10', float('nan')):.4f}, scratch {scratch['test'].get('test/ndcg@10', float('nan')):.4f}. "
+            f"Plot: [docs/stackrec_ts.png](docs/stackrec_ts.png)."
+        )
+
+    if args.scenario in ("cl", "both"):
+        pre = fit(f"bench-stackrec-cl-pre-{args.cl_blocks}", args, f"model.num_blocks={args.cl_blocks}",
+                  f"data.fraction={args.cl_fraction}", f"trainer.max_epochs={args.cl_pre_epochs}", "test_after_fit=false")
+        from lightning_rec.cli import run
+
+        deep_ckpt = os.path.join(pre["run_dir"], "stacked.ckpt")
+        run(["stack", f"ckpt={os.path.join(pre['run_dir'], 'checkpoints', 'last.ckpt')}", "mode=adjacent",
+             f"out={deep_ckpt}"])
+        cl = fit(f"bench-stackrec-cl-ft-{2 * args.cl_blocks}", args, f"init_from={deep_ckpt}",
+                 f"trainer.max_epochs={args.cl_epochs}")
+        t_cl = time_to(cl["timeline"], target)
+        ratio = f"{t_cl / t_scratch:.2f}" if t_cl is not None and t_scratch else "not reached"
+        plot(os.path.join(ROOT, "docs", "stackrec_cl.png"),
+             [(f"from scratch on 100%, {deep} blocks", scratch["timeline"], 0.0),
+              (f"{args.cl_blocks} blocks on {int(args.cl_fraction * 100)}% -> stacked to {2 * args.cl_blocks}, fine-tune on 100%",
+               cl["timeline"], 0.0)],
+             target, f"StackRec CL on ML-1M ({setting})")
+        note = "" if 2 * args.cl_blocks == deep else f" (scratch model has {deep} blocks)"
+        lines.append(
+            f"**CL** ({args.cl_blocks} blocks for {args.cl_pre_epochs} epochs on the first {int(args.cl_fraction * 100)}% of each "
+            f"user's history, stacked to {2 * args.cl_blocks}, fine-tuned on 100%{note}): fine-tune training time to the "
+            f"target {target:.4f}: {_fmt(t_cl)} vs from scratch {_fmt(t_scratch)}: **ratio {ratio}** (issue target <= 0.5). "
+            f"Pre-training on 80% took {pre['timeline'][-1]['train_seconds'] / 60:.1f} min (not counted). Test NDCG@10: "
+            f"stacked {cl['test'].get('test/ndcg@10', float('nan')):.4f}, scratch {scratch['test'].get('test/ndcg@10', float('nan')):.4f}. "
+            f"Plot: [docs/stackrec_cl.png](docs/stackrec_cl.png)."
+        )
+
+    append("StackRec speed-up on ML-1M", f"Setting: {setting}.\n\n" + "\n\n".join(lines))
+
+
+def _fmt(t: float | None) -> str:
+    return "never" if t is None else f"{t / 60:.1f} min"
+
+
+if __name__ == "__main__":
+    main()
