@@ -206,6 +206,7 @@ def fit(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     else:
         model_conf = dict(plain["model"])
     new_head = bool(model_conf.pop("new_head", False))
+    match_item_ids = bool(model_conf.pop("match_item_ids", False))
     if init_ckpt is not None:
         from .transfer import architecture
 
@@ -214,7 +215,8 @@ def fit(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     if init_ckpt is not None:
         from .transfer import load_initial_weights
 
-        rank_zero_info(load_initial_weights(model, init_ckpt, dm.id_maps()["items"], new_head, str(cfg.init_from)))
+        rank_zero_info(load_initial_weights(model, init_ckpt, dm.id_maps()["items"], new_head, str(cfg.init_from),
+                                            match_item_ids))
         del init_ckpt
     callbacks = _instantiate_dict(cfg.callbacks, "callbacks")
     loggers = runs.build_loggers(cfg.logger, run_dir, resuming)

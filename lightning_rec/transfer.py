@@ -2,9 +2,10 @@
 
 The architecture comes from the checkpoint (depth, width, dilations...); training settings
 come from the command line. With ``model.new_head=true`` the model may move to another
-dataset: item-embedding rows are kept for items whose original id exists in both
-catalogues, the other rows are initialised afresh, and an untied output layer is
-re-initialised entirely. Everything else (blocks, position embeddings, LayerNorms) is kept.
+dataset: the item embedding is initialised afresh for the new catalogue (or, with
+``model.match_item_ids=true``, rows are kept for items whose original id exists in both
+catalogues: only meaningful when both datasets share an id space), and an untied output
+layer is re-initialised. Everything else (blocks, position embeddings, LayerNorms) is kept.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def item_ids_of(ckpt: dict[str, Any]) -> list[str] | None:
 
 
 @torch.no_grad()
-def load_initial_weights(model, ckpt: dict[str, Any], new_item_ids: list[str], new_head: bool, path: str) -> str:
+def load_initial_weights(model, ckpt: dict[str, Any], new_item_ids: list[str], new_head: bool, path: str,
+                         match_item_ids: bool = False) -> str:
     """Copy ``ckpt``'s weights into ``model``; returns a one-paragraph statement of what was kept."""
     sd = {k: v for k, v in ckpt["state_dict"].items() if "_metrics." not in k}
     old_ids = item_ids_of(ckpt)
@@ -50,7 +52,7 @@ def load_initial_weights(model, ckpt: dict[str, Any], new_item_ids: list[str], n
     if not same_catalogue:
         old_emb = sd.pop(emb_key)
         new_emb = target[emb_key].clone()
-        if old_ids is not None:
+        if old_ids is not None and match_item_ids:
             pos = {it: i for i, it in enumerate(old_ids)}
             pairs = [(i, pos[it]) for i, it in enumerate(new_item_ids) if i > 0 and it in pos]
         else:
@@ -59,8 +61,12 @@ def load_initial_weights(model, ckpt: dict[str, Any], new_item_ids: list[str], n
             dst, src = zip(*pairs)
             new_emb[list(dst)] = old_emb[list(src)]
         sd[emb_key] = new_emb
-        notes.append(f"item embedding: {len(pairs):,} of {len(new_item_ids) - 1:,} rows copied by matching item id, "
-                     f"{len(new_item_ids) - 1 - len(pairs):,} initialised afresh")
+        if match_item_ids:
+            notes.append(f"item embedding: {len(pairs):,} of {len(new_item_ids) - 1:,} rows copied by matching item id, "
+                         f"{len(new_item_ids) - 1 - len(pairs):,} initialised afresh")
+        else:
+            notes.append(f"item embedding re-initialised for the new catalogue ({len(new_item_ids) - 1:,} items; "
+                         "model.match_item_ids=true keeps rows of items with the same id)")
     if "output.weight" in sd:
         if new_head:
             sd["output.weight"] = target["output.weight"]

@@ -209,7 +209,7 @@ def test_transfer_to_another_catalogue_keeps_matching_item_rows(tmp_path):
     with pytest.raises(Exception, match="model.new_head=true"):
         run(["fit", *tiny(tmp_path, *common, f"data.path={dst}", f"init_from={out['best_ckpt']}", epochs=1)])
     tr = run(["fit", *tiny(tmp_path, *common, f"data.path={dst}", f"init_from={out['best_ckpt']}", "model.new_head=true",
-                           "optimizer.lr=0.0", "test_after_fit=false", epochs=1)])
+                           "model.match_item_ids=true", "optimizer.lr=0.0", "test_after_fit=false", epochs=1)])
     # With lr=0 nothing moves: the saved weights are the transferred ones.
     m = SeqRecModule.load_from_checkpoint(os.path.join(tr["run_dir"], "checkpoints", "last.ckpt"), weights_only=True)
     old_ids = src_ckpt["SeqDataModule"]["id_maps"]["items"]
@@ -221,6 +221,12 @@ def test_transfer_to_another_catalogue_keeps_matching_item_rows(tmp_path):
         else:
             assert not any(torch.equal(m.encoder.item_embedding.weight[i], r) for r in old_emb)
     torch.testing.assert_close(m.encoder.blocks[0].qkv.weight, src_ckpt["state_dict"]["encoder.blocks.0.qkv.weight"])
+    # Without match_item_ids no row is carried over (ids of unrelated datasets mean nothing).
+    tr2 = run(["fit", *tiny(tmp_path, *common, f"data.path={dst}", f"init_from={out['best_ckpt']}",
+                            "model.new_head=true", "optimizer.lr=0.0", "test_after_fit=false", epochs=1)])
+    m2 = SeqRecModule.load_from_checkpoint(os.path.join(tr2["run_dir"], "checkpoints", "last.ckpt"), weights_only=True)
+    for i in range(1, len(new_ids)):
+        assert not any(torch.equal(m2.encoder.item_embedding.weight[i], r) for r in old_emb)
 
 
 def test_data_fraction_callback_grows_the_training_data_and_resumes(tmp_path):
