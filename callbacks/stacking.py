@@ -65,6 +65,20 @@ class StackingCallback(pl.Callback):
         self.done: list[str] = []  # events already applied ("epoch:5", "step:100"), kept in checkpoints
         self.history: list[dict[str, Any]] = []
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.validate_trainer(trainer)
+
+    @staticmethod
+    def validate_trainer(trainer: pl.Trainer) -> None:
+        """Fail early (the CLI calls this in the main process, before any worker starts)."""
+        from pytorch_lightning.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+        if isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher):
+            # Spawned workers hand weights back with load_state_dict(strict=False): a model grown in
+            # the workers would silently come back shallow in the main process.
+            raise ConfigError("callbacks.stacking: does not work with trainer.strategy=ddp_spawn/ddp_notebook; "
+                              "use trainer.strategy=ddp")
+
     # ------------------------------------------------------------------ triggers
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         e = trainer.current_epoch

@@ -108,12 +108,16 @@ def _build_trainer(cfg: DictConfig, run_dir: str, callbacks: list, loggers: list
 
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     try:
-        return instantiate(
+        trainer = instantiate(
             cfg.trainer, callbacks=callbacks, logger=loggers if loggers else False,
             default_root_dir=run_dir, plugins=[AtomicCheckpointIO()], _convert_="all",
         )
     except Exception as e:
         raise _unwrap(e, "trainer") from None
+    for cb in callbacks:  # callbacks that cannot work with this trainer say so before any worker starts
+        if hasattr(cb, "validate_trainer"):
+            cb.validate_trainer(trainer)
+    return trainer
 
 
 def _data_conf_from_checkpoint(ckpt: dict[str, Any], cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:

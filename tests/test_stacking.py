@@ -259,3 +259,11 @@ def test_deep_models_train_stably_with_alpha_residuals(tmp_path, arch, blocks):
     rows = list(csv.DictReader(open(os.path.join(out["run_dir"], "csv", "version_0", "metrics.csv"))))
     losses = [float(r["train/loss_step"]) for r in rows if r.get("train/loss_step")]
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+
+
+def test_stacking_refuses_spawn_launchers(tmp_path):
+    from lightning_rec.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="use trainer.strategy=ddp"):
+        run(["fit", *tiny(tmp_path, "callbacks=stacking", "callbacks.stacking.at_epochs=[1]",
+                          "trainer.strategy=ddp_spawn", "trainer.devices=2", epochs=1)])
