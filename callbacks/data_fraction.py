@@ -27,6 +27,7 @@ class DataFractionCallback(pl.Callback):
         self.schedule = dict(zip((int(e) for e in at_epochs), (float(f) for f in fractions)))
         self.done: list[int] = []
         self._saved_reload: int | None = None
+        self._resume_epoch: int | None = None
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         nxt = trainer.current_epoch + 1
@@ -34,12 +35,21 @@ class DataFractionCallback(pl.Callback):
             self._switch(trainer, self.schedule[nxt])
             self.done.append(nxt)
 
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # The epoch the resumed run starts at. Checkpoints are written at validation end, before this
+        # callback's epoch-end switch, so a due switch may be missing from the saved state.
+        try:
+            self._resume_epoch = int(checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]["completed"])
+        except (KeyError, TypeError):
+            self._resume_epoch = int(checkpoint.get("epoch", -1)) + 1
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # On resume (before any loader exists) the data must match what this callback already did,
+        # Before any loader exists, make the data what an uninterrupted run would have at this epoch,
         # whatever data.fraction the command line gives.
-        e = trainer.current_epoch
-        if e in self.schedule and e not in self.done and e > 0:
-            self.done.append(e)
+        if self._resume_epoch is not None:
+            for e in self.schedule:
+                if e <= self._resume_epoch and e not in self.done:
+                    self.done.append(e)
         if self.done:
             latest = self.schedule[max(self.done)]
             if trainer.datamodule is not None and trainer.datamodule.hparams.get("fraction") != latest:

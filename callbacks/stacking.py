@@ -148,6 +148,8 @@ class StackingCallback(pl.Callback):
                 fresh_ln = not self.opts.copy_layernorm and (".ln" in f".{tail}" or tail.startswith("ln"))
                 if fresh_ln or tail.startswith("alpha"):
                     continue
+            if name.startswith("output.") and not self.opts.copy_head:
+                continue  # a re-initialised head starts with fresh moments
             st = old_state.get(src)
             if st is None:
                 continue

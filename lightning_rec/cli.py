@@ -38,13 +38,15 @@ def _quiet() -> None:
 def _precision_for(cfg: DictConfig) -> None:
     """Mixed precision is a GPU feature: on a CPU fall back to 32-bit instead of failing."""
     import torch
+    from pytorch_lightning.utilities import rank_zero_info
 
     prec = str(cfg.trainer.get("precision", "32-true"))
     acc = str(cfg.trainer.get("accelerator", "auto"))
+    if acc in ("gpu", "cuda") and not torch.cuda.is_available():
+        rank_zero_info(f"trainer.accelerator={acc}: no GPU on this machine, using the CPU")
+        cfg.trainer.accelerator = acc = "cpu"
     on_cpu = acc == "cpu" or (acc == "auto" and not torch.cuda.is_available())
     if on_cpu and ("16" in prec):
-        from pytorch_lightning.utilities import rank_zero_info
-
         rank_zero_info(f"trainer.precision={prec} needs a GPU; using 32-true on the CPU")
         cfg.trainer.precision = "32-true"
 
@@ -151,6 +153,39 @@ def _eval_overrides(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
+def _check_model_fits_data(model, dm) -> None:
+    """Errors that would otherwise surface as tracebacks deep inside training."""
+    hp = model.hparams
+    if hp.arch == "sasrec" and hp.max_len < dm.hparams.max_len:
+        raise ConfigError(f"data.max_len={dm.hparams.max_len} is longer than the SASRec position table "
+                          f"(model.max_len={hp.max_len}); set data.max_len<={hp.max_len}")
+
+
+def _check_catalogue(saved: dict[str, Any] | None, dm, what: str) -> None:
+    maps = (saved or {}).get("id_maps")
+    if maps and maps["items"] != dm.id_maps()["items"]:
+        raise ConfigError(
+            f"{dm.source}: its item catalogue ({dm.num_items} items) differs from the one {what} was trained on "
+            f"({len(maps['items']) - 1} items); use the same data and filters (data.path=, data.min_*)"
+        )
+
+
+def _check_monitor(cfg: DictConfig, model) -> None:
+    names = [f"val/{n}" for n in model.metric_names]
+    if cfg.eval.monitor not in names:
+        raise ConfigError(f"eval.monitor={cfg.eval.monitor}: not a logged metric; expected one of {', '.join(names)}")
+
+
+def _positive_int(value, option: str) -> int:
+    try:
+        v = int(value)
+    except (TypeError, ValueError):
+        v = 0
+    if v < 1 or str(value).strip() not in (str(v), f"{v}.0"):
+        raise ConfigError(f"{option}={value}: expected a positive integer")
+    return v
+
+
 def _monitor(cfg: DictConfig) -> None:
     if cfg.eval.protocol == "sampled" and cfg.eval.monitor.startswith("val/") and "sampled_" not in cfg.eval.monitor:
         cfg.eval.monitor = cfg.eval.monitor.replace("val/", "val/sampled_")
@@ -176,6 +211,7 @@ def fit(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
         raise ConfigError("ckpt_path and init_from are exclusive: ckpt_path resumes a run, init_from starts a new one from weights")
     ckpt_path = None
     saved_model = None
+    saved_data_state = None
     init_ckpt = None
     if cfg.get("init_from"):
         init_ckpt = runs.load_checkpoint(runs.resolve_checkpoint(str(cfg.init_from), cfg.runs_dir, None))
@@ -183,7 +219,11 @@ def fit(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     if resuming:
         ckpt_path = runs.resolve_checkpoint(str(cfg.ckpt_path), cfg.runs_dir, cfg.name)
         ckpt = runs.load_checkpoint(ckpt_path)
+        if "optimizer_states" not in ckpt or "loops" not in ckpt:
+            raise ConfigError(f"ckpt_path={ckpt_path}: holds weights only (e.g. written by `stack`), not a training "
+                              f"state to resume; start a new run from it with init_from={ckpt_path}")
         saved_model = ckpt.get("hyper_parameters")
+        saved_data_state = ckpt.get("SeqDataModule")
         run_dir = os.environ.get(runs.RUN_DIR_ENV) or runs.run_dir_of(ckpt_path) or runs.new_run_dir(cfg.runs_dir, cfg.name)
         data_conf = _data_conf_from_checkpoint(ckpt, cfg, overrides)
         del ckpt
@@ -201,6 +241,8 @@ def fit(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     dm = _build_datamodule(data_conf)
     dm.setup("fit")
+    if resuming:
+        _check_catalogue(saved_data_state, dm, f"checkpoint {ckpt_path}")
     if saved_model is not None:
         # Architecture comes from the checkpoint (nanoGPT-style); the training settings from the command line.
         model_conf = dict(saved_model)
@@ -222,6 +264,8 @@ def fit(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
         rank_zero_info(load_initial_weights(model, init_ckpt, dm.id_maps()["items"], new_head, str(cfg.init_from),
                                             match_item_ids))
         del init_ckpt
+    _check_model_fits_data(model, dm)
+    _check_monitor(cfg, model)
     callbacks = _instantiate_dict(cfg.callbacks, "callbacks")
     loggers = runs.build_loggers(cfg.logger, run_dir, resuming)
     trainer = _build_trainer(cfg, run_dir, callbacks, loggers)
@@ -288,16 +332,12 @@ def _load_for_eval(cfg: DictConfig, overrides: list[str]):
         raise ConfigError(f"ckpt_path={path}: not a lightning_rec checkpoint (no hyper_parameters/state_dict)")
     dm = _build_datamodule(_data_conf_from_checkpoint(ckpt, cfg, overrides))
     dm.setup("test")
-    saved_maps = (ckpt.get("SeqDataModule") or {}).get("id_maps")
-    if saved_maps and saved_maps["items"] != dm.id_maps()["items"]:
-        raise ConfigError(
-            f"{dm.source}: its item catalogue ({dm.num_items} items) differs from the one checkpoint {path} was "
-            f"trained on ({len(saved_maps['items']) - 1} items); pass the training data with data.path="
-        )
+    _check_catalogue(ckpt.get("SeqDataModule"), dm, f"checkpoint {path}")
     if ckpt["hyper_parameters"].get("num_items") != dm.num_items:
         raise ConfigError(f"ckpt_path={path}: model has {ckpt['hyper_parameters'].get('num_items')} items, "
                           f"data {dm.source} has {dm.num_items}")
     model = SeqRecModule.load_from_checkpoint(path, map_location="cpu", weights_only=True, **_eval_overrides(cfg))
+    _check_model_fits_data(model, dm)
     return path, dm, model
 
 
@@ -336,8 +376,8 @@ def predict(cfg: DictConfig, overrides: list[str]) -> str:
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     path, dm, model = _load_for_eval(cfg, overrides)
-    k = int(cfg.predict.k)
-    if k < 1 or k > dm.num_items:
+    k = _positive_int(cfg.predict.k, "predict.k")
+    if k > dm.num_items:
         raise ConfigError(f"predict.k={k}: expected 1..{dm.num_items} (the catalogue size)")
     out = cfg.predict.out or os.path.join(runs.run_dir_of(path) or os.path.dirname(os.path.abspath(path)), "predictions.tsv")
     if os.path.exists(out) and not cfg.predict.overwrite:
@@ -385,21 +425,20 @@ def stack(cfg: DictConfig, overrides: list[str]) -> str:
     src = runs.resolve_checkpoint(str(sc.ckpt), cfg.runs_dir, None)
     if os.path.exists(sc.out) and not sc.overwrite:
         raise ConfigError(f"out={sc.out}: file exists; choose another path or pass overwrite=true")
-    if int(sc.times) < 1:
-        raise ConfigError(f"times={sc.times}: expected a positive number of doublings")
+    times = _positive_int(sc.times, "times")
     ckpt = runs.load_checkpoint(src)
     model = SeqRecModule.load_from_checkpoint(src, map_location="cpu", weights_only=True)
     opts = options(sc.mode, sc.preset, copy_layernorm=sc.copy_layernorm, copy_alpha=sc.copy_alpha,
                    zero_new_alpha=sc.zero_new_alpha, keep_dilation=sc.keep_dilation, copy_head=sc.copy_head)
     before = len(model.encoder.blocks)
-    for _ in range(int(sc.times)):
+    for _ in range(times):
         model.stack(opts)
     out = {
         "state_dict": model.state_dict(),
         "hyper_parameters": dict(model.hparams),
         "pytorch-lightning_version": ckpt.get("pytorch-lightning_version", ""),
         "stacked_from": os.path.abspath(src),
-        "stacking": describe(opts) | {"times": int(sc.times)},
+        "stacking": describe(opts) | {"times": times},
     }
     for key in ("datamodule_hyper_parameters", "datamodule_hparams_name", "SeqDataModule"):
         if key in ckpt:

@@ -1,5 +1,7 @@
 """Ranking metrics from the target's rank, computed in item chunks.
 
+NaN scores never help: a NaN target ranks last, a NaN candidate counts as scored higher.
+
 Tie rule: ``rank = #items scored strictly higher + 0.5 * #other items scored equal``
 (the expected rank under a random tie-break), so a constant model gets a chance-level
 score rather than a perfect or a zero one. With ``seen`` given, items the user already
@@ -53,7 +55,7 @@ def full_ranks(
             s, kept = kept[1], None
         else:
             s = score_fn(c0, c1)
-        s = s.float().clone()
+        s = torch.nan_to_num(s.float(), nan=float("inf"))  # a NaN candidate counts as higher
         if seen is not None:
             local = seen - c0
             m = (local >= 0) & (local < c1 - c0) & (seen != target[:, None]) & (seen != 0)
@@ -63,13 +65,16 @@ def full_ranks(
         s[rows[in_c], target[in_c] - c0] = float("-inf")
         higher += (s > t_score[:, None]).sum(1)
         ties += (s == t_score[:, None]).sum(1)
-    return higher + 0.5 * ties
+    # A diverged model (NaN target score) must not look perfect: worst possible rank.
+    return torch.where(torch.isnan(t_score), torch.full_like(higher, float(num_items)), higher + 0.5 * ties)
 
 
 def sampled_ranks(target_score: torch.Tensor, negative_scores: torch.Tensor) -> torch.Tensor:
     """Rank of the target (B,) among its sampled negatives (B, K), same tie rule."""
     t = target_score[:, None]
-    return (negative_scores > t).sum(1) + 0.5 * (negative_scores == t).sum(1)
+    neg = torch.nan_to_num(negative_scores.float(), nan=float("inf"))
+    r = (neg > t).sum(1) + 0.5 * (neg == t).sum(1)
+    return torch.where(torch.isnan(target_score), torch.full_like(r, float(neg.shape[1])), r)
 
 
 def metrics_from_ranks(ranks: torch.Tensor, ks: list[int]) -> dict[str, torch.Tensor]:

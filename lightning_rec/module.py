@@ -121,6 +121,9 @@ class SeqRecModule(pl.LightningModule):
         from .stacking import block_dilations, stack_encoder
 
         mapping = stack_encoder(self.encoder, opts)
+        if self.output is None and not opts.copy_head:
+            rank_zero_info("stacking copy_head=false: the model has tied embeddings, so its head is the item "
+                           "embedding and is kept (use model.tied_embeddings=false for a separate head)")
         if self.output is not None and not opts.copy_head:
             nn.init.normal_(self.output.weight, std=self.hparams.d_model**-0.5)
             with torch.no_grad():
@@ -128,7 +131,7 @@ class SeqRecModule(pl.LightningModule):
         self.hparams.num_blocks = len(self.encoder.blocks)
         self.hparams.block_dilations = block_dilations(self.encoder) if opts.keep_dilation else None
         self._compiled = None
-        if self.hparams.compile and self._compiled is None and self.trainer is not None:
+        if self.hparams.compile and self._compiled is None and self._trainer is not None:
             self.setup("fit")
         return mapping
 

@@ -133,6 +133,9 @@ def test_errors_are_one_line(tmp_path):
         (["fit", "data=file", f"data.path={bad}"], "bad.txt line 3: expected 2 whitespace-separated fields"),
         (["fit", "model.loss=hinge"], "model.loss: unknown loss 'hinge'"),
         (["test"], "ckpt_path: required"),
+        (["fit", "eval.ks=[5,20]"], "eval.monitor=val/ndcg@10: not a logged metric"),
+        (["fit", "model.num_heads=3"], "model.d_model=64 is not divisible by model.num_heads=3"),
+        (["stack", "ckpt=missing.ckpt", "out=x.ckpt"], "ckpt_path=missing.ckpt: no such checkpoint file"),
         (["train"], "unknown command 'train'"),
     ]
     for argv, expect in cases:
@@ -173,9 +176,20 @@ def test_atomic_checkpoint_write_keeps_the_old_file(tmp_path, monkeypatch):
     assert os.listdir(path.parent) == ["last.ckpt"]
 
 
-def test_gpu_switches_are_harmless_on_cpu(tmp_path, capsys):
-    out = fit(tmp_path, "trainer=gpu", "trainer.accelerator=cpu", "model.compile=true", epochs=1)
-    assert out["test"]["test/ndcg@10"] >= 0
+def test_gpu_switches_are_harmless_on_cpu(tmp_path, caplog):
+    import logging
+
+    import yaml
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU fallback")
+    caplog.set_level(logging.INFO)
+    args = [a for a in tiny(tmp_path, "trainer=gpu", "model.compile=true", epochs=1) if a != "trainer.accelerator=cpu"]
+    out = run(["fit", *args])
+    cfg = yaml.safe_load(open(os.path.join(out["run_dir"], "config.yaml")))
+    assert cfg["trainer"]["accelerator"] == "cpu" and cfg["trainer"]["precision"] == "32-true"
+    assert "model.compile=true ignored" in caplog.text and "no GPU on this machine" in caplog.text
+    assert set(out["test"]) >= {"test/ndcg@10"}
 
 
 def test_distributed_evaluation_equals_single_process(tmp_path):
@@ -196,3 +210,20 @@ def test_distributed_evaluation_equals_single_process(tmp_path):
     assert m1 and m1.keys() == m2.keys()
     for k in m1:
         assert abs(m1[k] - m2[k]) < 1e-6, (k, m1[k], m2[k])
+
+
+def test_resume_guards(tmp_path):
+    out = fit(tmp_path, "model=nextitnet", "model.num_blocks=2", epochs=1)
+    other = tmp_path / "other.txt"
+    other.write_text("".join(f"{u} {i}\n" for u in range(1, 20) for i in range(1, 8)))
+    with pytest.raises(ConfigError, match="item catalogue .* differs"):
+        fit(tmp_path, "model=nextitnet", f"ckpt_path={out['best_ckpt']}", "data=file", f"data.path={other}", epochs=2)
+    deep = tmp_path / "deep.ckpt"
+    run(["stack", f"ckpt={out['best_ckpt']}", f"out={deep}"])
+    with pytest.raises(ConfigError, match="holds weights only .* init_from="):
+        fit(tmp_path, f"ckpt_path={deep}", epochs=2)
+    with pytest.raises(ConfigError, match="predict.k=abc: expected a positive integer"):
+        run(["predict", f"ckpt_path={out['best_ckpt']}", "predict.k=abc"])
+    sas = fit(tmp_path / "s", "model=sasrec", "data.max_len=10", epochs=1)
+    with pytest.raises(ConfigError, match="data.max_len=20 is longer than the SASRec position table"):
+        run(["test", f"ckpt_path={sas['best_ckpt']}", "data.max_len=20"])

@@ -111,7 +111,7 @@ def test_leave_one_out_split_by_hand(tmp_path):
     assert dm.popularity[1:7].tolist() == [1, 1, 1, 1, 0, 0]  # training part only
 
 
-def test_user_with_two_items_trains_nothing_but_is_evaluated(tmp_path):
+def test_user_whose_training_part_is_one_item_is_evaluated_but_not_trained(tmp_path):
     p = write(tmp_path, "s.txt", "1 1\n1 2\n1 3\n2 4\n2 5\n2 6\n2 7\n")
     dm = SeqDataModule(name="file", path=p, max_len=5)
     dm.setup()

@@ -94,3 +94,14 @@ def test_topk_chunked_equals_sort_and_excludes_seen():
             want = masked.topk(7).indices
             assert items[b].tolist() == want.tolist()
             assert not set(items[b].tolist()) & set(seen[b][seen[b] > 0].tolist())
+
+
+def test_nan_scores_never_look_good():
+    scores = torch.full((2, 6), float("nan"))
+    target = torch.tensor([1, 3])
+    r = full_ranks(lambda a, b: scores[:, a:b], 5, target, None, 2)
+    assert r.tolist() == [5.0, 5.0]
+    assert metrics_from_ranks(r, [5])["ndcg@5"].tolist() == [0.0, 0.0]
+    part = torch.tensor([[0.0, 1.0, float("nan"), 0.5, 0.2, 0.1]])  # one NaN candidate counts as higher
+    assert full_ranks(lambda a, b: part[:, a:b], 5, torch.tensor([1]), None).item() == 1.0
+    assert sampled_ranks(torch.tensor([float("nan")]), torch.zeros(1, 4)).tolist() == [4.0]

@@ -230,7 +230,7 @@ def test_transfer_to_another_catalogue_keeps_matching_item_rows(tmp_path):
 
 
 def test_data_fraction_callback_grows_the_training_data_and_resumes(tmp_path):
-    extra = ["data.fraction=0.5", "data.fraction_by=users", "callbacks.stacking.at_epochs=[2]",
+    extra = ["data.fraction=0.5", "data.fraction_by=users", "callbacks.stacking.at_epochs=[2]", "trainer.deterministic=true",
              "+callbacks.data_fraction._target_=lightning_rec.callbacks.DataFractionCallback",
              "+callbacks.data_fraction.at_epochs=[2]", "+callbacks.data_fraction.fractions=[1.0]", "model=nextitnet",
              "model.num_blocks=2"]
@@ -240,13 +240,18 @@ def test_data_fraction_callback_grows_the_training_data_and_resumes(tmp_path):
     assert ck["global_step"] == 2 * 4 + 2 * 7
     assert ck["datamodule_hyper_parameters"]["fraction"] == 1.0
     assert ck["hyper_parameters"]["num_blocks"] == 4
-    # Stopped after the switch and resumed: the run continues on the grown data and ends identically.
-    half = run(["fit", *tiny(tmp_path / "b", "callbacks=stacking", *extra, "test_after_fit=false", epochs=3)])
-    res = run(["fit", *tiny(tmp_path / "b", "callbacks=stacking", *extra, "test_after_fit=false", "ckpt_path=last",
-                            epochs=4)])
-    assert res["run_dir"] == half["run_dir"]
-    ck2 = torch.load(os.path.join(res["run_dir"], "checkpoints", "last.ckpt"), weights_only=True)
-    assert ck2["global_step"] == ck["global_step"] and ck2["hyper_parameters"]["num_blocks"] == 4
+    # Stopped before the switch (its checkpoint is written at validation end, before the switch)
+    # and after it; both resumed runs continue on the right data and end exactly like the full run.
+    for stop, sub in ((2, "b"), (3, "c")):
+        half = run(["fit", *tiny(tmp_path / sub, "callbacks=stacking", *extra, "test_after_fit=false", epochs=stop)])
+        res = run(["fit", *tiny(tmp_path / sub, "callbacks=stacking", *extra, "test_after_fit=false", "ckpt_path=last",
+                                epochs=4)])
+        assert res["run_dir"] == half["run_dir"]
+        ck2 = torch.load(os.path.join(res["run_dir"], "checkpoints", "last.ckpt"), weights_only=True)
+        assert ck2["global_step"] == ck["global_step"] and ck2["hyper_parameters"]["num_blocks"] == 4
+        assert ck2["datamodule_hyper_parameters"]["fraction"] == 1.0
+        for k in ck["state_dict"]:
+            torch.testing.assert_close(ck2["state_dict"][k], ck["state_dict"][k], rtol=0, atol=0, msg=k)
 
 
 @pytest.mark.parametrize("arch,blocks", [("nextitnet", 64), ("nextitnet", 128), ("sasrec", 16), ("sasrec", 24)])

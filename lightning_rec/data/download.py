@@ -75,6 +75,9 @@ def fetch(name: str, cache_dir: str | None = None, verify: bool = True) -> tuple
                 "pass data.download_verify=false if the publisher changed the file"
             )
         os.replace(tmp, archive)
-    with zipfile.ZipFile(archive) as z:
-        z.extract(member, cache_dir)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    part = f"{target}.part"
+    with zipfile.ZipFile(archive) as z, z.open(member) as src, open(part, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    os.replace(part, target)  # an interrupted extraction never leaves a truncated file behind
     return target, fmt

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
+
 
 class CausalConv1d(nn.Conv1d):
     """A 1-D convolution padded on the left only: output t sees inputs <= t."""
@@ -73,7 +75,7 @@ class NextItNet(nn.Module):
     ):
         super().__init__()
         if block_dilations is not None and len(block_dilations) != num_blocks:
-            raise ValueError(f"model.block_dilations has {len(block_dilations)} entries for {num_blocks} blocks")
+            raise ConfigError(f"model.block_dilations has {len(block_dilations)} entries for {num_blocks} blocks")
         self.d_model, self.kernel_size, self.dilations = d_model, kernel_size, list(dilations)
         self.residual_alpha, self.dropout_p = residual_alpha, dropout
         self.item_embedding = nn.Embedding(num_items + 1, d_model, padding_idx=0)

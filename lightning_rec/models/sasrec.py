@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
+
 
 class SASRecBlock(nn.Module):
     """Multi-head causal self-attention and a position-wise feed-forward net.
@@ -20,7 +22,7 @@ class SASRecBlock(nn.Module):
     def __init__(self, d: int, num_heads: int, ffn_dim: int, dropout: float, norm_first: bool, residual_alpha: bool):
         super().__init__()
         if d % num_heads:
-            raise ValueError(f"model.d_model={d} is not divisible by model.num_heads={num_heads}")
+            raise ConfigError(f"model.d_model={d} is not divisible by model.num_heads={num_heads}")
         self.num_heads, self.norm_first, self.dropout_p = num_heads, norm_first, dropout
         self.ln_att = nn.LayerNorm(d, eps=1e-8)
         self.qkv = nn.Linear(d, 3 * d)
