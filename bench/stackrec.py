@@ -40,6 +40,21 @@ def fit(name: str, args, *extra: str) -> dict:
     return out
 
 
+def reuse(run_dir: str) -> dict:
+    """Timeline and test metrics (best checkpoint) of a finished run."""
+    import glob
+
+    from lightning_rec.cli import run
+
+    with open(os.path.join(run_dir, "timeline.jsonl")) as f:
+        timeline = [json.loads(line) for line in f]
+    best = [c for c in glob.glob(os.path.join(run_dir, "checkpoints", "epoch*.ckpt"))]
+    if len(best) != 1:
+        raise SystemExit(f"--reuse-scratch {run_dir}: expected one best checkpoint, found {best}")
+    test = run(["test", f"ckpt_path={best[0]}", "trainer.enable_progress_bar=false"])
+    return {"timeline": timeline, "test": test, "run_dir": run_dir}
+
+
 def time_to(timeline: list[dict], target: float, offset: float = 0.0) -> float | None:
     for row in timeline:
         if row.get("val/ndcg@10", -1) >= target:
@@ -92,6 +107,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--dropout", type=float, default=0.2)
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--reuse-scratch", default=None, metavar="RUN_DIR",
+                    help="use a finished from-scratch run (same settings) instead of training it again")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = ap.parse_args()
     stacks = [int(e) for e in args.stack_epochs.split(",") if e]
@@ -99,7 +116,10 @@ def main() -> None:
     setting = (f"{args.arch}, d={args.d_model}, max_len={args.max_len}, batch {args.batch_size}, dropout {args.dropout}, "
                f"full-softmax CE, Adam 1e-3, {args.epochs} epochs, `{os.path.basename(args.data)}`, seed {args.seed}")
 
-    scratch = fit(f"bench-stackrec-scratch-{deep}", args, f"model.num_blocks={deep}", f"trainer.max_epochs={args.epochs}")
+    if args.reuse_scratch:
+        scratch = reuse(args.reuse_scratch)
+    else:
+        scratch = fit(f"bench-stackrec-scratch-{deep}", args, f"model.num_blocks={deep}", f"trainer.max_epochs={args.epochs}")
     best = max(r["val/ndcg@10"] for r in scratch["timeline"])
     target = 0.99 * best
     t_scratch = time_to(scratch["timeline"], target)
