@@ -1,4 +1,4 @@
-"""``python -m lightning_rec {fit,test,predict} [key=value ...]`` (also ``lightning-rec``).
+"""``python -m lightning_rec {fit,test,predict,stack} [key=value ...]`` (also ``lightning-rec``).
 
 fit      train a model, checkpoint the best and last epochs, then test the best one
 test     evaluate a checkpoint on the test split:      test ckpt_path=<file>
