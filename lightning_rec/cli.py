@@ -271,7 +271,7 @@ def fit(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     trainer = _build_trainer(cfg, run_dir, callbacks, loggers)
 
     if trainer.is_global_zero:
-        cfg_file = os.path.join(run_dir, "config.yaml" if not resuming else f"config.resume-{_stamp()}.yaml")
+        cfg_file = os.path.join(run_dir, "config.yaml" if not resuming else f"config.resume-{runs.stamp()}.yaml")
         OmegaConf.save(cfg, cfg_file, resolve=True)
         dm.save_id_maps(os.path.join(run_dir, "id_maps.json"))
         for lg in loggers:
@@ -303,12 +303,6 @@ def fit(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
         "best_score": float(best_score) if best_score is not None else None,
         "epochs": trainer.current_epoch, "fit_seconds": fit_seconds,
     }
-
-
-def _stamp() -> str:
-    import time
-
-    return time.strftime("%Y-%m-%d_%H-%M-%S")
 
 
 def _print_metrics(stage: str, metrics: dict[str, float], ckpt: str | None) -> None:

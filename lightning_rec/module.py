@@ -156,8 +156,9 @@ class SeqRecModule(pl.LightningModule):
             ):
                 # Kept outside the module tree so state_dict keys stay unchanged.
                 self.__dict__["_compiled"] = torch.compile(self.encoder, dynamic=True)
-            else:
+            elif not getattr(self, "_compile_skip_said", False):
                 rank_zero_info("model.compile=true ignored: torch.compile is only used on a GPU")
+                self._compile_skip_said = True
 
     def forward(self, items: torch.Tensor) -> torch.Tensor:
         """Hidden states (B, T, d) for item sequences (B, T), left-padded with 0."""

@@ -22,9 +22,14 @@ from .errors import ConfigError
 RUN_DIR_ENV = "LIGHTNING_REC_RUN_DIR"  # handed to DDP worker processes so every rank uses one folder
 
 
+def stamp() -> str:
+    """The timestamp used in run folder and resume-config names."""
+    return time.strftime("%Y-%m-%d_%H-%M-%S")
+
+
 def new_run_dir(runs_dir: str, name: str) -> str:
     """Create and return a fresh run folder; never returns one that already exists."""
-    base = os.path.join(runs_dir, name.replace("/", "_"), time.strftime("%Y-%m-%d_%H-%M-%S"))
+    base = os.path.join(runs_dir, name.replace("/", "_"), stamp())
     path, i = base, 0
     while True:
         try:

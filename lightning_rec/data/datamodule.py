@@ -277,7 +277,6 @@ class SeqDataModule(pl.LightningDataModule):
             raise DataError(f"{self.source}: no user has enough interactions to train on")
 
         # Popularity over the training part only (baseline scores, popularity negatives).
-        in_train = torch.zeros(len(items), dtype=torch.bool)
         train_range_len = (train_end - start).clamp(min=0)
         pos = torch.arange(len(items)) - torch.repeat_interleave(start, lengths)
         in_train = pos < torch.repeat_interleave(train_range_len, lengths)
