@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import ROOT, SHARED_DATA, append  # noqa: E402
@@ -83,7 +84,7 @@ def plot(path: str, curves: list[tuple[str, list[dict], float]], target: float, 
     ax.axhline(target, color="gray", ls="--", lw=1, label="target: scratch best - 1%")
     ax.set_xlabel("training wall-clock time (min)")
     ax.set_ylabel("validation NDCG@10 (full ranking)")
-    ax.set_title(title, fontsize=9)
+    ax.set_title("\n".join(textwrap.wrap(title, 90)), fontsize=8)
     ax.legend(fontsize=8)
     fig.tight_layout()
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -107,6 +108,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--dropout", type=float, default=0.2)
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--tag", default="", help="suffix for the plot files, e.g. _gpu -> docs/stackrec_ts_gpu.png")
     ap.add_argument("--reuse-scratch", default=None, metavar="RUN_DIR",
                     help="use a finished from-scratch run (same settings) instead of training it again")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
@@ -131,7 +133,7 @@ def main() -> None:
                  f"trainer.max_epochs={args.epochs}")
         t_ts = time_to(ts["timeline"], target)
         ratio = f"{t_ts / t_scratch:.2f}" if t_ts is not None and t_scratch else "not reached"
-        plot(os.path.join(ROOT, "docs", "stackrec_ts.png"),
+        plot(os.path.join(ROOT, "docs", f"stackrec_ts{args.tag}.png"),
              [(f"from scratch, {deep} blocks", scratch["timeline"], 0.0),
               (f"stacked {args.start_blocks}->{deep} at epochs {stacks}", ts["timeline"], 0.0)],
              target, f"StackRec TS on ML-1M ({setting})")
@@ -142,7 +144,7 @@ def main() -> None:
             f"Total training time: stacked {ts['timeline'][-1]['train_seconds'] / 60:.1f} min, scratch "
             f"{scratch['timeline'][-1]['train_seconds'] / 60:.1f} min. Test NDCG@10 (best checkpoint): stacked "
             f"{ts['test'].get('test/ndcg@10', float('nan')):.4f}, scratch {scratch['test'].get('test/ndcg@10', float('nan')):.4f}. "
-            f"Plot: [docs/stackrec_ts.png](docs/stackrec_ts.png)."
+            f"Plot: [docs/stackrec_ts{args.tag}.png](docs/stackrec_ts{args.tag}.png)."
         )
 
     if args.scenario in ("cl", "both"):
@@ -157,7 +159,7 @@ def main() -> None:
                  f"trainer.max_epochs={args.cl_epochs}")
         t_cl = time_to(cl["timeline"], target)
         ratio = f"{t_cl / t_scratch:.2f}" if t_cl is not None and t_scratch else "not reached"
-        plot(os.path.join(ROOT, "docs", "stackrec_cl.png"),
+        plot(os.path.join(ROOT, "docs", f"stackrec_cl{args.tag}.png"),
              [(f"from scratch on 100%, {deep} blocks", scratch["timeline"], 0.0),
               (f"{args.cl_blocks} blocks on {int(args.cl_fraction * 100)}% -> stacked to {2 * args.cl_blocks}, fine-tune on 100%",
                cl["timeline"], 0.0)],
@@ -169,7 +171,7 @@ def main() -> None:
             f"target {target:.4f}: {_fmt(t_cl)} vs from scratch {_fmt(t_scratch)}: **ratio {ratio}** (issue target <= 0.5). "
             f"Pre-training on 80% took {pre['timeline'][-1]['train_seconds'] / 60:.1f} min (not counted). Test NDCG@10: "
             f"stacked {cl['test'].get('test/ndcg@10', float('nan')):.4f}, scratch {scratch['test'].get('test/ndcg@10', float('nan')):.4f}. "
-            f"Plot: [docs/stackrec_cl.png](docs/stackrec_cl.png)."
+            f"Plot: [docs/stackrec_cl{args.tag}.png](docs/stackrec_cl{args.tag}.png)."
         )
 
     append("StackRec speed-up on ML-1M", f"Setting: {setting}.\n\n" + "\n\n".join(lines))
