@@ -1,9 +1,10 @@
 """Lightning callbacks of lightning_rec (installed as ``lightning_rec.callbacks``)."""
 
 from .data_fraction import DataFractionCallback
+from .hint_loss import HintLossCallback
 from .metrics_printer import MetricsPrinter
 from .rng_state import RNGStateCallback
 from .stacking import StackingCallback
 from .timeline import Timeline
 
-__all__ = ["DataFractionCallback", "MetricsPrinter", "RNGStateCallback", "StackingCallback", "Timeline"]
+__all__ = ["DataFractionCallback", "HintLossCallback", "MetricsPrinter", "RNGStateCallback", "StackingCallback", "Timeline"]

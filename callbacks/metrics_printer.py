@@ -19,7 +19,8 @@ class MetricsPrinter(pl.Callback):
     """
 
     def __init__(self, keys: list[str] | None = None):
-        self.keys = list(keys or ["train/loss_epoch", "val/ndcg@10", "val/hr@10", "val/sampled_ndcg@10", "val/sampled_hr@10"])
+        self.keys = list(keys or ["train/loss_epoch", "val/ndcg@10", "val/hr@10", "val/sampled_ndcg@10", "val/sampled_hr@10",
+                                   "val/light/ndcg@10", "val/booster/ndcg@10"])
         self._t0: float | None = None
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

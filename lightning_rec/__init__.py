@@ -2,6 +2,7 @@
 
 from .data import SeqDataModule
 from .module import SeqRecModule
+from .rocket import RocketModule
 
 __version__ = "0.1.0"
-__all__ = ["SeqDataModule", "SeqRecModule", "__version__"]
+__all__ = ["RocketModule", "SeqDataModule", "SeqRecModule", "__version__"]

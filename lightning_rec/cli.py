@@ -5,6 +5,7 @@ test     evaluate a checkpoint on the test split:      test ckpt_path=<file>
 predict  write top-K recommendations per user (original ids): predict ckpt_path=<file> predict.k=10
 stack    write a model twice as deep from a trained one: stack ckpt=<file> mode=adjacent|cross out=<file>
          (start training from it with: fit init_from=<file>)
+export   write one net of a rocket checkpoint as a standalone model: export ckpt=<file> net=light out=<file>
 
 Overrides follow Hydra: ``model=nextitnet data=ml-1m data.path=... trainer.max_epochs=50 logger=wandb``.
 Add ``--cfg`` to print the composed config and exit.
@@ -22,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .errors import ConfigError, LightningRecError
 
-COMMANDS = ("fit", "test", "predict", "stack")
+COMMANDS = ("fit", "test", "predict", "stack", "export")
 
 
 def _quiet() -> None:
@@ -89,12 +90,17 @@ def _build_datamodule(data_conf: dict[str, Any]):
         raise ConfigError(f"data: {e}") from None
 
 
-def _build_model(model_conf: dict[str, Any], num_items: int):
+def _model_class(arch: str | None):
     from .module import SeqRecModule
+    from .rocket import RocketModule
 
+    return RocketModule if arch == "rocket" else SeqRecModule
+
+
+def _build_model(model_conf: dict[str, Any], num_items: int):
     conf = {k: v for k, v in model_conf.items() if k != "_target_"}
     try:
-        return SeqRecModule(num_items=num_items, **conf)
+        return _model_class(conf.get("arch"))(num_items=num_items, **conf)
     except TypeError as e:
         raise ConfigError(f"model: {e}") from None
 
@@ -156,7 +162,12 @@ def _eval_overrides(cfg: DictConfig) -> dict[str, Any]:
 def _check_model_fits_data(model, dm) -> None:
     """Errors that would otherwise surface as tracebacks deep inside training."""
     hp = model.hparams
-    if hp.arch == "sasrec" and hp.max_len < dm.hparams.max_len:
+    if hp.arch == "rocket":
+        for role in ("booster", "light"):
+            if hp[role]["arch"] == "sasrec" and hp.max_len < dm.hparams.max_len:
+                raise ConfigError(f"data.max_len={dm.hparams.max_len} is longer than the SASRec {role}'s position "
+                                  f"table (model.max_len={hp.max_len}); set data.max_len<={hp.max_len}")
+    elif hp.arch == "sasrec" and hp.max_len < dm.hparams.max_len:
         raise ConfigError(f"data.max_len={dm.hparams.max_len} is longer than the SASRec position table "
                           f"(model.max_len={hp.max_len}); set data.max_len<={hp.max_len}")
 
@@ -265,6 +276,8 @@ def fit(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
                                             match_item_ids))
         del init_ckpt
     _check_model_fits_data(model, dm)
+    if model.hparams.arch == "rocket" and not any(f"/{n}/" in cfg.eval.monitor for n in ("light", "booster")):
+        cfg.eval.monitor = cfg.eval.monitor.replace("val/", "val/light/", 1)  # the shipped net picks the best epoch
     _check_monitor(cfg, model)
     callbacks = _instantiate_dict(cfg.callbacks, "callbacks")
     loggers = runs.build_loggers(cfg.logger, run_dir, resuming)
@@ -277,10 +290,12 @@ def fit(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
         for lg in loggers:
             lg.log_hyperparams(plain)
         n_params = sum(p.numel() for p in model.parameters())
+        what = (model.describe() if hasattr(model, "describe")
+                else f"{model.hparams.arch} x{model.hparams.num_blocks} blocks")
         rank_zero_info(
             f"{'resuming' if resuming else 'run'} {run_dir}\n"
             f"data: {dm.source} | {dm.num_users} users, {dm.num_items} items | "
-            f"model: {model.hparams.arch} x{model.hparams.num_blocks} blocks, {n_params:,} parameters"
+            f"model: {what}, {n_params:,} parameters"
         )
     t0 = time.perf_counter()
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
@@ -315,7 +330,6 @@ def _print_metrics(stage: str, metrics: dict[str, float], ckpt: str | None) -> N
 # ---------------------------------------------------------------------- test / predict
 def _load_for_eval(cfg: DictConfig, overrides: list[str]):
     from . import runs
-    from .module import SeqRecModule
 
     if not cfg.ckpt_path:
         raise ConfigError("ckpt_path: required, e.g. ckpt_path=runs/.../checkpoints/last.ckpt (or ckpt_path=last)")
@@ -330,7 +344,8 @@ def _load_for_eval(cfg: DictConfig, overrides: list[str]):
     if ckpt["hyper_parameters"].get("num_items") != dm.num_items:
         raise ConfigError(f"ckpt_path={path}: model has {ckpt['hyper_parameters'].get('num_items')} items, "
                           f"data {dm.source} has {dm.num_items}")
-    model = SeqRecModule.load_from_checkpoint(path, map_location="cpu", weights_only=True, **_eval_overrides(cfg))
+    cls = _model_class(ckpt["hyper_parameters"].get("arch"))
+    model = cls.load_from_checkpoint(path, map_location="cpu", weights_only=True, **_eval_overrides(cfg))
     _check_model_fits_data(model, dm)
     return path, dm, model
 
@@ -421,6 +436,8 @@ def stack(cfg: DictConfig, overrides: list[str]) -> str:
         raise ConfigError(f"out={sc.out}: file exists; choose another path or pass overwrite=true")
     times = _positive_int(sc.times, "times")
     ckpt = runs.load_checkpoint(src)
+    if (ckpt.get("hyper_parameters") or {}).get("arch") == "rocket":
+        raise ConfigError(f"ckpt={src}: a rocket checkpoint; export one net first (export ckpt=... net=light out=...)")
     model = SeqRecModule.load_from_checkpoint(src, map_location="cpu", weights_only=True)
     opts = options(sc.mode, sc.preset, copy_layernorm=sc.copy_layernorm, copy_alpha=sc.copy_alpha,
                    zero_new_alpha=sc.zero_new_alpha, keep_dilation=sc.keep_dilation, copy_head=sc.copy_head)
@@ -447,6 +464,59 @@ def stack(cfg: DictConfig, overrides: list[str]) -> str:
     return sc.out
 
 
+# ---------------------------------------------------------------------- export
+EXPORT_ALIASES = ("ckpt", "net", "out", "overwrite", "latency_users")
+
+
+def export(cfg: DictConfig, overrides: list[str]) -> str:
+    """Write one net of a rocket checkpoint as a standalone model; print its size and latency."""
+    import torch
+
+    from . import runs
+    from .rocket import RocketModule, net_parameters, scoring_latency
+
+    ec = cfg.export
+    if not ec.ckpt or not ec.out:
+        raise ConfigError("export: needs ckpt=<rocket.ckpt> and out=<light.ckpt> (and optionally net=light|booster)")
+    if ec.net not in ("light", "booster"):
+        raise ConfigError(f"net={ec.net}: expected light or booster")
+    src = runs.resolve_checkpoint(str(ec.ckpt), cfg.runs_dir, None)
+    if os.path.exists(ec.out) and not ec.overwrite:
+        raise ConfigError(f"out={ec.out}: file exists; choose another path or pass overwrite=true")
+    ckpt = runs.load_checkpoint(src)
+    if (ckpt.get("hyper_parameters") or {}).get("arch") != "rocket":
+        raise ConfigError(f"ckpt={src}: not a rocket checkpoint (model=rocket); a single model is already standalone")
+    rocket = RocketModule.load_from_checkpoint(src, map_location="cpu", weights_only=True)
+    nets = {name: rocket.export_net(name) for name in ("light", "booster")}
+    model = nets[ec.net]
+    out = {
+        "state_dict": model.state_dict(),
+        "hyper_parameters": dict(model.hparams),
+        "pytorch-lightning_version": ckpt.get("pytorch-lightning_version", ""),
+        "exported_from": {"ckpt": os.path.abspath(src), "net": ec.net},
+    }
+    for key in ("datamodule_hyper_parameters", "datamodule_hparams_name", "SeqDataModule"):
+        if key in ckpt:
+            out[key] = ckpt[key]
+    os.makedirs(os.path.dirname(os.path.abspath(ec.out)), exist_ok=True)
+    tmp = f"{ec.out}.tmp"
+    torch.save(out, tmp)
+    os.replace(tmp, ec.out)
+    users = _positive_int(ec.latency_users, "latency_users")
+    length = int((ckpt.get("datamodule_hyper_parameters") or {}).get("max_len") or rocket.hparams.max_len)
+    gen = torch.Generator().manual_seed(0)
+    items = torch.randint(1, rocket.num_items + 1, (users, length), generator=gen)
+    lat = {name: scoring_latency(m, items) for name, m in nets.items()}
+    size = {name: net_parameters(m) for name, m in nets.items()}
+    print(f"exported the {ec.net} net of {src} -> {ec.out}", flush=True)
+    for name in ("light", "booster"):
+        print(f"  {name:<8} {size[name]:>12,} parameters   {lat[name] * 1e3:8.1f} ms per batch of {users} users "
+              f"(history length {length}, full ranking, CPU threads {torch.get_num_threads()})", flush=True)
+    print(f"  light / booster: {size['light'] / size['booster']:.2f}x parameters, "
+          f"{lat['light'] / lat['booster']:.2f}x latency", flush=True)
+    return ec.out
+
+
 # ---------------------------------------------------------------------- entry point
 def run(argv: list[str]) -> Any:
     """Run one command; raises :class:`LightningRecError` on bad input."""
@@ -465,11 +535,13 @@ def run(argv: list[str]) -> Any:
         raise ConfigError(f"unknown flag '{flag}'; commands take key=value overrides and --cfg")
     if command == "stack":  # `stack ckpt=... mode=... out=...` is short for stack.ckpt=...
         overrides = [f"stack.{o}" if o.split("=", 1)[0] in STACK_ALIASES else o for o in overrides]
+    if command == "export":
+        overrides = [f"export.{o}" if o.split("=", 1)[0] in EXPORT_ALIASES else o for o in overrides]
     cfg = load_config(overrides)
     if show_cfg:
         print(OmegaConf.to_yaml(cfg))
         return None
-    return {"fit": fit, "test": test, "predict": predict, "stack": stack}[command](cfg, overrides)
+    return {"fit": fit, "test": test, "predict": predict, "stack": stack, "export": export}[command](cfg, overrides)
 
 
 def main(argv: list[str] | None = None) -> None:

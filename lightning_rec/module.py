@@ -167,7 +167,7 @@ class SeqRecModule(pl.LightningModule):
 
     def user_representation(self, items: torch.Tensor) -> torch.Tensor:
         """The hidden state at the most recent position (B, d)."""
-        if self.hparams.arch == "sasrec":
+        if self.encoder.arch == "sasrec":
             return self.encoder(items, last_only=True)[:, -1]  # skips the other positions in the last block
         return self(items)[:, -1]
 
@@ -189,10 +189,31 @@ class SeqRecModule(pl.LightningModule):
         h = self(batch["inputs"])  # (B, T, d)
         mask = batch["targets"] != 0
         n = int(mask.sum())
-        loss = self.loss(h[mask], batch["targets"][mask])
+        hint_cb = self.__dict__.get("hint_callback")
+        if hint_cb is not None and hint_cb.teacher is not None:
+            loss = self._distilled_loss(hint_cb, batch["inputs"], h[mask], batch["targets"][mask], mask)
+        else:
+            loss = self.loss(h[mask], batch["targets"][mask])
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
         self.log("train/targets", float(n), on_step=False, on_epoch=True, reduce_fx="sum", batch_size=1)
         return loss
+
+    def _distilled_loss(self, hint_cb, inputs, hidden, targets, mask) -> torch.Tensor:
+        """Own loss plus the callback's term against a frozen teacher, on the same candidates."""
+        from .distill import joint_losses
+
+        if self.hparams.loss == "bce":
+            raise ConfigError("model.loss=bce: distillation compares logits over a candidate set; use ce or sampled_softmax")
+        ht, wt = hint_cb.teacher_hidden(inputs)
+        negatives = None
+        if self.hparams.loss == "sampled_softmax":
+            negatives = torch.randint(1, self.num_items + 1, (self.hparams.num_negatives,), device=targets.device)
+        spec = hint_cb.spec(self.trainer)
+        parts = joint_losses(hidden, self.output_weight(), targets, negatives, ht[mask], wt, hint=spec)
+        n = int(targets.numel())
+        self.log("train/hint", parts["hint"], on_step=True, on_epoch=True, batch_size=n)
+        self.log("train/student_ce", parts["student_ce"], on_step=False, on_epoch=True, batch_size=n)
+        return spec.student_ce_weight * parts["student_ce"] + spec.weight * parts["hint"]
 
     # ------------------------------------------------------------------ evaluation
     def _ranks(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -127,7 +127,7 @@ def test_errors_are_one_line(tmp_path):
     bad.write_text("1 2\n1 3\nnot-a-pair-line here extra\n")
     cases = [
         (["fit", "foo=1"], "override 'foo': no such option"),
-        (["fit", "model=gru4rec"], "model=gru4rec: unknown model; available: nextitnet, sasrec"),
+        (["fit", "model=gru4rec"], "model=gru4rec: unknown model; available: nextitnet, rocket, sasrec"),
         (["fit", "data=ml-2m"], "data=ml-2m: unknown data"),
         (["fit", "data=file", f"data.path={tmp_path / 'missing.txt'}"], "missing.txt' does not exist"),
         (["fit", "data=file", f"data.path={bad}"], "bad.txt line 3: expected 2 whitespace-separated fields"),

@@ -96,8 +96,9 @@ class NextItNet(nn.Module):
         return self.emb_dropout(self.item_embedding(items))
 
     def forward(self, items: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, d)
-        keep = (items != 0).unsqueeze(-1).to(self.item_embedding.weight.dtype)  # (B, T, 1)
-        x = self.embed(items) * keep
+        x = self.embed(items)
+        keep = (items != 0).unsqueeze(-1).to(x.dtype)  # (B, T, 1)
+        x = x * keep
         for block in self.blocks:
             # Zeroing padded positions makes outputs independent of how much left padding there is.
             x = block(x, keep) * keep

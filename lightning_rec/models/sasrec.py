@@ -117,7 +117,7 @@ class SASRec(nn.Module):
         """(B, T) -> (B, T, d); with ``last_only`` the last block computes the final position only -> (B, 1, d)."""
         T = items.shape[1]
         valid = items != 0  # (B, T)
-        dtype = self.item_embedding.weight.dtype
+        dtype = self.position_embedding.weight.dtype  # not the item table: it may be a projection
         keep = valid.unsqueeze(-1).to(dtype)
         causal = torch.ones(T, T, dtype=torch.bool, device=items.device).tril()
         # Attend to earlier non-padding positions; every position also sees itself so no row is empty.

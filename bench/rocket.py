@@ -1,0 +1,136 @@
+"""Rocket Launching on ML-1M: does training the light net beside a booster make it better?
+
+    python bench/rocket.py                                  # CPU-sized defaults (below)
+    python bench/rocket.py --max-len 200 --booster-d 128 --epochs 30 trainer=gpu    # on a GPU
+    python bench/rocket.py --only light,rocket              # a subset of the runs
+
+Runs, all with the same data, epochs and seed, full ranking on the test split (best epoch on
+validation; for rocket runs the light net's validation NDCG@10 picks it):
+  light      the light net alone (SASRec, 1 block)
+  rocket     booster + light, shared item embedding, hint (logit MSE, lambda 0.03), gradient block
+  noblock    rocket without the gradient block (the hint also trains the booster)
+  noshare    rocket without the shared embedding
+  rocket_kd  rocket + classic KD from the booster (KL, T = 4) on top of the hint
+  booster    the booster alone (SASRec, 4 blocks)
+Parameters and inference latency (median seconds to score all items for a batch of users) of the
+light and booster nets are measured on the exported models, side by side in this process.
+Targets (issue #4): rocket light >= 1.05 x light alone, >= 0.95 x booster, latency <= 1/4 booster's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import SHARED_DATA, append  # noqa: E402
+
+RUNS = os.environ.get("LIGHTNING_REC_BENCH_RUNS", os.path.expanduser("~/.cache/lightning_rec/bench-runs"))
+ORDER = ["light", "rocket", "noblock", "noshare", "rocket_kd", "booster"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=os.path.join(SHARED_DATA, "ml-1m.txt.gz"))
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--max-len", type=int, default=50)
+    ap.add_argument("--booster-d", type=int, default=64)
+    ap.add_argument("--booster-blocks", type=int, default=4)
+    ap.add_argument("--light-blocks", type=int, default=1)
+    ap.add_argument("--hint-weight", type=float, default=0.03)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--latency-users", type=int, default=256)
+    ap.add_argument("--only", default=",".join(ORDER), help="comma-separated subset of " + ",".join(ORDER))
+    ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
+    args = ap.parse_args()
+    import torch
+
+    from lightning_rec import RocketModule, SeqRecModule
+    from lightning_rec.cli import run
+    from lightning_rec.rocket import net_parameters, scoring_latency
+
+    d = args.booster_d
+    # Untied heads alone too, so "light alone" is exactly the net the rocket ships (own head) and vice versa.
+    booster = [f"model.d_model={d}", f"model.num_blocks={args.booster_blocks}", "model.num_heads=2", "model.tied_embeddings=false"]
+    light = [f"model.d_model={d}", f"model.num_blocks={args.light_blocks}", "model.num_heads=1", "model.tied_embeddings=false"]
+    rocket = ["model=rocket", f"model.booster.d_model={d}", f"model.booster.num_blocks={args.booster_blocks}",
+              "model.booster.num_heads=2", f"model.light.d_model={d}", f"model.light.num_blocks={args.light_blocks}",
+              "model.light.num_heads=1", "callbacks=rocket", f"callbacks.hint.weight={args.hint_weight}"]
+    runs = {
+        "light": ["model=sasrec", *light],
+        "rocket": rocket,
+        "noblock": [*rocket, "callbacks.hint.block_gradient=false"],
+        "noshare": [*rocket, "model.share_embedding=false"],
+        "rocket_kd": [*rocket, "callbacks.hint.kind=mse+kl"],
+        "booster": ["model=sasrec", *booster],
+    }
+    chosen = [r for r in args.only.split(",") if r]
+    unknown = [r for r in chosen if r not in runs]
+    if unknown:
+        raise SystemExit(f"--only: unknown run '{unknown[0]}'; expected some of {','.join(ORDER)}")
+    common = [
+        "data=file", f"data.path={args.data}", "data.format=sasrec", f"data.max_len={args.max_len}",
+        f"data.batch_size={args.batch_size}", "model.dropout=0.2", f"runs_dir={RUNS}", "logger=csv",
+        "trainer.enable_progress_bar=false", f"trainer.max_epochs={args.epochs}", f"seed={args.seed}",
+    ]
+    results = {}
+    for name in chosen:
+        extra = runs[name]
+        if name not in ("light", "booster"):
+            extra = [e for e in extra if e != "model.dropout=0.2"] + ["model.booster.dropout=0.2", "model.light.dropout=0.2"]
+            cmd = [c for c in common if c != "model.dropout=0.2"]
+        else:
+            cmd = common
+        out = run(["fit", *cmd, f"name=bench-rocket-{name}", *extra, *args.overrides])
+        key = "test/ndcg@10" if name in ("light", "booster") else "test/light/ndcg@10"
+        results[name] = {"ndcg": out["test"][key], "hr": out["test"][key.replace("ndcg", "hr")],
+                         "booster_ndcg": out["test"].get("test/booster/ndcg@10"), "ckpt": out["best_ckpt"],
+                         "minutes": out["fit_seconds"] / 60}
+
+    # Latency and size of the shipped nets, side by side, from the checkpoints.
+    gen = torch.Generator().manual_seed(0)
+    items = None
+    sizes, lats = {}, {}
+    for name, r in results.items():
+        if name in ("light", "booster"):
+            m = SeqRecModule.load_from_checkpoint(r["ckpt"], map_location="cpu", weights_only=True)
+            nets = {name: m}
+        else:
+            rm = RocketModule.load_from_checkpoint(r["ckpt"], map_location="cpu", weights_only=True)
+            nets = {f"{name}/light": rm.export_net("light"), f"{name}/booster": rm.export_net("booster")}
+        for k, m in nets.items():
+            if items is None:
+                items = torch.randint(1, m.num_items + 1, (args.latency_users, args.max_len), generator=gen)
+            sizes[k], lats[k] = net_parameters(m), scoring_latency(m, items)
+
+    rows = ["| run | test NDCG@10 (shipped net) | HR@10 | booster NDCG@10 (in the run) | params of the shipped net | "
+            "latency ms / batch | fit min |", "|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        k = name if name in ("light", "booster") else f"{name}/light"
+        b = f"{r['booster_ndcg']:.4f}" if r["booster_ndcg"] is not None else ""
+        rows.append(f"| {name} | {r['ndcg']:.4f} | {r['hr']:.4f} | {b} | {sizes[k]:,} | {lats[k] * 1e3:.1f} | "
+                    f"{r['minutes']:.1f} |")
+    verdict = []
+    if {"rocket", "light", "booster"} <= set(results):
+        g = results["rocket"]["ndcg"] / results["light"]["ndcg"] - 1
+        f = results["rocket"]["ndcg"] / results["booster"]["ndcg"]
+        lr = lats["rocket/light"] / lats["booster"]
+        verdict = [
+            f"- Rocket light vs light alone: **{g:+.1%}** (target >= +5%: {'met' if g >= 0.05 else 'NOT met'}).",
+            f"- Rocket light / booster alone: **{f:.1%}** (target >= 95%: {'met' if f >= 0.95 else 'NOT met'}).",
+            f"- Latency light / booster: **{lr:.2f}x** (target <= 0.25: {'met' if lr <= 0.25 else 'NOT met'}); "
+            f"parameters {sizes['rocket/light'] / sizes['booster']:.2f}x.",
+        ]
+    setting = (f"ML-1M `{os.path.basename(args.data)}`, max_len {args.max_len}, booster SASRec {args.booster_blocks} "
+               f"blocks d={d} 2 heads, light SASRec {args.light_blocks} block d={d} 1 head, each with its own output layer, "
+               f"dropout 0.2, full-softmax CE, "
+               f"Adam 1e-3, batch {args.batch_size}, {args.epochs} epochs, seed {args.seed}, hint lambda {args.hint_weight}; "
+               f"latency: median of 10 full-ranking passes for {args.latency_users} users of length {args.max_len}, "
+               f"{torch.get_num_threads()} threads")
+    append("Rocket Launching on ML-1M", f"Setting: {setting}.\n\n" + "\n".join(rows) + "\n\n" + "\n".join(verdict))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""The hint / distillation term: which one, how strong and when, with Rocket's gradient block."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_info
+
+from lightning_rec.distill import HINT_KINDS, HintSpec, hint_kl, hint_mse
+from lightning_rec.errors import ConfigError
+
+SCHEDULES = ("constant", "warmup", "start_epoch")
+
+
+def _kl_l2(zs, zt, valid, temperature, l2_weight):
+    return hint_kl(zs, zt, valid, temperature) + l2_weight * hint_mse(zs, zt, valid) / zs.shape[-1]
+
+
+def _mse_kl(zs, zt, valid, temperature, kd_weight):
+    return hint_mse(zs, zt, valid) + kd_weight * hint_kl(zs, zt, valid, temperature)
+
+
+class HintLossCallback(pl.Callback):
+    """Adds ``weight(t) * hint(student logits, teacher logits)`` to the student's loss.
+
+    The module supplies the pieces (student and teacher logits on the loss's candidate set); this
+    callback decides the term. With a :class:`~lightning_rec.rocket.RocketModule` the teacher is
+    the booster trained alongside; with a plain :class:`~lightning_rec.module.SeqRecModule` it is
+    a frozen model loaded from ``teacher_ckpt`` (classic teacher-student distillation).
+
+    Args:
+        kind: ``mse`` (Rocket: squared logit difference summed over candidates), ``kl`` (classic KD:
+            ``T^2 KL(softmax(z_t/T) || softmax(z_s/T))``), ``kl_l2`` (KL plus ``l2_weight`` times
+            the mean squared logit difference; the federated-distillation objective) or ``mse+kl``
+            (Rocket's hint plus ``kd_weight`` times the KD term).
+        weight: lambda (0.03 in the Rocket authors' code).
+        schedule: ``constant``; ``warmup`` (linear from 0 over ``warmup_steps`` optimizer steps);
+            ``start_epoch`` (0 before ``start_epoch``, then ``weight``).
+        block_gradient: detach the teacher's logits in the hint (Rocket's gradient block): the hint
+            never updates parameters only the booster uses. Default true.
+        temperature: T of the KL terms (4 in the authors' code).
+        student_ce_weight: factor on the student's own cross-entropy (classic KD uses
+            ``1 - alpha`` = 0.1 with ``weight`` = alpha = 0.9).
+        teacher_ckpt: checkpoint of a trained model to distil from (plain modules only).
+        l2_weight, kd_weight: see ``kind``.
+    """
+
+    def __init__(
+        self,
+        kind: str = "mse",
+        weight: float = 0.03,
+        schedule: str = "constant",
+        warmup_steps: int = 0,
+        start_epoch: int = 0,
+        block_gradient: bool = True,
+        temperature: float = 4.0,
+        student_ce_weight: float = 1.0,
+        teacher_ckpt: str | None = None,
+        l2_weight: float = 1.0,
+        kd_weight: float = 1.0,
+    ):
+        if kind not in HINT_KINDS:
+            raise ConfigError(f"callbacks.hint.kind={kind}: expected one of {', '.join(HINT_KINDS)}")
+        if schedule not in SCHEDULES:
+            raise ConfigError(f"callbacks.hint.schedule={schedule}: expected one of {', '.join(SCHEDULES)}")
+        if schedule == "warmup" and int(warmup_steps) < 1:
+            raise ConfigError("callbacks.hint.warmup_steps: expected a positive number of steps with schedule=warmup")
+        if float(temperature) <= 0:
+            raise ConfigError(f"callbacks.hint.temperature={temperature}: expected a positive number")
+        self.kind, self.weight, self.schedule = kind, float(weight), schedule
+        self.warmup_steps, self.start_epoch = int(warmup_steps), int(start_epoch)
+        self.block_gradient, self.temperature = bool(block_gradient), float(temperature)
+        self.student_ce_weight, self.teacher_ckpt = float(student_ce_weight), teacher_ckpt
+        self.l2_weight, self.kd_weight = float(l2_weight), float(kd_weight)
+        self.teacher = None
+
+    # ------------------------------------------------------------------ the term
+    def term_fn(self):
+        if self.kind == "mse":
+            return hint_mse
+        if self.kind == "kl":
+            return functools.partial(hint_kl, temperature=self.temperature)
+        if self.kind == "kl_l2":
+            return functools.partial(_kl_l2, temperature=self.temperature, l2_weight=self.l2_weight)
+        return functools.partial(_mse_kl, temperature=self.temperature, kd_weight=self.kd_weight)
+
+    def current_weight(self, trainer: pl.Trainer | None) -> float:
+        if trainer is None or self.schedule == "constant":
+            return self.weight
+        if self.schedule == "warmup":
+            return self.weight * min(1.0, (trainer.global_step + 1) / self.warmup_steps)
+        return self.weight if trainer.current_epoch >= self.start_epoch else 0.0
+
+    def spec(self, trainer: pl.Trainer | None) -> HintSpec:
+        return HintSpec(self.term_fn(), self.current_weight(trainer), self.block_gradient, self.student_ce_weight)
+
+    # ------------------------------------------------------------------ wiring
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        from lightning_rec.rocket import RocketModule
+
+        rocket = isinstance(pl_module, RocketModule)
+        if rocket and self.teacher_ckpt:
+            raise ConfigError("callbacks.hint.teacher_ckpt: the rocket module's teacher is its booster; "
+                              "a teacher checkpoint is for distilling a plain model")
+        if not rocket and not self.teacher_ckpt:
+            raise ConfigError("callbacks.hint: a plain model needs callbacks.hint.teacher_ckpt=<trained.ckpt> "
+                              "(or use model=rocket to train a booster alongside)")
+        if not rocket and stage == "fit" and self.teacher is None:
+            self.teacher = self._load_teacher(pl_module)
+        # Kept out of the module tree: the callback is not part of the model's state_dict.
+        pl_module.__dict__["hint_callback"] = self
+
+    def _load_teacher(self, pl_module: pl.LightningModule):
+        from lightning_rec.module import SeqRecModule
+        from lightning_rec.runs import load_checkpoint
+
+        ckpt = load_checkpoint(self.teacher_ckpt)
+        hp = ckpt.get("hyper_parameters") or {}
+        if hp.get("arch") == "rocket":
+            raise ConfigError(f"callbacks.hint.teacher_ckpt={self.teacher_ckpt}: a rocket checkpoint; export a net "
+                              f"from it first (python -m lightning_rec export ckpt=... net=booster out=...)")
+        if hp.get("num_items") != pl_module.hparams.num_items:
+            raise ConfigError(f"callbacks.hint.teacher_ckpt={self.teacher_ckpt}: teacher has {hp.get('num_items')} "
+                              f"items, the student {pl_module.hparams.num_items}; use the same data")
+        teacher = SeqRecModule.load_from_checkpoint(self.teacher_ckpt, map_location="cpu", weights_only=True)
+        teacher.eval().requires_grad_(False)
+        n = sum(p.numel() for p in teacher.parameters())
+        rank_zero_info(f"distilling from a frozen teacher: {hp.get('arch')} x{hp.get('num_blocks')} blocks, "
+                       f"{n:,} parameters ({self.teacher_ckpt})")
+        return teacher
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.teacher is not None:
+            self.teacher.to(pl_module.device)
+
+    def teacher_hidden(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frozen teacher's hidden states (B, T, d) and scoring table, without gradients."""
+        with torch.no_grad():
+            self.teacher.eval()
+            return self.teacher(items), self.teacher.output_weight()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        pl_module.__dict__.pop("hint_callback", None)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "weight": self.weight, "schedule": self.schedule, "block_gradient": self.block_gradient}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        # The schedule is a function of the restored step/epoch; a changed setting is allowed but said.
+        now = self.state_dict()
+        changed = {k: (state[k], now[k]) for k in now if k in state and state[k] != now[k]}
+        if changed:
+            rank_zero_info(f"hint loss settings differ from the checkpoint's (old, new): {changed}")

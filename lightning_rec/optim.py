@@ -1,0 +1,166 @@
+"""Optimizers: AdaShift (Zhou et al., ICLR 2019) and the SWATS step-size estimate (Keskar & Socher, 2017).
+
+AdaShift decorrelates the second moment from the current gradient: the first moment is the
+beta1-weighted mean of the latest ``n`` gradients and the second moment an EMA of
+``phi(g_{t-n}^2)``, the squared gradient that has just left that window. No update is made during
+the first ``n`` steps (the window fills). ``phi`` is ``max`` (one value per tensor, the paper's
+recommended spatial reduction) or ``none`` (element-wise). ``second_moment="max_last_q"`` is the
+paper's other wording: the EMA takes the element-wise largest of the last ``q`` shifted squared
+gradients.
+
+The update, for a parameter with ``k`` second-moment updates so far::
+
+    m_t     = sum_{i<n} beta1^i g_{t-i} / sum_{i<n} beta1^i
+    v_t     = beta2 v_{t-1} + (1 - beta2) phi(g_{t-n}^2)
+    theta  -= lr * m_t / (sqrt(v_t / (1 - beta2^k)) + eps)       # bias correction as in Adam
+
+The bias correction of ``v`` (on by default, ``bias_correction=False`` for the paper's raw form)
+is our addition: with ``v_0 = 0`` and ``beta2 = 0.999`` the uncorrected first steps are ~30x
+larger than intended.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch.optim import Optimizer
+
+from .errors import ConfigError
+
+
+class AdaShift(Optimizer):
+    """AdaShift.
+
+    Args:
+        params: parameters or parameter groups.
+        lr: step size (default 1e-2, the paper's setting for most experiments).
+        betas: (beta1, beta2); beta1 weights the window, beta2 is the EMA rate of the second moment.
+        n: window length (latest gradients in the first moment; shift of the second moment).
+        reduction: ``max`` (phi = max over the tensor) or ``none`` (element-wise).
+        second_moment: ``shifted`` (phi(g_{t-n}^2)) or ``max_last_q`` (largest of the last ``q``).
+        q: see ``second_moment``.
+        eps: added to the denominator.
+        weight_decay: L2 penalty added to the gradient.
+        bias_correction: divide ``v`` by ``1 - beta2^k``.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-2,
+        betas: tuple[float, float] = (0.9, 0.999),
+        n: int = 10,
+        reduction: str = "max",
+        second_moment: str = "shifted",
+        q: int = 10,
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        bias_correction: bool = True,
+    ):
+        if lr <= 0:
+            raise ConfigError(f"optimizer.lr={lr}: expected a positive number")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ConfigError(f"optimizer.betas={list(betas)}: expected two numbers in [0, 1)")
+        if int(n) < 1 or int(q) < 1:
+            raise ConfigError(f"optimizer.n={n}, optimizer.q={q}: expected positive integers")
+        if reduction not in ("max", "none"):
+            raise ConfigError(f"optimizer.reduction={reduction}: expected max or none")
+        if second_moment not in ("shifted", "max_last_q"):
+            raise ConfigError(f"optimizer.second_moment={second_moment}: expected shifted or max_last_q")
+        defaults = dict(lr=lr, betas=tuple(betas), n=int(n), reduction=reduction, second_moment=second_moment,
+                        q=int(q), eps=eps, weight_decay=weight_decay, bias_correction=bias_correction)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            n = group["n"]
+            weights = [beta1**i for i in range(n)]  # weights[i] multiplies g_{t-i}
+            norm = sum(weights)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if group["weight_decay"]:
+                    g = g.add(p, alpha=group["weight_decay"])
+                state = self.state[p]
+                if not state:
+                    state["window"] = []  # oldest first; at most n + 1 gradients while shifting
+                    state["v"] = torch.zeros_like(p)
+                    state["k"] = 0
+                    if group["second_moment"] == "max_last_q":
+                        state["shifted"] = []
+                window = state["window"]
+                window.append(g.detach().clone())
+                if len(window) <= n:
+                    continue  # the first n steps only fill the window
+                old = window.pop(0)  # g_{t-n}
+                sq = old * old
+                if group["reduction"] == "max":
+                    sq = sq.max().expand_as(p).clone()
+                if group["second_moment"] == "max_last_q":
+                    shifted = state["shifted"]
+                    shifted.append(sq)
+                    if len(shifted) > group["q"]:
+                        shifted.pop(0)
+                    sq = torch.stack(shifted).amax(0)
+                state["k"] += 1
+                v = state["v"].mul_(beta2).add_(sq, alpha=1 - beta2)
+                m = torch.zeros_like(p)
+                for i, gi in enumerate(reversed(window)):  # gi = g_{t-i}
+                    m.add_(gi, alpha=weights[i] / norm)
+                vhat = v / (1 - beta2 ** state["k"]) if group["bias_correction"] else v
+                p.addcdiv_(m, vhat.sqrt().add_(group["eps"]), value=-group["lr"])
+        return loss
+
+
+def swats_gamma(step: torch.Tensor, grad: torch.Tensor) -> float | None:
+    """SWATS's projected SGD step size ``(p . p) / (-p . g)`` for an update ``p`` and gradient ``g``.
+
+    ``None`` when ``p . g`` is 0 (no information). For ``p = -eta * g`` it is exactly ``eta``.
+    """
+    pg = float(torch.dot(step.flatten().double(), grad.flatten().double()))
+    if pg == 0.0:
+        return None
+    return float(torch.dot(step.flatten().double(), step.flatten().double())) / -pg
+
+
+class SwatsEstimate:
+    """Bias-corrected EMA ``Lambda`` of the projected step sizes ``gamma_k`` of one parameter group.
+
+    ``update(gamma)`` returns True when the SWATS rule says switch: ``k > 1``, ``Lambda > 0`` and
+    ``|Lambda - gamma_k| <= rtol * |Lambda|`` (relative, as in a public reference implementation;
+    the paper's absolute ``eps`` is ``rtol * |Lambda|`` here).
+    """
+
+    def __init__(self, beta2: float = 0.999, rtol: float = 1e-6):
+        self.beta2, self.rtol = beta2, rtol
+        self.ema, self.k, self.gamma = 0.0, 0, None
+
+    @property
+    def value(self) -> float | None:
+        return self.ema / (1 - self.beta2**self.k) if self.k else None
+
+    def update(self, gamma: float | None) -> bool:
+        if gamma is None:
+            return False
+        self.k += 1
+        self.gamma = gamma
+        self.ema = self.beta2 * self.ema + (1 - self.beta2) * gamma
+        lam = self.value
+        return self.k > 1 and lam > 0 and abs(lam - gamma) <= self.rtol * abs(lam)
+
+    def state_dict(self) -> dict:
+        return {"ema": self.ema, "k": self.k, "gamma": self.gamma, "beta2": self.beta2, "rtol": self.rtol}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.ema, self.k, self.gamma = s["ema"], s["k"], s["gamma"]
+
+
+__all__ = ["AdaShift", "SwatsEstimate", "swats_gamma"]

@@ -1,0 +1,316 @@
+"""Rocket Launching (Zhou et al., AAAI 2018): a booster and a light net trained together.
+
+The two nets share the item embedding table (and optionally their bottom blocks); each has its
+own head. The loss is ``CE(light) + CE(booster) + lambda * hint``; the hint term and its gradient
+block come from :class:`~lightning_rec.callbacks.HintLossCallback`. Without that callback the two
+nets simply train side by side. Only the light net ships: ``python -m lightning_rec export``
+writes it as a plain :class:`~lightning_rec.module.SeqRecModule` checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torchmetrics import MeanMetric
+
+from .distill import joint_losses
+from .errors import ConfigError
+from .metrics import full_ranks, metrics_from_ranks, sampled_ranks
+from .models import ENCODERS, build_encoder
+from .module import OPTIMIZERS, SCHEDULERS, SeqRecModule
+
+NETS = ("light", "booster")
+NET_KEYS = ("arch", "d_model", "num_blocks", "num_heads", "ffn_dim", "dropout", "norm_first", "residual_alpha",
+            "kernel_size", "dilations")
+
+
+class ProjectedEmbedding(nn.Module):
+    """A narrower view of a shared embedding table: ``rows @ proj.T`` (no bias, so padding stays 0)."""
+
+    def __init__(self, shared: nn.Embedding, d_out: int):
+        super().__init__()
+        self.shared = shared
+        self.proj = nn.Linear(shared.embedding_dim, d_out, bias=False)
+        nn.init.normal_(self.proj.weight, std=shared.embedding_dim**-0.5)
+
+    @property
+    def weight(self) -> torch.Tensor:  # (N+1, d_out): the table the net sees
+        return self.proj(self.shared.weight)
+
+    def forward(self, items: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.shared(items))
+
+
+def _net_conf(conf: dict[str, Any] | None, role: str) -> dict[str, Any]:
+    conf = dict(conf or {})
+    unknown = sorted(set(conf) - set(NET_KEYS))
+    if unknown:
+        raise ConfigError(f"model.{role}: unknown option '{unknown[0]}'; expected some of {', '.join(NET_KEYS)}")
+    if conf.get("arch") not in ENCODERS:
+        raise ConfigError(f"model.{role}.arch: expected one of {', '.join(ENCODERS)}, got {conf.get('arch')!r}")
+    return conf
+
+
+class RocketModule(SeqRecModule):
+    """Booster and light net with a shared item embedding; evaluation reports both, the light net ships.
+
+    Args:
+        num_items: catalogue size.
+        booster, light: encoder settings of each net (``arch``, ``d_model``, ``num_blocks``,
+            ``num_heads``, ``dropout``, ...), as for the single models; either architecture can
+            take either role.
+        share_embedding: one item embedding table for both nets (a bias-free projection feeds a
+            narrower light net); false gives each net its own table.
+        share_blocks: the light net's first ``share_blocks`` blocks are the booster's (same
+            architecture and width required).
+        own_heads: each net scores items with its own output table (else with its item table).
+        loss: ``ce`` or ``sampled_softmax`` (``num_negatives`` shared by both nets and the hint).
+        loss_chunk_rows: positions per chunk when computing logits, loss and hint (memory bound
+            for large catalogues); None computes all rows at once.
+        Others as :class:`SeqRecModule`.
+
+    Metrics are logged as ``{stage}/light/...`` and ``{stage}/booster/...``; ``predict`` and the
+    plain scoring methods use the light net.
+    """
+
+    def __init__(
+        self,
+        num_items: int,
+        booster: dict[str, Any] | None = None,
+        light: dict[str, Any] | None = None,
+        share_embedding: bool = True,
+        share_blocks: int = 0,
+        own_heads: bool = True,
+        loss: str = "ce",
+        num_negatives: int = 256,
+        loss_chunk_rows: int | None = None,
+        max_len: int = 200,
+        optimizer: dict[str, Any] | None = None,
+        scheduler: dict[str, Any] | None = None,
+        eval_ks: list[int] | None = None,
+        exclude_seen: bool = True,
+        eval_protocol: str = "full",
+        eval_chunk_size: int = 65536,
+        compile: bool = False,
+        arch: str = "rocket",
+    ):
+        args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        pl.LightningModule.__init__(self)
+        booster = _net_conf(booster or {"arch": "sasrec", "d_model": 128, "num_blocks": 4, "num_heads": 2}, "booster")
+        light = _net_conf(light or {"arch": "sasrec", "d_model": 128, "num_blocks": 1}, "light")
+        optimizer = dict(optimizer or {"name": "adam", "lr": 1e-3})
+        scheduler = dict(scheduler or {"name": "none"})
+        eval_ks = list(eval_ks or [5, 10, 20])
+        if loss not in ("ce", "sampled_softmax"):
+            raise ConfigError(f"model.loss={loss}: the rocket module compares logits over a candidate set; "
+                              f"expected ce or sampled_softmax")
+        if optimizer.get("name", "adam") not in OPTIMIZERS:
+            raise ConfigError(f"optimizer.name: unknown optimizer '{optimizer.get('name')}'; expected one of {', '.join(OPTIMIZERS)}")
+        if scheduler.get("name", "none") not in SCHEDULERS:
+            raise ConfigError(f"scheduler.name: unknown scheduler '{scheduler.get('name')}'; expected one of {', '.join(SCHEDULERS)}")
+        if eval_protocol not in ("full", "sampled"):
+            raise ConfigError(f"eval.protocol: '{eval_protocol}' is not one of full, sampled")
+        if share_blocks:
+            same = all(booster.get(k) == light.get(k) for k in ("arch", "d_model", "num_heads", "ffn_dim"))
+            if not same or share_blocks > min(booster.get("num_blocks", 2), light.get("num_blocks", 1)):
+                raise ConfigError(f"model.share_blocks={share_blocks}: needs the same arch, d_model and heads in both "
+                                  f"nets and at most as many blocks as the shallower net has")
+        self.save_hyperparameters(args)
+        self.hparams.update(booster=booster, light=light, optimizer=optimizer, scheduler=scheduler, eval_ks=eval_ks)
+
+        def build(conf):
+            return build_encoder(conf["arch"], num_items, max_len=max_len, **{k: v for k, v in conf.items() if k != "arch"})
+
+        self.booster = build(booster)
+        self.light = build(light)
+        if share_embedding:
+            shared = self.booster.item_embedding
+            self.light.item_embedding = (shared if self.light.d_model == self.booster.d_model
+                                         else ProjectedEmbedding(shared, self.light.d_model))
+        for i in range(share_blocks):
+            self.light.blocks[i] = self.booster.blocks[i]
+        self.booster_head = self.light_head = None
+        if own_heads:
+            self.booster_head = nn.Embedding(num_items + 1, self.booster.d_model, padding_idx=0)
+            self.light_head = nn.Embedding(num_items + 1, self.light.d_model, padding_idx=0)
+            for head in (self.booster_head, self.light_head):
+                nn.init.normal_(head.weight, std=head.embedding_dim**-0.5)
+                with torch.no_grad():
+                    head.weight[0].zero_()
+        prefix = "sampled_" if eval_protocol == "sampled" else ""
+        base = [f"{prefix}{m}@{k}" for k in eval_ks for m in ("hr", "ndcg", "mrr")]
+        self.metric_names = [f"{net}/{n}" for net in NETS for n in base]
+        self.val_metrics = nn.ModuleDict({n.replace("@", "_at_").replace("/", "__"): MeanMetric() for n in self.metric_names})
+        self.test_metrics = nn.ModuleDict({n.replace("@", "_at_").replace("/", "__"): MeanMetric() for n in self.metric_names})
+        self._compiled = None
+
+    # ------------------------------------------------------------------ the nets
+    @property
+    def encoder(self) -> nn.Module:  # the shipped net: SeqRecModule's scoring and predict use it
+        return self.light
+
+    @property
+    def output(self) -> nn.Module | None:
+        return self.light_head
+
+    def net(self, name: str) -> tuple[nn.Module, torch.Tensor]:
+        """(encoder, scoring table (N+1, d)) of ``light`` or ``booster``."""
+        enc = self.light if name == "light" else self.booster
+        head = self.light_head if name == "light" else self.booster_head
+        return enc, (enc.item_embedding.weight if head is None else head.weight)
+
+    def booster_only_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """Parameters the light net never uses (the gradient block keeps the hint away from these)."""
+        light_ids = {id(p) for p in self.light.parameters()}
+        if self.light_head is not None:
+            light_ids |= {id(p) for p in self.light_head.parameters()}
+        out = [(f"booster.{n}", p) for n, p in self.booster.named_parameters() if id(p) not in light_ids]
+        if self.booster_head is not None:
+            out += [(f"booster_head.{n}", p) for n, p in self.booster_head.named_parameters()]
+        return out
+
+    def describe(self) -> str:
+        b, li = self.hparams.booster, self.hparams.light
+        n_b = sum(p.numel() for _, p in self.booster_only_parameters())
+        n_l = sum(p.numel() for p in self.light_parameters())
+        return (f"rocket: booster {b['arch']} x{b.get('num_blocks')} d={self.booster.d_model}, light {li['arch']} "
+                f"x{li.get('num_blocks')} d={self.light.d_model}; light net {n_l:,} parameters, booster-only {n_b:,}")
+
+    def light_parameters(self) -> list[nn.Parameter]:
+        ps = {id(p): p for p in self.light.parameters()}
+        if self.light_head is not None:
+            ps.update({id(p): p for p in self.light_head.parameters()})
+        return list(ps.values())
+
+    def stack(self, opts) -> list[int]:
+        raise ConfigError("StackRec stacking applies to a single model, not to the rocket module")
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        pass
+
+    def setup(self, stage: str) -> None:
+        pass  # torch.compile is not applied to the two-net module
+
+    def forward(self, items: torch.Tensor) -> torch.Tensor:
+        return self.light(items)
+
+    def user_representation(self, items: torch.Tensor, net: str = "light") -> torch.Tensor:
+        enc, _ = self.net(net)
+        if enc.arch == "sasrec":
+            return enc(items, last_only=True)[:, -1]
+        return enc(items)[:, -1]
+
+    # ------------------------------------------------------------------ training
+    def loss_parts(self, batch: dict[str, torch.Tensor], spec=None, teacher_ce: bool = True) -> dict[str, torch.Tensor]:
+        """``student_ce`` (light), ``teacher_ce`` (booster) and, with a hint spec, ``hint``: the pieces
+        the hint-loss callback weighs. Sampled negatives are drawn once and shared by both nets."""
+        mask = batch["targets"] != 0
+        targets = batch["targets"][mask]
+        hl = self.light(batch["inputs"])[mask]
+        hb = self.booster(batch["inputs"])[mask]
+        _, wl = self.net("light")
+        _, wb = self.net("booster")
+        negatives = None
+        if self.hparams.loss == "sampled_softmax":
+            negatives = torch.randint(1, self.num_items + 1, (self.hparams.num_negatives,), device=targets.device)
+        return joint_losses(hl, wl, targets, negatives, hb, wb, teacher_ce=teacher_ce, hint=spec,
+                            chunk_rows=self.hparams.loss_chunk_rows)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        hint_cb = self.__dict__.get("hint_callback")
+        spec = hint_cb.spec(self.trainer) if hint_cb is not None else None
+        parts = self.loss_parts(batch, spec)
+        n = int((batch["targets"] != 0).sum())
+        loss = parts["student_ce"] * (spec.student_ce_weight if spec else 1.0) + parts["teacher_ce"]
+        if spec is not None:
+            loss = loss + spec.weight * parts["hint"]
+            self.log("train/hint", parts["hint"], on_step=True, on_epoch=True, batch_size=n)
+            self.log("train/hint_weight", float(spec.weight), on_step=True, on_epoch=False, batch_size=1)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
+        self.log("train/light_ce", parts["student_ce"], on_step=False, on_epoch=True, batch_size=n)
+        self.log("train/booster_ce", parts["teacher_ce"], on_step=False, on_epoch=True, batch_size=n)
+        self.log("train/targets", float(n), on_step=False, on_epoch=True, reduce_fx="sum", batch_size=1)
+        return loss
+
+    # ------------------------------------------------------------------ evaluation
+    def _net_ranks(self, batch: dict[str, torch.Tensor], net: str) -> torch.Tensor:
+        h = self.user_representation(batch["inputs"], net)
+        _, w = self.net(net)
+        if "negatives" in batch and self.hparams.eval_protocol == "sampled":
+            t = (h * w[batch["target"]]).sum(-1)
+            neg = torch.einsum("bd,bkd->bk", h, w[batch["negatives"]])
+            return sampled_ranks(t, neg)
+        seen = batch["seen"] if self.hparams.exclude_seen else None
+        return full_ranks(lambda c0, c1: h @ w[c0:c1].T, self.num_items, batch["target"], seen,
+                          self.hparams.eval_chunk_size)
+
+    def _eval_step(self, batch, stage: str, metrics: nn.ModuleDict) -> None:
+        prefix = "sampled_" if self.hparams.eval_protocol == "sampled" else ""
+        for net in NETS:
+            ranks = self._net_ranks(batch, net)
+            for name, values in metrics_from_ranks(ranks, self.hparams.eval_ks).items():
+                key = f"{net}/{prefix}{name}"
+                m = metrics[key.replace("@", "_at_").replace("/", "__")]
+                m.update(values)
+                self.log(f"{stage}/{key}", m, on_step=False, on_epoch=True,
+                         prog_bar=key == f"light/{prefix}ndcg@10", batch_size=ranks.shape[0])
+
+    # ------------------------------------------------------------------ export
+    def export_net(self, name: str = "light") -> SeqRecModule:
+        """One net as a standalone :class:`SeqRecModule` that scores exactly as it does here."""
+        if name not in NETS:
+            raise ConfigError(f"net={name}: expected light or booster")
+        hp = self.hparams
+        enc, _ = self.net(name)
+        head = self.light_head if name == "light" else self.booster_head
+        conf = dict(hp[name])
+        arch = conf.pop("arch")
+        model = SeqRecModule(
+            num_items=hp.num_items, arch=arch, max_len=hp.max_len, tied_embeddings=head is None,
+            loss=hp.loss, num_negatives=hp.num_negatives, optimizer=dict(hp.optimizer), scheduler=dict(hp.scheduler),
+            eval_ks=list(hp.eval_ks), exclude_seen=hp.exclude_seen, eval_protocol=hp.eval_protocol,
+            eval_chunk_size=hp.eval_chunk_size, **conf,
+        )
+        sd = {}
+        for k, v in enc.state_dict().items():
+            if not k.startswith("item_embedding."):
+                sd[f"encoder.{k}"] = v.detach().clone()
+        with torch.no_grad():  # a projected shared table is materialised: same rows, no projection at run time
+            sd["encoder.item_embedding.weight"] = enc.item_embedding.weight.detach().clone()
+        if head is not None:
+            sd["output.weight"] = head.weight.detach().clone()
+        model.load_state_dict(sd)
+        return model
+
+
+def net_parameters(model: SeqRecModule) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def scoring_latency(model: SeqRecModule, items: torch.Tensor, repeats: int = 10, chunk: int = 65536) -> float:
+    """Median seconds to score every item for a batch of users (representation + full ranking)."""
+    import statistics
+    import time
+
+    from .metrics import topk_items
+
+    model.eval()
+
+    def once():
+        h = model.user_representation(items)
+        topk_items(model.score_fn(h), model.num_items, 10, None, chunk)
+        if items.is_cuda:
+            torch.cuda.synchronize()
+
+    for _ in range(2):
+        once()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        once()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)

@@ -1,0 +1,218 @@
+"""Rocket Launching and distillation: loss terms, the gradient block, export, resume, KD from a teacher."""
+
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny
+from lightning_rec.callbacks import HintLossCallback
+
+from lightning_rec import RocketModule, SeqRecModule
+from lightning_rec.cli import run
+from lightning_rec.distill import HintSpec, candidate_logits, hint_kl, hint_mse, joint_losses, masked_ce
+from lightning_rec.errors import ConfigError
+from lightning_rec.metrics import full_ranks
+
+N = 30
+
+
+def rocket(**kw):
+    kw.setdefault("booster", {"arch": "sasrec", "d_model": 16, "num_blocks": 2, "num_heads": 2, "dropout": 0.0,
+                              "residual_alpha": False})
+    kw.setdefault("light", {"arch": "nextitnet", "d_model": 16, "num_blocks": 1, "dropout": 0.0, "residual_alpha": False})
+    return RocketModule(num_items=N, max_len=12, **kw)
+
+
+def batch(b=4, t=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    seq = torch.randint(1, N + 1, (b, t + 1), generator=g)
+    seq[0, :5] = 0  # some left padding
+    return {"inputs": seq[:, :-1], "targets": torch.where(seq[:, :-1] == 0, 0, seq[:, 1:])}
+
+
+# ---------------------------------------------------------------------- loss terms by hand
+def test_hint_terms_against_hand_computation():
+    zs = torch.tensor([[1.0, 2.0, 0.0], [0.5, -1.0, 3.0]])
+    zt = torch.tensor([[0.0, 2.0, 1.0], [0.5, 0.0, 1.0]])
+    assert hint_mse(zs, zt, None).tolist() == [2.0, 5.0]  # (1 + 0 + 1), (0 + 1 + 4)
+    valid = torch.tensor([[True, True, False], [True, True, True]])
+    assert hint_mse(zs, zt, valid).tolist() == [1.0, 5.0]
+    T = 4.0
+    for r in range(2):
+        pt = [math.exp(v / T) for v in zt[r].tolist()]
+        ps = [math.exp(v / T) for v in zs[r].tolist()]
+        pt = [p / sum(pt) for p in pt]
+        ps = [p / sum(ps) for p in ps]
+        kl = T * T * sum(a * math.log(a / b) for a, b in zip(pt, ps))
+        assert hint_kl(zs, zt, None, T)[r].item() == pytest.approx(kl, rel=1e-5)
+    # a masked candidate drops out of both softmaxes and contributes nothing (no NaN)
+    k = hint_kl(zs, zt, valid, T)
+    assert torch.isfinite(k).all()
+    assert k[0].item() == pytest.approx(hint_kl(zs[:1, :2], zt[:1, :2], None, T).item(), rel=1e-5)
+
+
+def test_candidate_logits_and_masked_ce():
+    h = torch.randn(3, 4)
+    w = torch.randn(N + 1, 4)
+    t = torch.tensor([3, 7, 9])
+    z, idx, valid = candidate_logits(h, w, t, None)
+    assert z.shape == (3, N) and valid is None
+    torch.testing.assert_close(masked_ce(z, idx, None), F.cross_entropy(h @ w[1:].T, t - 1, reduction="none"))
+    negs = torch.tensor([7, 1, 2])
+    z, idx, valid = candidate_logits(h, w, t, negs)
+    assert valid.tolist() == [[True, True, True, True], [True, False, True, True], [True, True, True, True]]
+    # row 1: its target 7 is also drawn as a negative; that column is excluded
+    logits1 = torch.stack([h[1] @ w[7], h[1] @ w[1], h[1] @ w[2]])
+    assert masked_ce(z, idx, valid)[1].item() == pytest.approx(F.cross_entropy(logits1[None], torch.tensor([0])).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("negatives", [None, torch.tensor([1, 5, 9, 13])])
+def test_chunked_losses_equal_unchunked_values_and_gradients(negatives):
+    torch.manual_seed(0)
+    hs, ht = torch.randn(10, 4, requires_grad=True), torch.randn(10, 4, requires_grad=True)
+    ws, wt = torch.randn(N + 1, 4, requires_grad=True), torch.randn(N + 1, 4, requires_grad=True)
+    t = torch.randint(1, N + 1, (10,))
+    spec = HintSpec(hint_mse, 0.5, block=False)
+    grads = []
+    for rows in (None, 3):
+        parts = joint_losses(hs, ws, t, negatives, ht, wt, teacher_ce=True, hint=spec, chunk_rows=rows)
+        total = parts["student_ce"] + parts["teacher_ce"] + spec.weight * parts["hint"]
+        grads.append([g.clone() for g in torch.autograd.grad(total, [hs, ht, ws, wt])] + [total.detach()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------- the gradient block
+@pytest.mark.parametrize("share_blocks", [0, 1])
+def test_gradient_block_keeps_the_hint_away_from_booster_only_parameters(share_blocks):
+    kw = {}
+    if share_blocks:  # sharing blocks needs the same architecture and width in both nets
+        kw["light"] = {"arch": "sasrec", "d_model": 16, "num_blocks": 1, "num_heads": 2, "dropout": 0.0,
+                       "residual_alpha": False}
+    for block in (True, False):
+        torch.manual_seed(0)
+        m = rocket(share_blocks=share_blocks, **kw)
+        parts = m.loss_parts(batch(), HintSpec(hint_mse, 1.0, block=block), teacher_ce=False)
+        parts["hint"].backward()  # the hint alone
+        booster_only = dict(m.booster_only_parameters())
+        assert booster_only and not any(n.startswith("booster.item_embedding") for n in booster_only)
+
+        def nonzero(p):
+            return p.grad is not None and p.grad.abs().sum() > 0
+
+        if block:
+            assert all(p.grad is None or p.grad.abs().sum() == 0 for p in booster_only.values()), \
+                [n for n, p in booster_only.items() if nonzero(p)]
+        else:
+            assert sum(nonzero(p) for p in booster_only.values()) >= len(booster_only) // 2
+        # the shared embedding and the light net learn from the hint in both cases
+        assert nonzero(m.booster.item_embedding.weight) and m.light.item_embedding is m.booster.item_embedding
+        assert all(nonzero(p) for n, p in m.light.named_parameters() if not n.startswith("item_embedding"))
+        assert nonzero(m.light_head.weight)
+        if share_blocks:  # shared bottom block: part of the light net, so the hint reaches it
+            assert m.light.blocks[0] is m.booster.blocks[0]
+            assert any(nonzero(p) for p in m.booster.blocks[0].parameters())
+
+
+def test_unshared_rocket_has_two_tables_and_a_narrow_light_net_a_projection():
+    m = rocket(share_embedding=False)
+    assert m.light.item_embedding is not m.booster.item_embedding
+    narrow = rocket(light={"arch": "sasrec", "d_model": 8, "num_blocks": 1, "num_heads": 1, "dropout": 0.0})
+    assert narrow.light.item_embedding.shared is narrow.booster.item_embedding
+    assert narrow.light.item_embedding.weight.shape == (N + 1, 8)
+    assert narrow.light.item_embedding.weight[0].abs().sum() == 0  # padding stays zero through the projection
+
+
+def test_bad_rocket_settings_name_the_option():
+    with pytest.raises(ConfigError, match="model.light: unknown option 'depth'"):
+        rocket(light={"arch": "sasrec", "depth": 2})
+    with pytest.raises(ConfigError, match="model.booster.arch"):
+        rocket(booster={"arch": "gru"})
+    with pytest.raises(ConfigError, match="share_blocks=1: needs the same arch"):
+        rocket(share_blocks=1)
+    with pytest.raises(ConfigError, match="model.loss=bce"):
+        rocket(loss="bce")
+    with pytest.raises(ConfigError, match="kind=l1"):
+        HintLossCallback(kind="l1")
+
+
+# ---------------------------------------------------------------------- export
+@pytest.mark.parametrize("light", [
+    {"arch": "nextitnet", "d_model": 16, "num_blocks": 1, "dropout": 0.0},
+    {"arch": "sasrec", "d_model": 8, "num_blocks": 1, "num_heads": 1, "dropout": 0.0},  # projected table
+])
+@pytest.mark.parametrize("own_heads", [True, False])
+def test_exported_light_net_scores_exactly_as_inside_the_rocket(light, own_heads):
+    torch.manual_seed(0)
+    m = rocket(light=light, own_heads=own_heads).eval()
+    with torch.no_grad():  # move every weight off its initial value (alphas included)
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    b = batch()
+    exported = m.export_net("light").eval()
+    assert isinstance(exported, SeqRecModule) and not hasattr(exported, "booster")
+    with torch.no_grad():
+        h_in, h_out = m.user_representation(b["inputs"], "light"), exported.user_representation(b["inputs"])
+        torch.testing.assert_close(h_in, h_out, rtol=1e-5, atol=1e-6)
+        _, w = m.net("light")
+        torch.testing.assert_close(h_in @ w.T, h_out @ exported.output_weight().T, rtol=1e-5, atol=1e-5)
+        target = torch.randint(1, N + 1, (4,))
+        r1 = full_ranks(lambda a, c: h_in @ w[a:c].T, N, target)
+        r2 = full_ranks(exported.score_fn(h_out), N, target)
+        assert torch.equal(r1, r2)
+    booster = m.export_net("booster")
+    assert sum(p.numel() for p in booster.parameters()) > sum(p.numel() for p in exported.parameters())
+
+
+def rocket_args(tmp_path, *extra, epochs=2):
+    args = [a for a in tiny(tmp_path, epochs=epochs) if a != "model.d_model=16"]
+    return args + ["model=rocket", "model.booster.d_model=16", "model.light.d_model=16", "model.booster.num_blocks=2",
+                   "callbacks=rocket", *extra]
+
+
+def test_rocket_cli_fit_export_test_predict(tmp_path, capsys):
+    out = run(["fit", *rocket_args(tmp_path)])
+    assert {"test/light/ndcg@10", "test/booster/ndcg@10"} <= set(out["test"])
+    ck = torch.load(out["best_ckpt"], weights_only=True)
+    best_cb = [v for k, v in ck["callbacks"].items() if k.startswith("ModelCheckpoint")][0]
+    assert best_cb["monitor"] == "val/light/ndcg@10"  # the shipped net picks the best epoch
+    light = tmp_path / "light.ckpt"
+    run(["export", f"ckpt={out['best_ckpt']}", "net=light", f"out={light}", "latency_users=8"])
+    said = capsys.readouterr().out
+    assert "parameters" in said and "ms per batch of 8 users" in said and "light / booster" in said
+    res = run(["test", f"ckpt_path={light}", "trainer.enable_progress_bar=false"])
+    assert res["test/ndcg@10"] == pytest.approx(out["test"]["test/light/ndcg@10"], abs=1e-6)
+    pred = run(["predict", f"ckpt_path={light}", f"predict.out={tmp_path / 'p.tsv'}"])
+    assert os.path.getsize(pred) > 0
+    with pytest.raises(ConfigError, match="file exists"):
+        run(["export", f"ckpt={out['best_ckpt']}", f"out={light}"])
+    with pytest.raises(ConfigError, match="not a rocket checkpoint"):
+        run(["export", f"ckpt={light}", f"out={tmp_path / 'x.ckpt'}"])
+
+
+def test_rocket_resume_with_a_scheduled_hint_is_exact(tmp_path):
+    common = ["trainer.deterministic=true", "callbacks.hint.schedule=warmup", "callbacks.hint.warmup_steps=9",
+              "model.loss=sampled_softmax", "model.num_negatives=20"]
+    full = run(["fit", *rocket_args(tmp_path / "a", *common, epochs=3)])
+    run(["fit", *rocket_args(tmp_path / "b", *common, "test_after_fit=false", epochs=1)])
+    resumed = run(["fit", *rocket_args(tmp_path / "b", *common, "ckpt_path=last", epochs=3)])
+    assert resumed["test"] == full["test"]
+    a = torch.load(os.path.join(full["run_dir"], "checkpoints", "last.ckpt"), weights_only=True)["state_dict"]
+    b = torch.load(os.path.join(resumed["run_dir"], "checkpoints", "last.ckpt"), weights_only=True)["state_dict"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_kd_from_a_frozen_teacher_checkpoint(tmp_path):
+    teacher = run(["fit", *tiny(tmp_path / "t", "model=sasrec", "model.num_blocks=2", epochs=2)])
+    before = torch.load(teacher["best_ckpt"], weights_only=True)["state_dict"]
+    student = run(["fit", *tiny(tmp_path / "s", "model=sasrec", "model.num_blocks=1", "callbacks=kd",
+                               f"callbacks.hint.teacher_ckpt={teacher['best_ckpt']}", epochs=2)])
+    rows = open(os.path.join(student["run_dir"], "csv", "version_0", "metrics.csv")).read()
+    assert "train/hint" in rows
+    after = torch.load(teacher["best_ckpt"], weights_only=True)["state_dict"]
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(ConfigError, match="needs callbacks.hint.teacher_ckpt"):
+        run(["fit", *tiny(tmp_path / "x", "callbacks=kd", epochs=1)])
