@@ -1,10 +1,12 @@
 """Lightning callbacks of lightning_rec (installed as ``lightning_rec.callbacks``)."""
 
+from .checkpoint import ModelCheckpoint
 from .data_fraction import DataFractionCallback
 from .hint_loss import HintLossCallback
 from .metrics_printer import MetricsPrinter
+from .optimizer_switch import OptimizerSwitchCallback
 from .rng_state import RNGStateCallback
 from .stacking import StackingCallback
 from .timeline import Timeline
 
-__all__ = ["DataFractionCallback", "HintLossCallback", "MetricsPrinter", "RNGStateCallback", "StackingCallback", "Timeline"]
+__all__ = ["DataFractionCallback", "ModelCheckpoint", "HintLossCallback", "MetricsPrinter", "OptimizerSwitchCallback", "RNGStateCallback", "StackingCallback", "Timeline"]

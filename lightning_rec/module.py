@@ -20,7 +20,7 @@ from .losses import LOSSES, bce_one_negative, full_ce, sampled_softmax
 from .metrics import full_ranks, metrics_from_ranks, sampled_ranks, topk_items
 from .models import ENCODERS, build_encoder
 
-OPTIMIZERS = ("adam", "adamw", "sgd")
+OPTIMIZERS = ("adam", "adamw", "sgd", "adashift")
 SCHEDULERS = ("none", "cosine", "step", "linear_warmup")
 
 
@@ -254,10 +254,24 @@ class SeqRecModule(pl.LightningModule):
         o = dict(self.hparams.optimizer)
         name, lr, wd = o.pop("name", "adam"), float(o.pop("lr", 1e-3)), float(o.pop("weight_decay", 0.0))
         params = [p for p in self.parameters() if p.requires_grad]
-        if name == "adam":
+        switch = self.__dict__.get("optimizer_switch")
+        if switch is not None and switch.phase == "sgd":  # after an optimizer switch (also on resume, after a stack)
+            sw = switch.sgd_settings(dict(self.hparams.optimizer))
+            opt = torch.optim.SGD([{"params": params, "lr": sw["lrs"][0]}], lr=sw["lrs"][0], weight_decay=wd,
+                                  momentum=sw["momentum"], nesterov=sw["nesterov"])
+            if not sw["keep_scheduler"]:
+                return opt
+        elif name == "adam":
             opt = torch.optim.Adam(params, lr=lr, weight_decay=wd, betas=tuple(o.get("betas", (0.9, 0.999))))
         elif name == "adamw":
             opt = torch.optim.AdamW(params, lr=lr, weight_decay=wd, betas=tuple(o.get("betas", (0.9, 0.999))))
+        elif name == "adashift":
+            from .optim import AdaShift
+
+            opt = AdaShift(params, lr=lr, weight_decay=wd, betas=tuple(o.get("betas", (0.9, 0.999))),
+                           n=int(o.get("n", 10)), reduction=str(o.get("reduction", "max")),
+                           second_moment=str(o.get("second_moment", "shifted")), q=int(o.get("q", 10)),
+                           eps=float(o.get("eps", 1e-8)), bias_correction=bool(o.get("bias_correction", True)))
         else:
             opt = torch.optim.SGD(params, lr=lr, weight_decay=wd, momentum=float(o.get("momentum", 0.9)),
                                   nesterov=bool(o.get("nesterov", False)))

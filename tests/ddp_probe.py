@@ -15,3 +15,15 @@ class WeightProbe(pl.Callback):
         with open(os.path.join(out, f"rank{trainer.global_rank}.json"), "w") as f:
             json.dump({"state": state, "num_blocks": len(pl_module.encoder.blocks), "grads": grads,
                        "ddp": isinstance(trainer.strategy.model, torch.nn.parallel.DistributedDataParallel)}, f)
+
+
+class SwitchProbe(pl.Callback):
+    """Each rank writes what its optimizer-switch callback decided, and its optimizer, at the end of fit."""
+
+    def on_train_end(self, trainer, pl_module):
+        sw = next(c for c in trainer.callbacks if type(c).__name__ == "OptimizerSwitchCallback")
+        opt = trainer.optimizers[0]
+        state = {n: float(p.detach().double().sum()) for n, p in pl_module.named_parameters()}
+        with open(os.path.join(os.environ["PROBE_DIR"], f"switch{trainer.global_rank}.json"), "w") as f:
+            json.dump({"phase": sw.phase, "switch_step": sw.switch_step, "switches": sw.switches, "lrs": sw.lrs,
+                       "optimizer": type(opt).__name__, "lr": opt.param_groups[0]["lr"], "state": state}, f)

@@ -59,6 +59,14 @@ def test_resume_ends_exactly_like_an_uninterrupted_run(tmp_path, model):
     torch.testing.assert_close(ea[0]["exp_avg"], eb[0]["exp_avg"], rtol=0, atol=0)
 
 
+def test_last_checkpoint_is_the_latest_epoch_even_when_it_is_not_the_best(tmp_path):
+    # mode=min: the best (lowest NDCG) is an early epoch; Lightning 2.6 alone would leave last.ckpt there.
+    out = fit(tmp_path, "callbacks.model_checkpoint.mode=min", "test_after_fit=false", epochs=3)
+    last = torch.load(os.path.join(out["run_dir"], "checkpoints", "last.ckpt"), weights_only=True)
+    best = torch.load(out["best_ckpt"], weights_only=True)
+    assert last["epoch"] == 2 and best["epoch"] < 2
+
+
 def test_checkpoint_loads_weights_only_and_rebuilds_the_model(tmp_path):
     out = fit(tmp_path, "model=nextitnet", "model.num_blocks=3", "model.tied_embeddings=false")
     path = out["best_ckpt"]

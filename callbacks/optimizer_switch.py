@@ -1,0 +1,190 @@
+"""Switch from an adaptive optimizer (Adam, AdamW, AdaShift) to SGD with momentum: SWATS or scheduled."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_info
+
+from lightning_rec.errors import ConfigError
+from lightning_rec.optim import SwatsEstimate, swats_gamma
+
+MODES = ("auto", "scheduled")
+
+
+class OptimizerSwitchCallback(pl.Callback):
+    """Adaptive phase, then SGD with momentum, at one step that every DDP rank agrees on.
+
+    During the adaptive phase the SWATS estimate runs for every parameter group: with the step
+    ``p_k`` the optimizer actually took and the gradient ``g_k`` it took it from,
+    ``gamma_k = (p.p) / (-p.g)`` and ``Lambda`` = bias-corrected EMA of ``gamma`` (rate ``beta2``).
+
+    Args:
+        mode: ``auto`` (the SWATS rule: every group's ``|Lambda - gamma_k| <= rtol * Lambda`` with
+            ``Lambda > 0``, after ``min_steps``; at ``deadline_step`` / ``deadline_epoch`` at the
+            latest) or ``scheduled`` (at ``at_step`` or at the start of ``at_epoch``).
+        sgd_lr: SGD learning rate; null uses each group's estimate ``Lambda``.
+        momentum: SGD momentum; null uses the adaptive optimizer's beta1 (as SWATS does).
+        nesterov: Nesterov momentum.
+        beta2: EMA rate of the estimate; null uses the adaptive optimizer's beta2.
+        rtol: relative tolerance of the convergence test (1e-6 in a public SWATS implementation).
+        min_steps: no automatic switch before this many optimizer steps.
+        keep_scheduler: keep the configured LR scheduler in the SGD phase (default: constant rate).
+        lr_bounds: ``[low, high]`` safety bounds: an estimate outside them is clipped at the switch
+            (and said). The projection ``gamma`` is noisy when steps and gradients are nearly
+            orthogonal (sparse embedding gradients, AdaShift's decorrelated moments).
+
+    The phase, switch step and learning rates are saved in the checkpoint: a run resumed after the
+    switch rebuilds SGD (its momentum restored), one resumed before it continues the adaptive
+    phase with its estimate. Logged: ``optim/phase`` (0 adaptive, 1 SGD), ``optim/swats_lr``
+    (group 0's estimate), ``optim/sgd_lr`` once switched.
+    """
+
+    def __init__(
+        self,
+        mode: str = "auto",
+        at_step: int | None = None,
+        at_epoch: int | None = None,
+        sgd_lr: float | None = None,
+        momentum: float | None = None,
+        nesterov: bool = False,
+        beta2: float | None = None,
+        rtol: float = 1e-6,
+        min_steps: int = 100,
+        deadline_step: int | None = None,
+        deadline_epoch: int | None = None,
+        keep_scheduler: bool = False,
+        lr_bounds: list[float] | tuple[float, float] | None = (1e-5, 10.0),
+    ):
+        if mode not in MODES:
+            raise ConfigError(f"callbacks.optimizer_switch.mode={mode}: expected auto or scheduled")
+        if mode == "scheduled" and at_step is None and at_epoch is None:
+            raise ConfigError("callbacks.optimizer_switch: mode=scheduled needs at_step or at_epoch")
+        if sgd_lr is not None and float(sgd_lr) <= 0:
+            raise ConfigError(f"callbacks.optimizer_switch.sgd_lr={sgd_lr}: expected a positive number or null")
+        self.mode, self.at_step, self.at_epoch = mode, at_step, at_epoch
+        self.sgd_lr = None if sgd_lr is None else float(sgd_lr)
+        self.momentum, self.nesterov, self.beta2, self.rtol = momentum, bool(nesterov), beta2, float(rtol)
+        self.min_steps, self.deadline_step, self.deadline_epoch = int(min_steps), deadline_step, deadline_epoch
+        self.keep_scheduler = bool(keep_scheduler)
+        self.lr_bounds = None if lr_bounds is None else (float(lr_bounds[0]), float(lr_bounds[1]))
+        if self.lr_bounds is not None and not 0 <= self.lr_bounds[0] < self.lr_bounds[1]:
+            raise ConfigError(f"callbacks.optimizer_switch.lr_bounds={list(lr_bounds)}: expected [low, high], 0 <= low < high")
+        self.phase = "adaptive"
+        self.switch_step: int | None = None
+        self.switches = 0
+        self.lrs: list[float] | None = None
+        self.estimates: list[SwatsEstimate] = []
+        self._before: list[list[torch.Tensor]] | None = None
+        self._grads: list[list[torch.Tensor]] | None = None
+        self._step_at_snapshot = -1
+
+    # ------------------------------------------------------------------ wiring
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        pl_module.__dict__["optimizer_switch"] = self  # read by configure_optimizers
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        pl_module.__dict__.pop("optimizer_switch", None)
+
+    def sgd_settings(self, adaptive: dict[str, Any]) -> dict[str, Any]:
+        """What configure_optimizers needs to build the SGD phase."""
+        betas = adaptive.get("betas", (0.9, 0.999))
+        return {"lrs": list(self.lrs or []), "momentum": float(self.momentum if self.momentum is not None else betas[0]),
+                "nesterov": self.nesterov, "keep_scheduler": self.keep_scheduler}
+
+    def _beta2(self, pl_module) -> float:
+        if self.beta2 is not None:
+            return float(self.beta2)
+        return float(dict(pl_module.hparams.optimizer).get("betas", (0.9, 0.999))[1])
+
+    # ------------------------------------------------------------------ estimate
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self.phase != "adaptive":
+            return
+        groups = optimizer.param_groups
+        self._before = [[p.detach().clone() for p in g["params"]] for g in groups]
+        self._grads = [[(p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)) for p in g["params"]]
+                       for g in groups]
+        self._step_at_snapshot = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.phase != "adaptive" or self._before is None or trainer.global_step == self._step_at_snapshot:
+            return  # no optimizer step since the snapshot (gradient accumulation)
+        opt = trainer.optimizers[0]
+        if len(self.estimates) != len(opt.param_groups):
+            self.estimates = [SwatsEstimate(self._beta2(pl_module), self.rtol) for _ in opt.param_groups]
+        converged = []
+        for est, g, before, grads in zip(self.estimates, opt.param_groups, self._before, self._grads):
+            if len(before) != len(g["params"]):  # the model changed shape (a stack) since the snapshot
+                converged.append(False)
+                continue
+            step = torch.cat([(p.detach() - b).flatten() for p, b in zip(g["params"], before)])
+            grad = torch.cat([x.flatten() for x in grads])
+            converged.append(est.update(swats_gamma(step, grad)))
+        self._before = self._grads = None
+        lam = self.estimates[0].value
+        if lam is not None:
+            pl_module.log("optim/swats_lr", float(lam), on_step=True, on_epoch=False, batch_size=1)
+        pl_module.log("optim/phase", 0.0, on_step=True, on_epoch=False, batch_size=1)
+        step = trainer.global_step
+        if self.mode == "auto":
+            due = (all(converged) and step >= self.min_steps) or (
+                self.deadline_step is not None and step >= int(self.deadline_step))
+            why = "SWATS criterion met" if all(converged) else f"deadline step {self.deadline_step}"
+        else:
+            due = self.at_step is not None and step >= int(self.at_step)
+            why = f"scheduled at step {self.at_step}"
+        if trainer.strategy.broadcast(bool(due), src=0):  # every rank switches at the same step
+            self._switch(trainer, pl_module, why)
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if self.phase != "adaptive":
+            return
+        epoch = trainer.current_epoch
+        if self.mode == "scheduled" and self.at_epoch is not None and epoch >= int(self.at_epoch):
+            self._switch(trainer, pl_module, f"scheduled at epoch {self.at_epoch}")
+        elif self.mode == "auto" and self.deadline_epoch is not None and epoch >= int(self.deadline_epoch):
+            self._switch(trainer, pl_module, f"deadline epoch {self.deadline_epoch}")
+
+    # ------------------------------------------------------------------ switch
+    def _switch(self, trainer, pl_module, why: str) -> None:
+        n_groups = len(trainer.optimizers[0].param_groups)
+        if self.sgd_lr is not None:
+            lrs = [self.sgd_lr] * n_groups
+        else:
+            lrs = [e.value for e in self.estimates] if len(self.estimates) == n_groups else []
+            if not lrs or any(v is None or not v > 0 for v in lrs):
+                raise ConfigError(f"optimizer switch ({why}) at step {trainer.global_step}: no positive SWATS estimate "
+                                  f"yet ({lrs}); set callbacks.optimizer_switch.sgd_lr or switch later")
+            if self.lr_bounds is not None:
+                lo, hi = self.lr_bounds
+                clipped = [min(max(x, lo), hi) for x in lrs]
+                if clipped != lrs:
+                    rank_zero_info(f"SWATS estimate {', '.join(f'{x:.4g}' for x in lrs)} is outside lr_bounds "
+                                   f"[{lo:g}, {hi:g}]; using {', '.join(f'{x:.4g}' for x in clipped)}")
+                lrs = clipped
+        lrs = [float(x) for x in trainer.strategy.broadcast(lrs, src=0)]
+        self.phase, self.lrs, self.switch_step = "sgd", lrs, int(trainer.global_step)
+        self.switches += 1
+        trainer.strategy.setup_optimizers(trainer)  # configure_optimizers now builds SGD
+        rank_zero_info(f"optimizer switch at step {self.switch_step} (epoch {trainer.current_epoch}, {why}): SGD with "
+                       f"momentum {self.sgd_settings(dict(pl_module.hparams.optimizer))['momentum']}, "
+                       f"lr {', '.join(f'{x:.4g}' for x in lrs)}")
+        for lg in trainer.loggers:
+            lg.log_metrics({"optim/switch_step": float(self.switch_step), "optim/sgd_lr": lrs[0]}, step=trainer.global_step)
+
+    # ------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        return {"phase": self.phase, "switch_step": self.switch_step, "lrs": self.lrs, "switches": self.switches,
+                "estimates": [e.state_dict() for e in self.estimates]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.phase, self.switch_step, self.lrs = state["phase"], state["switch_step"], state["lrs"]
+        self.switches = int(state.get("switches", 0))
+        self.estimates = []
+        for s in state.get("estimates", []):
+            e = SwatsEstimate(s["beta2"], s["rtol"])
+            e.load_state_dict(s)
+            self.estimates.append(e)

@@ -1,0 +1,210 @@
+"""AdaShift against a hand computation, the SWATS estimate, and the optimizer switch in real runs."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import tiny
+from lightning_rec.callbacks import OptimizerSwitchCallback
+
+from lightning_rec.cli import run
+from lightning_rec.errors import ConfigError
+from lightning_rec.optim import AdaShift, SwatsEstimate, swats_gamma
+
+GRADS = [[0.5, -1.0], [2.0, 0.25], [-1.0, 1.0], [0.1, 3.0], [1.5, -0.5]]
+
+
+def run_adashift(**kw):
+    x = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+    opt = AdaShift([x], **kw)
+    seen = []
+    for g in GRADS:
+        x.grad = torch.tensor(g, dtype=torch.float64)
+        opt.step()
+        seen.append(x.detach().clone().tolist())
+    return seen
+
+
+def test_adashift_first_steps_by_hand():
+    lr, b1, b2, n = 0.1, 0.5, 0.9, 2
+    seen = run_adashift(lr=lr, betas=(b1, b2), n=n, reduction="none", eps=0.0)
+    assert seen[0] == seen[1] == [1.0, -2.0]  # no update while the window of n = 2 gradients fills
+    x = [1.0, -2.0]
+    v = [0.0, 0.0]
+    for t in range(2, 5):  # steps 3, 4, 5 (0-based t): shift out g_{t-2}
+        k = t - 1
+        for j in range(2):
+            v[j] = b2 * v[j] + (1 - b2) * GRADS[t - 2][j] ** 2
+            m = (GRADS[t][j] + b1 * GRADS[t - 1][j]) / (1 + b1)
+            x[j] -= lr * m / math.sqrt(v[j] / (1 - b2**k))
+        assert seen[t] == pytest.approx(x, rel=1e-12), t
+
+
+def test_adashift_max_reduction_and_max_of_last_q_by_hand():
+    lr, b1, b2 = 0.1, 0.5, 0.9
+    seen = run_adashift(lr=lr, betas=(b1, b2), n=2, reduction="max", eps=0.0)
+    # step 3: v = (1 - b2) * max(g1^2) = 0.1 * 1.0 (one value for the whole tensor), bias-corrected -> 1.0
+    m = [(GRADS[2][j] + b1 * GRADS[1][j]) / (1 + b1) for j in range(2)]
+    assert seen[2] == pytest.approx([1.0 - lr * m[0] / 1.0, -2.0 - lr * m[1] / 1.0], rel=1e-12)
+    # the paper's variant: largest of the last q = 2 shifted squared gradients (element-wise)
+    q = run_adashift(lr=lr, betas=(b1, b2), n=1, reduction="none", second_moment="max_last_q", q=2, eps=0.0)
+    x, v = [1.0, -2.0], [0.0, 0.0]
+    for t in range(1, 5):  # n = 1: step t shifts out g_{t-1}
+        k = t
+        for j in range(2):
+            window = [GRADS[i][j] ** 2 for i in range(max(0, t - 2), t)]  # last q shifted gradients
+            v[j] = b2 * v[j] + (1 - b2) * max(window)
+            x[j] -= lr * GRADS[t][j] / math.sqrt(v[j] / (1 - b2**k))
+        assert q[t] == pytest.approx(x, rel=1e-12), t
+
+
+def test_adashift_state_survives_a_checkpoint_round_trip():
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(3))
+    opt = AdaShift([a], lr=0.01, n=3)
+    for _ in range(5):
+        a.grad = torch.randn(3)
+        opt.step()
+    sd = torch.load(_save(opt.state_dict()), weights_only=True)
+    b = torch.nn.Parameter(a.detach().clone())
+    opt2 = AdaShift([b], lr=0.01, n=3)
+    opt2.load_state_dict(sd)
+    g = torch.randn(3)
+    a.grad, b.grad = g.clone(), g.clone()
+    opt.step()
+    opt2.step()
+    assert torch.equal(a, b)
+
+
+def _save(obj):
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return buf
+
+
+def test_bad_adashift_settings():
+    with pytest.raises(ConfigError, match="optimizer.reduction=mean"):
+        AdaShift([torch.nn.Parameter(torch.zeros(1))], reduction="mean")
+    with pytest.raises(ConfigError, match="mode=scheduled needs at_step or at_epoch"):
+        OptimizerSwitchCallback(mode="scheduled")
+
+
+# ---------------------------------------------------------------------- SWATS
+def test_swats_gamma_recovers_the_sgd_rate_of_an_sgd_step():
+    g = torch.tensor([0.3, -1.2, 2.0])
+    assert swats_gamma(-0.05 * g, g) == pytest.approx(0.05, rel=1e-6)  # float32 inputs
+    assert swats_gamma(torch.zeros(3), g) is None
+
+
+def test_swats_estimate_by_hand():
+    e = SwatsEstimate(beta2=0.9, rtol=1e-6)
+    assert not e.update(0.3)  # never at k = 1
+    assert e.value == pytest.approx(0.3)
+    assert not e.update(0.5)
+    ema = 0.9 * (0.1 * 0.3) + 0.1 * 0.5
+    assert e.value == pytest.approx(ema / (1 - 0.81))
+    c = SwatsEstimate(beta2=0.999)
+    assert not c.update(0.05) and c.update(0.05)  # a constant projection has converged at k = 2
+
+
+def test_swats_on_a_quadratic_where_the_answer_is_known():
+    """Adam on f(x) = a/2 ||x||^2 with one coordinate: gamma_k = -p_k / g_k, computed here by hand."""
+    a, lr, b1, b2, eps = 2.0, 0.1, 0.9, 0.999, 1e-8
+    x = torch.nn.Parameter(torch.tensor([3.0], dtype=torch.float64))
+    opt = torch.optim.Adam([x], lr=lr, betas=(b1, b2), eps=eps)
+    est = SwatsEstimate(beta2=b2)
+    m = v = 0.0
+    xv = 3.0
+    ema = 0.0
+    for k in range(1, 6):
+        g = a * xv
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+        step = -lr * (m / (1 - b1**k)) / (math.sqrt(v / (1 - b2**k)) + eps)
+        gamma = -step / g
+        ema = b2 * ema + (1 - b2) * gamma
+        before = x.detach().clone()
+        x.grad = torch.tensor([g], dtype=torch.float64)
+        opt.step()
+        est.update(swats_gamma(x.detach() - before, x.grad))
+        xv += step
+        assert est.gamma == pytest.approx(gamma, rel=1e-9)
+        assert est.value == pytest.approx(ema / (1 - b2**k), rel=1e-9)
+
+
+# ---------------------------------------------------------------------- in real runs
+def _ckpt(out, name="last.ckpt"):
+    return torch.load(os.path.join(out["run_dir"], "checkpoints", name), weights_only=True)
+
+
+def _switch_state(ck):
+    return next(v for k, v in ck["callbacks"].items() if k.startswith("OptimizerSwitchCallback"))
+
+
+def test_automatic_switch_recovers_the_rate_of_a_plain_sgd_phase(tmp_path):
+    # SGD without momentum as the "adaptive" phase: every step is -lr * g, so SWATS must estimate lr.
+    out = run(["fit", *tiny(tmp_path, "optimizer=sgd", "optimizer.momentum=0", "optimizer.lr=0.05", "callbacks=swats",
+                           "callbacks.optimizer_switch.min_steps=3", "callbacks.optimizer_switch.rtol=1e-4",
+                           "test_after_fit=false", epochs=1)])
+    st = _switch_state(_ckpt(out))
+    assert st["phase"] == "sgd" and st["switch_step"] == 3 and st["switches"] == 1
+    assert st["lrs"][0] == pytest.approx(0.05, rel=1e-4)
+
+
+def test_scheduled_switch_builds_sgd_with_the_given_rate_and_a_stack_keeps_it(tmp_path):
+    out = run(["fit", *tiny(tmp_path, "model=nextitnet", "model.num_blocks=2", "callbacks=swats",
+                           "callbacks.optimizer_switch.mode=scheduled", "callbacks.optimizer_switch.at_epoch=1",
+                           "callbacks.optimizer_switch.sgd_lr=0.2",
+                           "+callbacks.stacking._target_=lightning_rec.callbacks.StackingCallback",
+                           "+callbacks.stacking.at_epochs=[2]", "test_after_fit=false", epochs=3)])
+    ck = _ckpt(out)
+    group = ck["optimizer_states"][0]["param_groups"][0]
+    assert "momentum" in group and "betas" not in group and group["lr"] == 0.2 and group["momentum"] == 0.9
+    assert ck["hyper_parameters"]["num_blocks"] == 4  # stacked after the switch, still SGD
+    n_params = sum(v.numel() for k, v in ck["state_dict"].items() if not k.startswith(("val_", "test_")))
+    assert len(group["params"]) == len([k for k in ck["state_dict"] if not k.startswith(("val_", "test_"))])
+    assert n_params > 0 and _switch_state(ck)["switches"] == 1
+
+
+@pytest.mark.parametrize("stop_after,adaptive", [
+    (2, ["optimizer=adam"]),  # interrupted before the switch (step 17): the SWATS estimate must carry over
+    (3, ["optimizer=adashift", "optimizer.n=3", "callbacks.optimizer_switch.sgd_lr=0.1"]),  # after it: SGD's momentum
+])
+def test_resume_on_either_side_of_the_switch_is_exact(tmp_path, stop_after, adaptive):
+    common = [*adaptive, "trainer.deterministic=true", "callbacks=swats",
+              "callbacks.optimizer_switch.min_steps=1000", "callbacks.optimizer_switch.deadline_step=17"]
+    full = run(["fit", *tiny(tmp_path / "a", *common, epochs=4)])
+    run(["fit", *tiny(tmp_path / "b", *common, "test_after_fit=false", epochs=stop_after)])
+    resumed = run(["fit", *tiny(tmp_path / "b", *common, "ckpt_path=last", epochs=4)])
+    a, b = _ckpt(full), _ckpt(resumed)
+    assert _switch_state(a)["switch_step"] == _switch_state(b)["switch_step"] == 17
+    assert _switch_state(a)["lrs"] == _switch_state(b)["lrs"]  # the estimate carried across the interruption
+    for k in a["state_dict"]:
+        torch.testing.assert_close(a["state_dict"][k], b["state_dict"][k], rtol=0, atol=0, msg=k)
+    assert resumed["test"] == full["test"]
+
+
+@pytest.mark.ddp
+def test_two_ddp_ranks_switch_once_at_the_same_step(tmp_path):
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    env = {**os.environ, "PROBE_DIR": str(probe), "WANDB_MODE": "offline",
+           "PYTHONPATH": os.path.dirname(os.path.abspath(__file__))}
+    args = [sys.executable, "-m", "lightning_rec", "fit", *tiny(tmp_path, "callbacks=swats", "trainer.devices=2",
+            "trainer.strategy=ddp", "callbacks.optimizer_switch.min_steps=2", "callbacks.optimizer_switch.rtol=0.05",
+            "callbacks.optimizer_switch.deadline_step=6", "+callbacks.probe._target_=ddp_probe.SwitchProbe",
+            "test_after_fit=false", epochs=2)]
+    p = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r0, r1 = (json.load(open(probe / f"switch{r}.json")) for r in (0, 1))
+    assert r0["switches"] == r1["switches"] == 1
+    assert r0["switch_step"] == r1["switch_step"] and r0["switch_step"] <= 6
+    assert r0["lrs"] == r1["lrs"] and r0["optimizer"] == r1["optimizer"] == "SGD"
+    for k in r0["state"]:
+        assert abs(r0["state"][k] - r1["state"][k]) < 1e-5, k
