@@ -25,7 +25,9 @@ class OptimizerSwitchCallback(pl.Callback):
         mode: ``auto`` (the SWATS rule: every group's ``|Lambda - gamma_k| <= rtol * Lambda`` with
             ``Lambda > 0``, after ``min_steps``; at ``deadline_step`` / ``deadline_epoch`` at the
             latest) or ``scheduled`` (at ``at_step`` or at the start of ``at_epoch``).
-        sgd_lr: SGD learning rate; null uses each group's estimate ``Lambda``.
+        sgd_lr: the SGD rate; null uses each group's estimate ``Lambda``. As in SWATS, the SGD phase
+            is ``v = momentum v + g; w -= (1 - momentum) rate v`` (torch's SGD with
+            ``lr = (1 - momentum) rate``), so a long-run step equals an SGD step of ``rate``.
         momentum: SGD momentum; null uses the adaptive optimizer's beta1 (as SWATS does).
         nesterov: Nesterov momentum.
         beta2: EMA rate of the estimate; null uses the adaptive optimizer's beta2.
@@ -80,6 +82,7 @@ class OptimizerSwitchCallback(pl.Callback):
         self._before: list[list[torch.Tensor]] | None = None
         self._grads: list[list[torch.Tensor]] | None = None
         self._step_at_snapshot = -1
+        self._pending = False
 
     # ------------------------------------------------------------------ wiring
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -136,7 +139,7 @@ class OptimizerSwitchCallback(pl.Callback):
         else:
             due = self.at_step is not None and step >= int(self.at_step)
             why = f"scheduled at step {self.at_step}"
-        if trainer.strategy.broadcast(bool(due), src=0):  # every rank switches at the same step
+        if trainer.strategy.broadcast(bool(due or self._pending), src=0):  # every rank switches at the same step
             self._switch(trainer, pl_module, why)
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
@@ -156,8 +159,12 @@ class OptimizerSwitchCallback(pl.Callback):
         else:
             lrs = [e.value for e in self.estimates] if len(self.estimates) == n_groups else []
             if not lrs or any(v is None or not v > 0 for v in lrs):
-                raise ConfigError(f"optimizer switch ({why}) at step {trainer.global_step}: no positive SWATS estimate "
-                                  f"yet ({lrs}); set callbacks.optimizer_switch.sgd_lr or switch later")
+                if not self._pending:  # e.g. AdaShift's first n steps make no update, so no estimate yet
+                    rank_zero_info(f"optimizer switch due ({why}) at step {trainer.global_step}, but there is no positive "
+                                   f"SWATS estimate yet ({lrs}); switching at the first step that has one "
+                                   f"(or set callbacks.optimizer_switch.sgd_lr)")
+                self._pending = True
+                return
             if self.lr_bounds is not None:
                 lo, hi = self.lr_bounds
                 clipped = [min(max(x, lo), hi) for x in lrs]
@@ -171,18 +178,20 @@ class OptimizerSwitchCallback(pl.Callback):
         trainer.strategy.setup_optimizers(trainer)  # configure_optimizers now builds SGD
         rank_zero_info(f"optimizer switch at step {self.switch_step} (epoch {trainer.current_epoch}, {why}): SGD with "
                        f"momentum {self.sgd_settings(dict(pl_module.hparams.optimizer))['momentum']}, "
-                       f"lr {', '.join(f'{x:.4g}' for x in lrs)}")
+                       f"rate {', '.join(f'{x:.4g}' for x in lrs)} (torch lr = (1 - momentum) x rate)")
         for lg in trainer.loggers:
             lg.log_metrics({"optim/switch_step": float(self.switch_step), "optim/sgd_lr": lrs[0]}, step=trainer.global_step)
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
         return {"phase": self.phase, "switch_step": self.switch_step, "lrs": self.lrs, "switches": self.switches,
+                "pending": self._pending,
                 "estimates": [e.state_dict() for e in self.estimates]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.phase, self.switch_step, self.lrs = state["phase"], state["switch_step"], state["lrs"]
         self.switches = int(state.get("switches", 0))
+        self._pending = bool(state.get("pending", False))
         self.estimates = []
         for s in state.get("estimates", []):
             e = SwatsEstimate(s["beta2"], s["rtol"])

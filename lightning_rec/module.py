@@ -257,8 +257,9 @@ class SeqRecModule(pl.LightningModule):
         switch = self.__dict__.get("optimizer_switch")
         if switch is not None and switch.phase == "sgd":  # after an optimizer switch (also on resume, after a stack)
             sw = switch.sgd_settings(dict(self.hparams.optimizer))
-            opt = torch.optim.SGD([{"params": params, "lr": sw["lrs"][0]}], lr=sw["lrs"][0], weight_decay=wd,
-                                  momentum=sw["momentum"], nesterov=sw["nesterov"])
+            # SWATS's SGD phase: v = mu v + g, w -= (1 - mu) * rate * v, i.e. torch's lr = (1 - mu) * rate.
+            sgd_lr = (1 - sw["momentum"]) * sw["lrs"][0]
+            opt = torch.optim.SGD(params, lr=sgd_lr, weight_decay=wd, momentum=sw["momentum"], nesterov=sw["nesterov"])
             if not sw["keep_scheduler"]:
                 return opt
         elif name == "adam":
