@@ -417,12 +417,27 @@ def predict(cfg: DictConfig, overrides: list[str]) -> str:
 
 
 # ---------------------------------------------------------------------- stack
+def _write_weights(model, src_ckpt: dict[str, Any], out_path: str, extra: dict[str, Any]) -> None:
+    """A weights-only checkpoint (what ``test``, ``predict`` and ``init_from`` read), written atomically,
+    carrying the source's data settings and id maps."""
+    import torch
+
+    out = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
+           "pytorch-lightning_version": src_ckpt.get("pytorch-lightning_version", ""), **extra}
+    for key in ("datamodule_hyper_parameters", "datamodule_hparams_name", "SeqDataModule"):
+        if key in src_ckpt:
+            out[key] = src_ckpt[key]
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    tmp = f"{out_path}.tmp"
+    torch.save(out, tmp)
+    os.replace(tmp, out_path)
+
+
 STACK_ALIASES = ("ckpt", "out", "mode", "preset", "times", "overwrite")
 
 
 def stack(cfg: DictConfig, overrides: list[str]) -> str:
     """Write a deeper model from a trained checkpoint: ``stack ckpt=a.ckpt mode=adjacent out=b.ckpt``."""
-    import torch
 
     from . import runs
     from .module import SeqRecModule
@@ -444,20 +459,8 @@ def stack(cfg: DictConfig, overrides: list[str]) -> str:
     before = len(model.encoder.blocks)
     for _ in range(times):
         model.stack(opts)
-    out = {
-        "state_dict": model.state_dict(),
-        "hyper_parameters": dict(model.hparams),
-        "pytorch-lightning_version": ckpt.get("pytorch-lightning_version", ""),
-        "stacked_from": os.path.abspath(src),
-        "stacking": describe(opts) | {"times": times},
-    }
-    for key in ("datamodule_hyper_parameters", "datamodule_hparams_name", "SeqDataModule"):
-        if key in ckpt:
-            out[key] = ckpt[key]
-    os.makedirs(os.path.dirname(os.path.abspath(sc.out)), exist_ok=True)
-    tmp = f"{sc.out}.tmp"
-    torch.save(out, tmp)
-    os.replace(tmp, sc.out)
+    _write_weights(model, ckpt, sc.out, {"stacked_from": os.path.abspath(src),
+                                         "stacking": describe(opts) | {"times": times}})
     n = sum(p.numel() for p in model.parameters())
     print(f"stacked {src}: {before} -> {len(model.encoder.blocks)} blocks ({sc.mode}, {sc.preset or 'custom'}), "
           f"{n:,} parameters -> {sc.out}", flush=True)
@@ -489,19 +492,7 @@ def export(cfg: DictConfig, overrides: list[str]) -> str:
     rocket = RocketModule.load_from_checkpoint(src, map_location="cpu", weights_only=True)
     nets = {name: rocket.export_net(name) for name in ("light", "booster")}
     model = nets[ec.net]
-    out = {
-        "state_dict": model.state_dict(),
-        "hyper_parameters": dict(model.hparams),
-        "pytorch-lightning_version": ckpt.get("pytorch-lightning_version", ""),
-        "exported_from": {"ckpt": os.path.abspath(src), "net": ec.net},
-    }
-    for key in ("datamodule_hyper_parameters", "datamodule_hparams_name", "SeqDataModule"):
-        if key in ckpt:
-            out[key] = ckpt[key]
-    os.makedirs(os.path.dirname(os.path.abspath(ec.out)), exist_ok=True)
-    tmp = f"{ec.out}.tmp"
-    torch.save(out, tmp)
-    os.replace(tmp, ec.out)
+    _write_weights(model, ckpt, ec.out, {"exported_from": {"ckpt": os.path.abspath(src), "net": ec.net}})
     users = _positive_int(ec.latency_users, "latency_users")
     length = int((ckpt.get("datamodule_hyper_parameters") or {}).get("max_len") or rocket.hparams.max_len)
     gen = torch.Generator().manual_seed(0)
