@@ -43,6 +43,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--latency-users", type=int, default=256)
     ap.add_argument("--only", default=",".join(ORDER), help="comma-separated subset of " + ",".join(ORDER))
+    ap.add_argument("--reuse", default="", metavar="NAME=RUN_DIR,...",
+                    help="take these runs from finished run folders (same settings) instead of training them again")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = ap.parse_args()
     import torch
@@ -75,8 +77,20 @@ def main() -> None:
         f"data.batch_size={args.batch_size}", "model.dropout=0.2", f"runs_dir={RUNS}", "logger=csv",
         "trainer.enable_progress_bar=false", f"trainer.max_epochs={args.epochs}", f"seed={args.seed}",
     ]
+    reuse = dict(x.split("=", 1) for x in args.reuse.split(",") if x)
     results = {}
     for name in chosen:
+        if name in reuse:
+            import glob
+
+            best = glob.glob(os.path.join(reuse[name], "checkpoints", "epoch*.ckpt"))
+            if len(best) != 1:
+                raise SystemExit(f"--reuse {name}={reuse[name]}: expected one best checkpoint, found {best}")
+            test = run(["test", f"ckpt_path={best[0]}", "trainer.enable_progress_bar=false"])
+            key = "test/ndcg@10" if name in ("light", "booster") else "test/light/ndcg@10"
+            results[name] = {"ndcg": test[key], "hr": test[key.replace("ndcg", "hr")],
+                             "booster_ndcg": test.get("test/booster/ndcg@10"), "ckpt": best[0], "minutes": float("nan")}
+            continue
         extra = runs[name]
         if name not in ("light", "booster"):
             extra = [e for e in extra if e != "model.dropout=0.2"] + ["model.booster.dropout=0.2", "model.light.dropout=0.2"]
@@ -105,6 +119,8 @@ def main() -> None:
                 items = torch.randint(1, m.num_items + 1, (args.latency_users, args.max_len), generator=gen)
             sizes[k], lats[k] = net_parameters(m), scoring_latency(m, items)
 
+    order = [n for n in ORDER if n in results]
+    results = {n: results[n] for n in order}
     rows = ["| run | test NDCG@10 (shipped net) | HR@10 | booster NDCG@10 (in the run) | params of the shipped net | "
             "latency ms / batch | fit min |", "|---|---|---|---|---|---|---|"]
     for name, r in results.items():
