@@ -104,8 +104,8 @@ class OptimizerSwitchCallback(pl.Callback):
 
     # ------------------------------------------------------------------ estimate
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        if self.phase != "adaptive":
-            return
+        if self.phase != "adaptive" or (self.mode == "scheduled" and self.sgd_lr is not None):
+            return  # nothing to estimate: skip copying every parameter and gradient each step
         groups = optimizer.param_groups
         self._before = [[p.detach().clone() for p in g["params"]] for g in groups]
         self._grads = [[(p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)) for p in g["params"]]

@@ -162,12 +162,8 @@ def _eval_overrides(cfg: DictConfig) -> dict[str, Any]:
 def _check_model_fits_data(model, dm) -> None:
     """Errors that would otherwise surface as tracebacks deep inside training."""
     hp = model.hparams
-    if hp.arch == "rocket":
-        for role in ("booster", "light"):
-            if hp[role]["arch"] == "sasrec" and hp.max_len < dm.hparams.max_len:
-                raise ConfigError(f"data.max_len={dm.hparams.max_len} is longer than the SASRec {role}'s position "
-                                  f"table (model.max_len={hp.max_len}); set data.max_len<={hp.max_len}")
-    elif hp.arch == "sasrec" and hp.max_len < dm.hparams.max_len:
+    archs = [hp[role]["arch"] for role in ("booster", "light")] if hp.arch == "rocket" else [hp.arch]
+    if "sasrec" in archs and hp.max_len < dm.hparams.max_len:
         raise ConfigError(f"data.max_len={dm.hparams.max_len} is longer than the SASRec position table "
                           f"(model.max_len={hp.max_len}); set data.max_len<={hp.max_len}")
 

@@ -24,6 +24,16 @@ OPTIMIZERS = ("adam", "adamw", "sgd", "adashift")
 SCHEDULERS = ("none", "cosine", "step", "linear_warmup")
 
 
+def check_training_options(optimizer: dict[str, Any], scheduler: dict[str, Any], eval_protocol: str) -> None:
+    """One-line errors for the options every module shares."""
+    if optimizer.get("name", "adam") not in OPTIMIZERS:
+        raise ConfigError(f"optimizer.name: unknown optimizer '{optimizer.get('name')}'; expected one of {', '.join(OPTIMIZERS)}")
+    if scheduler.get("name", "none") not in SCHEDULERS:
+        raise ConfigError(f"scheduler.name: unknown scheduler '{scheduler.get('name')}'; expected one of {', '.join(SCHEDULERS)}")
+    if eval_protocol not in ("full", "sampled"):
+        raise ConfigError(f"eval.protocol: '{eval_protocol}' is not one of full, sampled")
+
+
 class SeqRecModule(pl.LightningModule):
     """Next-item prediction with NextItNet or SASRec.
 
@@ -79,12 +89,7 @@ class SeqRecModule(pl.LightningModule):
             raise ConfigError(f"model.arch: unknown model '{arch}'; expected one of {', '.join(ENCODERS)}")
         if loss not in LOSSES:
             raise ConfigError(f"model.loss: unknown loss '{loss}'; expected one of {', '.join(LOSSES)}")
-        if optimizer.get("name", "adam") not in OPTIMIZERS:
-            raise ConfigError(f"optimizer.name: unknown optimizer '{optimizer.get('name')}'; expected one of {', '.join(OPTIMIZERS)}")
-        if scheduler.get("name", "none") not in SCHEDULERS:
-            raise ConfigError(f"scheduler.name: unknown scheduler '{scheduler.get('name')}'; expected one of {', '.join(SCHEDULERS)}")
-        if eval_protocol not in ("full", "sampled"):
-            raise ConfigError(f"eval.protocol: '{eval_protocol}' is not one of full, sampled")
+        check_training_options(optimizer, scheduler, eval_protocol)
         if num_items < 1:
             raise ConfigError(f"num_items: expected a positive catalogue size, got {num_items}")
         self.save_hyperparameters()
@@ -216,15 +221,20 @@ class SeqRecModule(pl.LightningModule):
         return spec.student_ce_weight * parts["student_ce"] + spec.weight * parts["hint"]
 
     # ------------------------------------------------------------------ evaluation
-    def _ranks(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        h = self.user_representation(batch["inputs"])  # (B, d)
-        if "negatives" in batch and self.hparams.eval_protocol == "sampled":
+    def _ranks(self, batch: dict[str, torch.Tensor], h: torch.Tensor | None = None,
+               w: torch.Tensor | None = None) -> torch.Tensor:
+        """Rank of each target; ``h`` (B, d) and the scoring table ``w`` default to this model's own."""
+        if h is None:
+            h = self.user_representation(batch["inputs"])  # (B, d)
+        if w is None:
             w = self.output_weight()
+        if "negatives" in batch and self.hparams.eval_protocol == "sampled":
             t = (h * w[batch["target"]]).sum(-1)
             neg = torch.einsum("bd,bkd->bk", h, w[batch["negatives"]])
             return sampled_ranks(t, neg)
         seen = batch["seen"] if self.hparams.exclude_seen else None
-        return full_ranks(self.score_fn(h), self.num_items, batch["target"], seen, self.hparams.eval_chunk_size)
+        return full_ranks(lambda c0, c1: h @ w[c0:c1].T, self.num_items, batch["target"], seen,
+                          self.hparams.eval_chunk_size)
 
     def _eval_step(self, batch, stage: str, metrics: nn.ModuleDict) -> None:
         ranks = self._ranks(batch)

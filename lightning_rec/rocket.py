@@ -18,9 +18,9 @@ from torchmetrics import MeanMetric
 
 from .distill import joint_losses
 from .errors import ConfigError
-from .metrics import full_ranks, metrics_from_ranks, sampled_ranks
+from .metrics import metrics_from_ranks
 from .models import ENCODERS, build_encoder
-from .module import OPTIMIZERS, SCHEDULERS, SeqRecModule
+from .module import SeqRecModule, check_training_options
 
 NETS = ("light", "booster")
 NET_KEYS = ("arch", "d_model", "num_blocks", "num_heads", "ffn_dim", "dropout", "norm_first", "residual_alpha",
@@ -107,12 +107,7 @@ class RocketModule(SeqRecModule):
         if loss not in ("ce", "sampled_softmax"):
             raise ConfigError(f"model.loss={loss}: the rocket module compares logits over a candidate set; "
                               f"expected ce or sampled_softmax")
-        if optimizer.get("name", "adam") not in OPTIMIZERS:
-            raise ConfigError(f"optimizer.name: unknown optimizer '{optimizer.get('name')}'; expected one of {', '.join(OPTIMIZERS)}")
-        if scheduler.get("name", "none") not in SCHEDULERS:
-            raise ConfigError(f"scheduler.name: unknown scheduler '{scheduler.get('name')}'; expected one of {', '.join(SCHEDULERS)}")
-        if eval_protocol not in ("full", "sampled"):
-            raise ConfigError(f"eval.protocol: '{eval_protocol}' is not one of full, sampled")
+        check_training_options(optimizer, scheduler, eval_protocol)
         if share_blocks:
             same = all(booster.get(k) == light.get(k) for k in ("arch", "d_model", "num_heads", "ffn_dim"))
             if not same or share_blocks > min(booster.get("num_blocks", 2), light.get("num_blocks", 1)):
@@ -236,21 +231,10 @@ class RocketModule(SeqRecModule):
         return loss
 
     # ------------------------------------------------------------------ evaluation
-    def _net_ranks(self, batch: dict[str, torch.Tensor], net: str) -> torch.Tensor:
-        h = self.user_representation(batch["inputs"], net)
-        _, w = self.net(net)
-        if "negatives" in batch and self.hparams.eval_protocol == "sampled":
-            t = (h * w[batch["target"]]).sum(-1)
-            neg = torch.einsum("bd,bkd->bk", h, w[batch["negatives"]])
-            return sampled_ranks(t, neg)
-        seen = batch["seen"] if self.hparams.exclude_seen else None
-        return full_ranks(lambda c0, c1: h @ w[c0:c1].T, self.num_items, batch["target"], seen,
-                          self.hparams.eval_chunk_size)
-
     def _eval_step(self, batch, stage: str, metrics: nn.ModuleDict) -> None:
         prefix = "sampled_" if self.hparams.eval_protocol == "sampled" else ""
         for net in NETS:
-            ranks = self._net_ranks(batch, net)
+            ranks = self._ranks(batch, self.user_representation(batch["inputs"], net), self.net(net)[1])
             for name, values in metrics_from_ranks(ranks, self.hparams.eval_ks).items():
                 key = f"{net}/{prefix}{name}"
                 m = metrics[key.replace("@", "_at_").replace("/", "__")]
