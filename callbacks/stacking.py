@@ -127,6 +127,8 @@ class StackingCallback(pl.Callback):
             # (its constructor also broadcasts rank 0's weights, so fresh parameters agree across ranks).
             strategy.model = strategy.lightning_module
             strategy.configure_ddp()
+        elif hasattr(strategy, "model_changed"):
+            strategy.model_changed()  # top-k averaging: rank 0's grown model becomes everyone's global model
 
     @staticmethod
     def _param_states(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, dict[str, torch.Tensor]]:

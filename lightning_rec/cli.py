@@ -231,12 +231,17 @@ def fit(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
                               f"state to resume; start a new run from it with init_from={ckpt_path}")
         saved_model = ckpt.get("hyper_parameters")
         saved_data_state = ckpt.get("SeqDataModule")
-        run_dir = os.environ.get(runs.RUN_DIR_ENV) or runs.run_dir_of(ckpt_path) or runs.new_run_dir(cfg.runs_dir, cfg.name)
+        run_dir = os.environ.get(runs.RUN_DIR_ENV) or runs.run_dir_of(ckpt_path)
+        if not run_dir:
+            run_dir = (runs.launched_run_dir(cfg.runs_dir, cfg.name, None) if runs.external_launch()
+                       else runs.new_run_dir(cfg.runs_dir, cfg.name))
         data_conf = _data_conf_from_checkpoint(ckpt, cfg, overrides)
         del ckpt
     else:
         run_dir = os.environ.get(runs.RUN_DIR_ENV)
-        if not run_dir:
+        if not run_dir and runs.external_launch():
+            run_dir = runs.launched_run_dir(cfg.runs_dir, cfg.name, cfg.run_dir)
+        elif not run_dir:
             run_dir = runs.claim_run_dir(cfg.run_dir) if cfg.run_dir else runs.new_run_dir(cfg.runs_dir, cfg.name)
         data_conf = None
     os.environ[runs.RUN_DIR_ENV] = run_dir  # DDP workers re-run this command; they must share the folder

@@ -191,19 +191,30 @@ class SeqRecModule(pl.LightningModule):
         return bce_one_negative(hidden, w, targets)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.train_loss(batch, log=True)
+
+    def train_loss(self, batch: dict[str, torch.Tensor], log: bool = False) -> torch.Tensor:
+        """The training loss of one batch (what ``training_step`` returns); logs only when ``log``.
+
+        Strategies that need extra gradients of the same objective (SVRG's snapshot gradient in
+        :class:`~lightning_rec.distributed.TopKAveragingStrategy`) call it with ``log=False``.
+        """
         h = self(batch["inputs"])  # (B, T, d)
         mask = batch["targets"] != 0
         n = int(mask.sum())
         hint_cb = self.__dict__.get("hint_callback")
         if hint_cb is not None and hint_cb.teacher is not None:
-            loss = self._distilled_loss(hint_cb, batch["inputs"], h[mask], batch["targets"][mask], mask)
+            loss = self._distilled_loss(hint_cb, batch["inputs"], h[mask], batch["targets"][mask], mask, log)
         else:
             loss = self.loss(h[mask], batch["targets"][mask])
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
-        self.log("train/targets", float(n), on_step=False, on_epoch=True, reduce_fx="sum", batch_size=1)
+        if log:
+            self.log("train/loss_step", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=n)
+            # epoch means are reduced over ranks once per epoch; step values stay local (no per-step sync)
+            self.log("train/loss_epoch", loss, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
+            self.log("train/targets", float(n), on_step=False, on_epoch=True, reduce_fx="sum", batch_size=1, sync_dist=True)
         return loss
 
-    def _distilled_loss(self, hint_cb, inputs, hidden, targets, mask) -> torch.Tensor:
+    def _distilled_loss(self, hint_cb, inputs, hidden, targets, mask, log: bool = True) -> torch.Tensor:
         """Own loss plus the callback's term against a frozen teacher, on the same candidates."""
         from .distill import joint_losses
 
@@ -216,8 +227,9 @@ class SeqRecModule(pl.LightningModule):
         spec = hint_cb.spec(self.trainer)
         parts = joint_losses(hidden, self.output_weight(), targets, negatives, ht[mask], wt, hint=spec)
         n = int(targets.numel())
-        self.log("train/hint", parts["hint"], on_step=True, on_epoch=True, batch_size=n)
-        self.log("train/student_ce", parts["student_ce"], on_step=False, on_epoch=True, batch_size=n)
+        if log:
+            self.log("train/hint", parts["hint"], on_step=True, on_epoch=True, batch_size=n)
+            self.log("train/student_ce", parts["student_ce"], on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
         return spec.student_ce_weight * parts["student_ce"] + spec.weight * parts["hint"]
 
     # ------------------------------------------------------------------ evaluation

@@ -215,6 +215,10 @@ class RocketModule(SeqRecModule):
                             chunk_rows=self.hparams.loss_chunk_rows)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.train_loss(batch, log=True)
+
+    def train_loss(self, batch: dict[str, torch.Tensor], log: bool = False) -> torch.Tensor:
+        """Both nets' losses plus the weighted hint for one batch; logs only when ``log``."""
         hint_cb = self.__dict__.get("hint_callback")
         spec = hint_cb.spec(self.trainer) if hint_cb is not None else None
         parts = self.loss_parts(batch, spec)
@@ -222,12 +226,16 @@ class RocketModule(SeqRecModule):
         loss = parts["student_ce"] * (spec.student_ce_weight if spec else 1.0) + parts["teacher_ce"]
         if spec is not None:
             loss = loss + spec.weight * parts["hint"]
-            self.log("train/hint", parts["hint"], on_step=True, on_epoch=True, batch_size=n)
-            self.log("train/hint_weight", float(spec.weight), on_step=True, on_epoch=False, batch_size=1)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
-        self.log("train/light_ce", parts["student_ce"], on_step=False, on_epoch=True, batch_size=n)
-        self.log("train/booster_ce", parts["teacher_ce"], on_step=False, on_epoch=True, batch_size=n)
-        self.log("train/targets", float(n), on_step=False, on_epoch=True, reduce_fx="sum", batch_size=1)
+        if log:
+            if spec is not None:
+                self.log("train/hint", parts["hint"], on_step=True, on_epoch=True, batch_size=n)
+                self.log("train/hint_weight", float(spec.weight), on_step=True, on_epoch=False, batch_size=1)
+            self.log("train/loss_step", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=n)
+            # epoch means are reduced over ranks once per epoch; step values stay local (no per-step sync)
+            self.log("train/loss_epoch", loss, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
+            self.log("train/light_ce", parts["student_ce"], on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
+            self.log("train/booster_ce", parts["teacher_ce"], on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
+            self.log("train/targets", float(n), on_step=False, on_epoch=True, reduce_fx="sum", batch_size=1, sync_dist=True)
         return loss
 
     # ------------------------------------------------------------------ evaluation

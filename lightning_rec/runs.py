@@ -22,6 +22,40 @@ from .errors import ConfigError
 RUN_DIR_ENV = "LIGHTNING_REC_RUN_DIR"  # handed to DDP worker processes so every rank uses one folder
 
 
+def external_launch() -> tuple[int, str] | None:
+    """``(global rank, launch id)`` when torchrun or SLURM started several processes of this command.
+
+    Lightning's own launcher re-runs the command with :data:`RUN_DIR_ENV` set instead; external
+    launchers start every rank at once, so the ranks agree on a folder named after the launch.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "TORCHELASTIC_RUN_ID" in os.environ:
+        return int(os.environ.get("RANK", "0")), f"torchrun-{os.environ['TORCHELASTIC_RUN_ID']}"
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ:
+        step = os.environ.get("SLURM_STEP_ID", "0")
+        return int(os.environ.get("SLURM_PROCID", "0")), f"slurm-{os.environ['SLURM_JOB_ID']}.{step}"
+    return None
+
+
+def env_rank() -> int:
+    """This process's global rank as its launcher states it (0 before any launcher ran)."""
+    launch = external_launch()
+    return launch[0] if launch else 0
+
+
+def launched_run_dir(runs_dir: str, name: str, run_dir: str | None) -> str:
+    """The shared folder of an externally launched run: rank 0 claims it, the others use it."""
+    rank, launch_id = external_launch()  # type: ignore[misc]
+    path = run_dir or os.path.join(runs_dir, name.replace("/", "_"), launch_id)
+    if rank == 0:
+        if os.path.isdir(path) and os.listdir(path):
+            raise ConfigError(
+                f"run_dir={path}: the folder already holds a run (launch id {launch_id} was used before); pass "
+                f"run_dir=<new folder> or give torchrun a fresh --rdzv-id"
+            )
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
 def stamp() -> str:
     """The timestamp used in run folder and resume-config names."""
     return time.strftime("%Y-%m-%d_%H-%M-%S")
@@ -142,8 +176,9 @@ def build_loggers(cfg_loggers: DictConfig | None, run_dir: str, resuming: bool) 
                 import secrets
 
                 conf["id"] = secrets.token_hex(6)  # W&B run ids: lowercase letters and digits
-                with open(id_file, "w") as f:
-                    f.write(conf["id"])
+                if env_rank() == 0:  # other ranks of a torchrun/SLURM launch never start a W&B run
+                    with open(id_file, "w") as f:
+                        f.write(conf["id"])
             if resuming and not os.path.exists(id_file):
                 rank_zero_warn("W&B: the resumed run had no W&B id; starting a new W&B run")
         try:

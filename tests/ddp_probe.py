@@ -27,3 +27,14 @@ class SwitchProbe(pl.Callback):
         with open(os.path.join(os.environ["PROBE_DIR"], f"switch{trainer.global_rank}.json"), "w") as f:
             json.dump({"phase": sw.phase, "switch_step": sw.switch_step, "switches": sw.switches, "lrs": sw.lrs,
                        "optimizer": type(opt).__name__, "lr": opt.param_groups[0]["lr"], "state": state}, f)
+
+
+class FinalWeights(pl.Callback):
+    """Each rank saves its parameters (and, under top-k averaging, the strategy's round state)."""
+
+    def on_train_end(self, trainer, pl_module):
+        s = trainer.strategy
+        extra = {"round": getattr(s, "round", None), "history": getattr(s, "history", None),
+                 "comm_bytes": getattr(s, "comm_bytes", None)}
+        torch.save({"params": {n: p.detach().clone() for n, p in pl_module.named_parameters()}, **extra},
+                   os.path.join(os.environ["PROBE_DIR"], f"weights{trainer.global_rank}.pt"))

@@ -1,0 +1,446 @@
+"""Distributed training: metered DDP and top-k model averaging (topkSVRG, SPEC section 5).
+
+:class:`MeteredDDPStrategy` is Lightning's DDP with a gradient all-reduce hook that counts the
+bytes each rank contributes, so synchronous DDP and top-k averaging report communication the same
+way (``comm/bytes``: payload handed to collectives by one rank, cumulative).
+
+:class:`TopKAveragingStrategy` replaces the per-step gradient all-reduce by a model exchange
+every ``h`` optimizer steps. Every rank keeps a copy of the global model ``w``. At the end of a
+round each rank computes the L2 distance of its local model to ``w``; the distances are
+all-gathered (one number per rank), the ``k`` closest ranks are chosen (ties to the lower rank, so
+every rank chooses the same), and one all-reduce of the chosen models (the others contribute
+zeros) gives their mean, the new ``w``, which every rank then continues from. A round also ends
+before each validation, so evaluation, checkpoint selection and the saved weights are always the
+global model. Optimizer state (e.g. Adam moments) stays local to each rank.
+
+SVRG (``svrg=true``): at the start of each round the snapshot ``w~ = w`` and its gradient ``mu``,
+averaged over ``svrg_batches`` batches sampled from each rank's shard and all-reduced over ranks,
+are computed; every local step then follows ``g_i(w) - g_i(w~) + mu`` (the snapshot gradient on
+the same batch, with the same dropout masks).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import os
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+from pytorch_lightning.strategies import DDPStrategy
+from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------- selection
+def resolve_k(k: int | float, world: int) -> int:
+    """``k`` as a count of ranks: an int is a count, a float in (0, 1] a fraction of the ranks."""
+    if isinstance(k, bool) or not isinstance(k, (int, float)):
+        raise ConfigError(f"trainer.strategy.k={k!r}: expected a number of ranks (int) or a fraction in (0, 1]")
+    if isinstance(k, float):
+        if not 0.0 < k <= 1.0:
+            raise ConfigError(f"trainer.strategy.k={k}: a fraction of the ranks must be in (0, 1] "
+                              "(write an integer, e.g. k=3, for a count)")
+        return max(1, min(world, int(round(k * world))))
+    if not 1 <= k:
+        raise ConfigError(f"trainer.strategy.k={k}: expected at least 1 rank")
+    return min(k, world)
+
+
+def select_topk(distances: torch.Tensor, k: int) -> list[int]:
+    """The ``k`` ranks with the smallest distance, ascending; ties go to the lower rank."""
+    d = distances.detach().double().cpu()
+    order = sorted(range(d.numel()), key=lambda r: (float(d[r]) if torch.isfinite(d[r]) else float("inf"), r))
+    return sorted(order[:k])
+
+
+# ---------------------------------------------------------------------- metered DDP
+class _CommMeter:
+    """DDP communication hook state: counts all-reduced bytes, then all-reduces as DDP would."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+    def __setstate__(self, state):  # picklable for the launcher
+        self.__dict__.update(state)
+
+
+def _counting_allreduce(state: _CommMeter, bucket):
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    buf = bucket.buffer()
+    state.bytes += buf.numel() * buf.element_size()
+    return default_hooks.allreduce_hook(None, bucket)
+
+
+class MeteredDDPStrategy(DDPStrategy):
+    """Lightning's DDP, logging the gradient bytes each rank all-reduces (``comm/bytes``)."""
+
+    strategy_name = "metered_ddp"
+
+    def __init__(self, **kwargs: Any) -> None:
+        if "ddp_comm_hook" in kwargs:
+            raise ConfigError("trainer.strategy.ddp_comm_hook: MeteredDDPStrategy installs its own; use strategy=ddp")
+        self.meter = _CommMeter()
+        super().__init__(**kwargs)
+
+    def _register_ddp_hooks(self) -> None:
+        # Lightning registers hooks on CUDA only; gloo supports them too, and both need counting.
+        self.model.register_comm_hook(self.meter, _counting_allreduce)
+
+    @property
+    def comm_bytes(self) -> int:
+        return self.meter.bytes
+
+    def optimizer_step(self, optimizer, closure, model=None, **kwargs):
+        out = super().optimizer_step(optimizer, closure, model, **kwargs)
+        trainer = self.lightning_module.trainer
+        if trainer is not None and (trainer.global_step + 1) % max(1, trainer.log_every_n_steps) == 0:
+            _log_comm(self, self.meter.bytes, trainer.global_step + 1)
+        return out
+
+    def on_validation_start(self) -> None:
+        super().on_validation_start()
+        trainer = self.lightning_module.trainer
+        if trainer is not None and trainer.state.fn == TrainerFn.FITTING:
+            _log_comm(self, self.meter.bytes, trainer.global_step)
+
+
+def _log_comm(strategy, nbytes: int, step: int) -> None:
+    trainer = strategy.lightning_module.trainer
+    if strategy.is_global_zero and trainer is not None:
+        for lg in trainer.loggers:
+            lg.log_metrics({"comm/bytes": float(nbytes)}, step=int(step))
+
+
+# ---------------------------------------------------------------------- top-k averaging
+class TopKAveragingStrategy(DDPStrategy):
+    """Top-k model averaging over torch.distributed (topkSVRG); see the module docstring.
+
+    Args:
+        k: ranks averaged each round: an int is a count, a float in (0, 1] a fraction of the ranks
+            (rounded, at least 1). ``k = ranks`` is plain model averaging (local SGD).
+        h: local optimizer steps per round. ``h = 1`` with ``k = ranks`` and plain SGD equals DDP.
+        distance_params: fnmatch patterns of parameter names the distance is measured on (all
+            parameters when null); the chosen models are always averaged on every parameter.
+        svrg: correct local steps with the snapshot gradient (see the module docstring).
+        svrg_batches: batches per rank sampled to estimate the snapshot gradient ``mu``.
+        log_every_rounds: print the chosen ranks and distances every this many rounds (rank 0;
+            every round is logged to the loggers and to ``topk_rounds.jsonl`` in the run folder).
+        **kwargs: passed to Lightning's :class:`DDPStrategy` (``process_group_backend``, ``timeout``...).
+    """
+
+    strategy_name = "topk_averaging"
+
+    def __init__(self, k: int | float = 0.8, h: int = 32, distance_params: Optional[list[str]] = None,
+                 svrg: bool = False, svrg_batches: int = 4, log_every_rounds: int = 10, **kwargs: Any) -> None:
+        if not isinstance(h, int) or isinstance(h, bool) or h < 1:
+            raise ConfigError(f"trainer.strategy.h={h!r}: expected a positive number of local steps")
+        if not isinstance(svrg_batches, int) or svrg_batches < 1:
+            raise ConfigError(f"trainer.strategy.svrg_batches={svrg_batches!r}: expected a positive integer")
+        resolve_k(k, 1)  # type and range check now; the count needs the world size
+        super().__init__(**kwargs)
+        self.k, self.h = k, h
+        self.distance_params = list(distance_params) if distance_params else None
+        self.svrg, self.svrg_batches = bool(svrg), svrg_batches
+        self.log_every_rounds = max(1, int(log_every_rounds))
+        self.round = 0                # completed rounds
+        self.steps_in_round = 0       # local optimizer steps since the last exchange
+        self.comm_bytes = 0           # payload this rank handed to collectives
+        self.history: list[dict[str, Any]] = []   # the last rounds (chosen ranks, distances)
+        self._global: Optional[list[torch.Tensor]] = None
+        self._mu: Optional[list[torch.Tensor]] = None
+        self._snapshot_batch: Any = None
+        self._restored: Optional[dict[str, Any]] = None
+        self._gathered: dict[str, Any] = {}
+
+    # -- no DDP wrapper: no per-step gradient all-reduce
+    def _setup_model(self, model):
+        return model
+
+    def _register_ddp_hooks(self) -> None:
+        pass
+
+    def configure_ddp(self) -> None:
+        # Lightning restores checkpoint weights before this, so the global model is the resumed one.
+        self._sync_from_rank0()
+
+    # -- parameters
+    def _params(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.lightning_module.parameters()]
+
+    def _distance_mask(self) -> list[bool]:
+        names = [n for n, _ in self.lightning_module.named_parameters()]
+        if not self.distance_params:
+            return [True] * len(names)
+        mask = [any(fnmatch.fnmatch(n, pat) for pat in self.distance_params) for n in names]
+        if not any(mask):
+            raise ConfigError(f"trainer.strategy.distance_params={self.distance_params}: match no parameter; "
+                              f"names look like {names[:3]}")
+        return mask
+
+    def _sync_from_rank0(self) -> None:
+        """Make rank 0's weights everyone's local and global model (start, resume, after a stack)."""
+        params = self._params()
+        if self.world_size > 1:
+            with torch.no_grad():
+                for p in params:
+                    dist.broadcast(p.data, src=0)
+        self._global = [p.detach().clone() for p in params]
+        self._mu = None
+        self.steps_in_round = 0
+
+    def model_changed(self) -> None:
+        """Called by the stacking callback after the module's parameters changed shape."""
+        self._sync_from_rank0()
+
+    @property
+    def num_selected(self) -> int:
+        return resolve_k(self.k, self.world_size)
+
+    # -- the round
+    def _exchange(self, reason: str = "round", step: Optional[int] = None) -> None:
+        params = self._params()
+        if self._global is None or len(self._global) != len(params):
+            self._sync_from_rank0()
+            return
+        world, k = self.world_size, self.num_selected
+        with torch.no_grad():
+            mask = self._distance_mask()
+            sq = torch.zeros((), dtype=torch.float64, device=params[0].device)
+            for p, g, m in zip(params, self._global, mask):
+                if m:
+                    sq += (p.detach().double() - g.double()).pow(2).sum()
+            dists = torch.zeros(world, dtype=torch.float64, device=sq.device)
+            if world > 1:
+                gathered = [torch.zeros_like(sq) for _ in range(world)]
+                dist.all_gather(gathered, sq)
+                dists = torch.stack(gathered).sqrt()
+                self.comm_bytes += sq.element_size()
+            else:
+                dists[0] = sq.sqrt()
+            chosen = select_topk(dists, k)
+            flat = torch.cat([p.detach().reshape(-1) for p in params])
+            if self.global_rank not in chosen:
+                flat.zero_()
+            if world > 1:
+                dist.all_reduce(flat)
+                self.comm_bytes += flat.numel() * flat.element_size()
+            flat /= len(chosen)
+            offset = 0
+            for p, g in zip(params, self._global):
+                n = p.numel()
+                p.data.copy_(flat[offset:offset + n].view_as(p))
+                g.copy_(p.data)
+                offset += n
+        self.round += 1
+        self.steps_in_round = 0
+        self._mu = None
+        self._record(chosen, dists, reason, step)
+
+    def _record(self, chosen: list[int], dists: torch.Tensor, reason: str, step: Optional[int]) -> None:
+        trainer = self.lightning_module.trainer
+        if step is None:
+            step = trainer.global_step if trainer is not None else 0
+        entry = {"round": self.round, "step": int(step), "reason": reason, "chosen": chosen,
+                 "distances": [round(float(d), 6) for d in dists], "comm_bytes": int(self.comm_bytes)}
+        self.history = (self.history + [entry])[-100:]
+        if not self.is_global_zero or trainer is None:
+            return
+        metrics = {"topk/round": float(self.round), "comm/bytes": float(self.comm_bytes)}
+        for r, d in enumerate(entry["distances"]):
+            metrics[f"topk/distance_r{r}"] = d
+            metrics[f"topk/chosen_r{r}"] = float(r in chosen)
+        for lg in trainer.loggers:
+            lg.log_metrics(metrics, step=int(step))
+        root = trainer.default_root_dir
+        if root and os.path.isdir(root):
+            with open(os.path.join(root, "topk_rounds.jsonl"), "a") as f:
+                f.write(json.dumps(entry) + "\n")
+        if self.round % self.log_every_rounds == 0 or reason != "round":
+            dtxt = " ".join(f"{d:.4g}" for d in entry["distances"])
+            rank_zero_info(f"top-k round {self.round} (step {step}, {reason}): averaged ranks {chosen} of "
+                           f"{self.world_size}; L2 distance to the global model {dtxt}")
+
+    # -- SVRG
+    def _snapshot_gradient(self, batch) -> list[Optional[torch.Tensor]]:
+        """Gradient of the module's loss at the global (snapshot) weights, on ``batch``."""
+        module = self.lightning_module
+        params = self._params()
+        saved = [p.data for p in params]
+        try:
+            for p, g in zip(params, self._global):
+                p.data = g
+            loss = module.train_loss(batch)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        finally:
+            for p, s in zip(params, saved):
+                p.data = s
+        return [None if g is None else g.detach() for g in grads]
+
+    def _compute_mu(self) -> None:
+        trainer = self.lightning_module.trainer
+        loader = trainer.train_dataloader
+        ds = getattr(loader, "dataset", None)
+        bs = getattr(loader, "batch_size", None) or 1
+        if ds is None or not hasattr(ds, "__getitems__"):
+            raise ConfigError("trainer.strategy.svrg=true: needs this project's training set (a map-style dataset "
+                              "with __getitems__)")
+        g = torch.Generator().manual_seed(int(trainer.current_epoch) * 1_000_003 + self.round * 101 + self.global_rank)
+        total: Optional[list[Optional[torch.Tensor]]] = None
+        device = self.root_device
+        for _ in range(self.svrg_batches):
+            idx = torch.randint(0, len(ds), (bs,), generator=g).tolist()
+            batch = {k: v.to(device) for k, v in ds.__getitems__(idx).items()}
+            grads = self._snapshot_gradient(batch)
+            total = grads if total is None else [a if b is None else (b if a is None else a + b)
+                                                 for a, b in zip(total, grads)]
+        mu = [torch.zeros_like(p) if t is None else t / self.svrg_batches for p, t in zip(self._params(), total)]
+        if self.world_size > 1:
+            flat = torch.cat([m.reshape(-1) for m in mu])
+            dist.all_reduce(flat)
+            self.comm_bytes += flat.numel() * flat.element_size()
+            flat /= self.world_size
+            offset = 0
+            for m in mu:
+                m.copy_(flat[offset:offset + m.numel()].view_as(m))
+                offset += m.numel()
+        self._mu = mu
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        self._snapshot_batch = batch
+
+    def optimizer_step(self, optimizer, closure: Callable[[], Any], model=None, **kwargs):
+        if self.svrg:
+            if self._mu is None:
+                self._compute_mu()
+            closure = self._svrg_closure(closure)
+        out = super().optimizer_step(optimizer, closure, model, **kwargs)
+        self.steps_in_round += 1
+        if self.steps_in_round >= self.h:
+            trainer = self.lightning_module.trainer
+            self._exchange(step=trainer.global_step + 1 if trainer is not None else None)  # counts this step
+        return out
+
+    def _svrg_closure(self, closure):
+        def wrapped():
+            rng = torch.get_rng_state()
+            cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+            snap = self._snapshot_gradient(self._snapshot_batch)
+            torch.set_rng_state(rng)  # same dropout masks for both gradients
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state_all(cuda_rng)
+            loss = closure()
+            with torch.no_grad():
+                for p, s, m in zip(self._params(), snap, self._mu):
+                    if p.grad is None:
+                        continue
+                    if s is not None:
+                        p.grad.sub_(s)
+                    p.grad.add_(m)
+            return loss
+
+        return wrapped
+
+    # -- evaluation sees the global model
+    def on_validation_start(self) -> None:
+        super().on_validation_start()
+        trainer = self.lightning_module.trainer
+        if trainer is not None and trainer.state.fn == TrainerFn.FITTING and self.steps_in_round:
+            self._exchange("validation")
+
+    # -- checkpoints: global model + round state, every rank's optimizer (and mid-round local) state
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        module = self.lightning_module
+        state = module.state_dict()
+        extra: dict[str, Any] = {"round": self.round, "steps_in_round": self.steps_in_round,
+                                 "world_size": self.world_size, "comm_bytes": self.comm_bytes,
+                                 "history": self.history[-20:]}
+        if self._global is not None and self.steps_in_round:
+            # mid-round: the file's weights are the global model; each rank's local model is kept too
+            names = [n for n, _ in module.named_parameters()]
+            local = {n: state[n].clone() for n in names if n in state}
+            for n, g in zip(names, self._global):
+                if n in state:
+                    state[n] = g.detach().clone()
+            extra["local_states"] = self._gather_object(local)
+        self._gathered = {"extra": extra}
+        return state
+
+    def optimizer_state(self, optimizer) -> dict[str, Any]:
+        own = super().optimizer_state(optimizer)
+        self._gathered.setdefault("optimizers", []).append(self._gather_object(own))
+        return own
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options=None) -> None:
+        extra = dict(self._gathered.get("extra", {}))
+        if "optimizers" in self._gathered:
+            extra["optimizer_states"] = self._gathered["optimizers"]  # [optimizer][rank]
+        checkpoint["topk_averaging"] = extra
+        self._gathered = {}
+        super().save_checkpoint(checkpoint, filepath, storage_options)
+
+    def _gather_object(self, obj: Any) -> list[Any]:
+        if self.world_size == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, _to_cpu(obj))
+        return out
+
+    def load_checkpoint(self, checkpoint_path, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        ckpt = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        self._restored = ckpt.get("topk_averaging")
+        return ckpt
+
+    def load_optimizer_state_dict(self, checkpoint) -> None:
+        extra = self._restored or {}
+        per_rank = extra.get("optimizer_states")
+        same_world = extra.get("world_size") == self.world_size
+        if per_rank and same_world:
+            for optimizer, states in zip(self.optimizers, per_rank):
+                optimizer.load_state_dict(states[self.global_rank])
+            from lightning_fabric.utilities.optimizer import _optimizers_to_device
+
+            _optimizers_to_device(self.optimizers, self.root_device)
+        else:
+            if extra and not same_world:
+                rank_zero_warn(f"top-k averaging: the checkpoint was written by {extra.get('world_size')} ranks, "
+                               f"this run has {self.world_size}; every rank starts from rank 0's optimizer state")
+            super().load_optimizer_state_dict(checkpoint)
+        self._restore_round_state(extra, same_world)
+
+    def _restore_round_state(self, extra: dict[str, Any], same_world: bool) -> None:
+        if not extra:
+            return
+        self.round = int(extra.get("round", 0))
+        self.comm_bytes = int(extra.get("comm_bytes", 0)) if same_world else 0
+        self.history = list(extra.get("history", []))
+        self._global = [p.detach().clone() for p in self._params()]
+        locals_ = extra.get("local_states")
+        if locals_ and same_world:
+            own = locals_[self.global_rank]
+            with torch.no_grad():
+                for n, p in self.lightning_module.named_parameters():
+                    if n in own:
+                        p.data.copy_(own[n].to(p.device))
+            self.steps_in_round = int(extra.get("steps_in_round", 0))
+        else:
+            self.steps_in_round = 0
+        self._restored = None
+
+
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj

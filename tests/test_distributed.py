@@ -1,0 +1,266 @@
+"""DDP end to end and top-k model averaging (issue #6).
+
+Multi-process tests launch the CLI with 2 or 4 gloo processes on the CPU. Weight comparisons use
+dropout 0 and a data file where every user has the same history length, so every rank's batch
+holds the same number of targets and a mean over ranks equals the mean over the whole batch.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny
+
+from lightning_rec import SeqRecModule
+from lightning_rec.distributed import TopKAveragingStrategy, resolve_k, select_topk
+from lightning_rec.errors import ConfigError
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def equal_length_file(tmp_path, users=64, length=12, items=40):
+    rng = np.random.default_rng(3)
+    p = tmp_path / "equal.txt"
+    p.write_text("".join(f"{u} {i}\n" for u in range(1, users + 1) for i in rng.integers(1, items + 1, size=length)))
+    return str(p)
+
+
+def launch(tmp_path, tag, *overrides, epochs=2, launcher=None):
+    """Run `fit` (with the FinalWeights probe) and return each rank's saved weights."""
+    probe = tmp_path / f"probe-{tag}"
+    probe.mkdir()
+    env = {**os.environ, "PROBE_DIR": str(probe), "PYTHONWARNINGS": "ignore", "PYTHONPATH": HERE,
+           "OMP_NUM_THREADS": "1"}
+    args = [*tiny(tmp_path / tag, "+callbacks.probe._target_=ddp_probe.FinalWeights", "test_after_fit=false",
+                  *overrides, epochs=epochs)]
+    if "model=rocket" in overrides:
+        args.remove("model.d_model=16")
+    cmd = (launcher or [sys.executable, "-m", "lightning_rec"]) + ["fit", *args]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-3000:])
+    out = {}
+    for f in sorted(os.listdir(probe)):
+        out[int(f[len("weights"):-3])] = torch.load(probe / f, weights_only=False)
+    return out, p.stdout + p.stderr
+
+
+def max_diff(a, b):
+    return max(float((a[n] - b[n]).abs().max()) for n in a)
+
+
+# ---------------------------------------------------------------------- selection (no processes)
+def test_topk_selection_excludes_a_planted_outlier():
+    d = torch.tensor([0.10, 0.12, 5.0, 0.11])  # rank 2 drifted far from the global model
+    assert select_topk(d, 3) == [0, 1, 3]
+    assert select_topk(d, 4) == [0, 1, 2, 3]
+    assert select_topk(d, 1) == [0]
+    assert select_topk(torch.tensor([0.2, 0.1, 0.1, 0.3]), 2) == [1, 2]  # tie at 0.1
+    assert select_topk(torch.tensor([0.2, float("nan"), 0.1]), 2) == [0, 2]  # a diverged rank is never chosen
+    assert select_topk(torch.tensor([0.1, 0.1, 0.1]), 2) == [0, 1]  # ties: lower rank first
+
+
+def test_k_as_count_or_fraction():
+    assert resolve_k(3, 4) == 3 and resolve_k(9, 4) == 4
+    assert resolve_k(0.8, 4) == 3 and resolve_k(0.8, 10) == 8 and resolve_k(1.0, 4) == 4 and resolve_k(0.1, 4) == 1
+    for bad in (0, 1.5, -0.2, "two", True):
+        with pytest.raises(ConfigError, match="trainer.strategy.k="):
+            resolve_k(bad, 4)
+    with pytest.raises(ConfigError, match="trainer.strategy.h="):
+        TopKAveragingStrategy(h=0)
+
+
+def _gloo_worker(rank, world, port, out):
+    """One rank of a hand example: parameters filled with known values, one exchange."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+
+    class Fixed(TopKAveragingStrategy):
+        world_size = property(lambda self: world)
+        global_rank = property(lambda self: rank)
+        is_global_zero = property(lambda self: rank == 0)
+        root_device = property(lambda self: torch.device("cpu"))
+
+    net = torch.nn.Linear(2, 1)
+    s = Fixed(k=3, h=1)
+    s._lightning_module = net
+    net.trainer = None
+    with torch.no_grad():
+        net.weight.fill_(0.0)
+        net.bias.fill_(0.0)
+    s._global = [p.detach().clone() for p in net.parameters()]  # global model: zeros
+    with torch.no_grad():  # local models: rank r at (r+1, r+1 | r+1); rank 3 far away
+        v = 100.0 if rank == 3 else float(rank + 1)
+        net.weight.fill_(v)
+        net.bias.fill_(v)
+    s._exchange()
+    torch.save({"w": net.weight.detach().clone(), "b": net.bias.detach().clone(), "hist": s.history,
+                "bytes": s.comm_bytes}, os.path.join(out, f"r{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_one_exchange_averages_exactly_the_k_closest_models(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_gloo_worker, args=(4, port, str(tmp_path)), nprocs=4, join=True)
+    res = [torch.load(tmp_path / f"r{r}.pt", weights_only=False) for r in range(4)]
+    for r in res:  # mean of ranks 0, 1, 2 (values 1, 2, 3); the outlier (100) is left out
+        assert torch.allclose(r["w"], torch.full((1, 2), 2.0)) and torch.allclose(r["b"], torch.full((1,), 2.0))
+        h = r["hist"][-1]
+        assert h["chosen"] == [0, 1, 2]
+        assert h["distances"] == pytest.approx([np.sqrt(3) * v for v in (1, 2, 3, 100)], rel=1e-6)
+        assert r["bytes"] == 3 * 4 + 8  # one all-reduce of 3 float32 parameters + this rank's distance (float64)
+
+
+# ---------------------------------------------------------------------- SVRG step (no processes)
+def test_svrg_step_uses_local_minus_snapshot_plus_mean_gradient():
+    torch.manual_seed(0)
+    module = SeqRecModule(num_items=30, arch="sasrec", max_len=8, d_model=16, num_blocks=1, dropout=0.3)
+    batch = {"inputs": torch.randint(1, 31, (4, 8)), "targets": torch.randint(1, 31, (4, 8))}
+    s = TopKAveragingStrategy(svrg=True)
+    s._lightning_module = module
+    params = list(module.parameters())
+    snapshot = [p.detach() + 0.05 * torch.randn_like(p) for p in params]
+    mu = [torch.randn_like(p) for p in params]
+    s._global, s._mu, s._snapshot_batch = [t.clone() for t in snapshot], mu, batch
+
+    def grad_at(values, seed):
+        saved = [p.data for p in params]
+        for p, v in zip(params, values):
+            p.data = v
+        torch.manual_seed(seed)
+        g = torch.autograd.grad(module.train_loss(batch), params)
+        for p, v in zip(params, saved):
+            p.data = v
+        return g
+
+    local = [p.detach().clone() for p in params]
+    expected = [a - b + m for a, b, m in zip(grad_at(local, 7), grad_at(snapshot, 7), mu)]
+
+    def closure():
+        module.zero_grad()
+        loss = module.train_loss(batch)
+        loss.backward()
+        return loss
+
+    torch.manual_seed(7)
+    s._svrg_closure(closure)()
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.grad, e, atol=1e-5, rtol=1e-4)
+    for p, v in zip(params, local):  # the local weights are back in place
+        assert torch.equal(p.detach(), v)
+
+
+# ---------------------------------------------------------------------- processes
+@pytest.mark.ddp
+def test_ddp_and_one_process_reach_the_same_weights_for_the_same_effective_batch(tmp_path):
+    """2 ranks x 16 sequences equal 1 process x 32: Adam, 2 epochs; tolerance 1e-4 (float sums differ)."""
+    data = equal_length_file(tmp_path)
+    common = ("data=file", f"data.path={data}", "model.dropout=0", "data.max_len=12")
+    one, _ = launch(tmp_path, "one", *common, "data.batch_size=32")
+    two, log = launch(tmp_path, "two", *common, "data.batch_size=16", "trainer=ddp", "trainer.devices=2")
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in log
+    assert max_diff(two[0]["params"], two[1]["params"]) == 0.0  # ranks agree exactly
+    d = max_diff(one[0]["params"], two[0]["params"])
+    assert d < 1e-4, d
+    # and it is not trivially equal: a different effective batch gives different weights
+    other, _ = launch(tmp_path, "other", *common, "data.batch_size=16")
+    assert max_diff(one[0]["params"], other[0]["params"]) > 1e-3
+
+
+@pytest.mark.ddp
+def test_topk_with_h1_and_all_ranks_equals_ddp_under_sgd(tmp_path):
+    """Averaging models after one SGD(momentum) step each is DDP's step: momentum is linear in the gradient."""
+    data = equal_length_file(tmp_path)
+    common = ("data=file", f"data.path={data}", "model.dropout=0", "data.max_len=12", "data.batch_size=16",
+              "optimizer=sgd", "optimizer.lr=0.5", "trainer.devices=2")
+    ddp, _ = launch(tmp_path, "ddp", *common, "trainer=ddp")
+    topk, log = launch(tmp_path, "topk", *common, "trainer=topk", "trainer.strategy.h=1", "trainer.strategy.k=2")
+    assert max_diff(topk[0]["params"], topk[1]["params"]) == 0.0
+    d = max_diff(ddp[0]["params"], topk[0]["params"])
+    assert d < 1e-5, d
+    assert topk[0]["round"] == 4  # 32 sequences per rank per epoch / 16 = 2 steps, 2 epochs, h=1
+    # one round moves one model: P float32 + one float64 distance; DDP all-reduces P per step too
+    n = sum(p.numel() for p in topk[0]["params"].values())
+    assert topk[0]["comm_bytes"] == 4 * (4 * n + 8)
+
+
+@pytest.mark.ddp
+def test_topk_leaves_a_noisy_rank_out_and_plain_averaging_does_not(tmp_path):
+    common = ("trainer=topk", "trainer.devices=4", "trainer.strategy.h=2", "data.batch_size=16",
+              "+callbacks.noisy_rank._target_=lightning_rec.callbacks.NoisyRankCallback",
+              "+callbacks.noisy_rank.rank=3", "+callbacks.noisy_rank.mode=lr_scale",
+              "+callbacks.noisy_rank.lr_scale=30")
+    topk, _ = launch(tmp_path, "k3", *common, "trainer.strategy.k=3", epochs=1)
+    hist = topk[0]["history"]
+    assert len(hist) >= 2 and all(h["chosen"] == [0, 1, 2] for h in hist), hist
+    assert all(h["distances"][3] > max(h["distances"][:3]) for h in hist)
+    for r in (1, 2, 3):  # every rank continues from the same global model
+        assert max_diff(topk[0]["params"], topk[r]["params"]) == 0.0
+    plain, _ = launch(tmp_path, "k4", *common, "trainer.strategy.k=1.0", epochs=1)
+    assert all(h["chosen"] == [0, 1, 2, 3] for h in plain[0]["history"])
+    rows = [json.loads(line) for line in open(next((tmp_path / "k3" / "runs").glob("*/*/topk_rounds.jsonl")))]
+    assert [r["round"] for r in rows] == list(range(1, len(rows) + 1))
+
+
+@pytest.mark.ddp
+def test_topk_resume_mid_run_equals_an_uninterrupted_run(tmp_path):
+    data = equal_length_file(tmp_path)
+    common = ("data=file", f"data.path={data}", "model.dropout=0", "data.max_len=12", "data.batch_size=8",
+              "trainer=topk", "trainer.devices=2", "trainer.strategy.h=3", "trainer.strategy.k=1")
+    full, _ = launch(tmp_path, "full", *common, epochs=3)
+    launch(tmp_path, "part", *common, epochs=1)
+    last = next((tmp_path / "part" / "runs").glob("*/*/checkpoints/last.ckpt"))
+    ck = torch.load(last, weights_only=False)
+    state = ck["topk_averaging"]
+    assert state["round"] == 2 and state["world_size"] == 2 and len(state["optimizer_states"][0]) == 2
+    # ranks keep their own Adam moments: the two saved optimizer states differ
+    m0, m1 = (state["optimizer_states"][0][r]["state"][0]["exp_avg"] for r in (0, 1))
+    assert not torch.equal(m0, m1)
+    resumed, log = launch(tmp_path, "part2", *common, f"ckpt_path={last}", epochs=3)
+    for r in (0, 1):
+        assert max_diff(full[r]["params"], resumed[r]["params"]) < 1e-6
+    assert resumed[0]["round"] == full[0]["round"] == 6
+
+
+@pytest.mark.ddp
+def test_torchrun_launch_shares_one_run_folder(tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                "-m", "lightning_rec"]
+    w, log = launch(tmp_path, "tr", "trainer=ddp", "trainer.devices=2", epochs=1, launcher=torchrun)
+    assert sorted(w) == [0, 1] and max_diff(w[0]["params"], w[1]["params"]) == 0.0
+    runs = list((tmp_path / "tr" / "runs").glob("*/*"))
+    assert len(runs) == 1 and runs[0].name.startswith("torchrun-"), runs
+    assert (runs[0] / "checkpoints" / "last.ckpt").exists() and (runs[0] / "config.yaml").exists()
+
+
+@pytest.mark.ddp
+def test_project_callbacks_under_ddp_and_topk(tmp_path):
+    """Rocket's hint loss under DDP, stacking under top-k: ranks stay identical, the stack reaches every rank."""
+    rocket, _ = launch(tmp_path, "rocket", "model=rocket", "callbacks=rocket", "trainer=ddp", "trainer.devices=2",
+                       "model.booster.d_model=16", "model.light.d_model=16", epochs=1)
+    assert max_diff(rocket[0]["params"], rocket[1]["params"]) == 0.0
+    stacked, log = launch(tmp_path, "stack", "model=nextitnet", "model.num_blocks=2", "callbacks=stacking",
+                          "callbacks.stacking.at_epochs=[1]", "trainer=topk", "trainer.devices=2",
+                          "trainer.strategy.h=2", epochs=2)
+    assert "2 -> 4 blocks" in log
+    assert max_diff(stacked[0]["params"], stacked[1]["params"]) == 0.0
+    assert sum(".blocks.3." in n for n in stacked[0]["params"]) > 0
+
+
+def test_noisy_rank_options_are_checked():
+    from lightning_rec.callbacks import NoisyRankCallback
+
+    with pytest.raises(ConfigError, match="callbacks.noisy_rank.mode=loud"):
+        NoisyRankCallback(mode="loud")
+
