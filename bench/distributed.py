@@ -1,0 +1,153 @@
+"""Synchronous DDP against top-k model averaging on ML-1M, 4 processes (CPU gloo or GPUs).
+
+    python bench/distributed.py                         # CPU-sized defaults (below)
+    python bench/distributed.py --only ddp,h32_k3       # a subset
+    python bench/distributed.py --epochs 20 trainer.accelerator=gpu
+
+Runs (SASRec, same data, seed, per-rank batch and number of epochs, so the same number of samples):
+  ddp            synchronous DDP, gradients all-reduced every step
+  h{8,32}_k{2,3,4}   top-k averaging: h local steps per round, the k of 4 models closest to the global one
+  noisy_h32_k3, noisy_h32_k4   rank 3 trains on shuffled labels (NoisyRankCallback): top-k (k=3)
+                 against plain model averaging (k=4)
+For each: best validation NDCG@10 (full ranking), test NDCG@10 of the best checkpoint, bytes one rank
+handed to collectives per training sequence it processed, the ratio of that to DDP's, and the
+wall-clock time of fit. Target (issue #6): top-k with h=32 within 1% of DDP's NDCG@10 at no more
+than 1/16 of its communication.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import SHARED_DATA, append  # noqa: E402
+
+RUNS = os.environ.get("LIGHTNING_REC_BENCH_RUNS", os.path.expanduser("~/.cache/lightning_rec/bench-runs"))
+ORDER = ["ddp", "h8_k2", "h8_k3", "h8_k4", "h32_k2", "h32_k3", "h32_k4", "noisy_h32_k3", "noisy_h32_k4"]
+NOISY = ["+callbacks.noisy_rank._target_=lightning_rec.callbacks.NoisyRankCallback", "+callbacks.noisy_rank.rank=3",
+         "+callbacks.noisy_rank.mode=shuffle_targets"]
+
+
+def overrides_for(name: str) -> list[str]:
+    if name == "ddp":
+        return ["trainer=ddp"]
+    m = re.fullmatch(r"(noisy_)?h(\d+)_k(\d+)", name)
+    if not m:
+        raise SystemExit(f"--only: unknown run {name}; expected ddp or [noisy_]h<H>_k<K>")
+    return ["trainer=topk", f"trainer.strategy.h={m[2]}", f"trainer.strategy.k={m[3]}",
+            "trainer.strategy.log_every_rounds=1000", *(NOISY if m[1] else [])]
+
+
+def read_metrics(run_dir: str) -> list[dict[str, str]]:
+    path = glob.glob(os.path.join(run_dir, "csv", "version_*", "metrics.csv"))
+    with open(sorted(path)[-1]) as f:
+        return list(csv.DictReader(f))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=os.path.join(SHARED_DATA, "ml-1m.txt.gz"))
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--devices", type=int, default=4)
+    ap.add_argument("--max-len", type=int, default=50)
+    ap.add_argument("--d-model", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=32, help="per rank (DDP's effective batch is devices x this)")
+    ap.add_argument("--lr", type=float, default=0.002)
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--only", default=",".join(ORDER))
+    ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
+    args = ap.parse_args()
+    chosen = [r for r in args.only.split(",") if r]
+    for r in chosen:
+        overrides_for(r)
+    common = [
+        "data=file", f"data.path={args.data}", "data.format=sasrec", f"data.max_len={args.max_len}",
+        f"data.batch_size={args.batch_size}", "model=sasrec", f"model.d_model={args.d_model}", "model.num_blocks=2",
+        "model.dropout=0.2", f"optimizer.lr={args.lr}", f"runs_dir={RUNS}", "logger=csv",
+        "trainer.enable_progress_bar=false", f"trainer.max_epochs={args.epochs}", f"trainer.devices={args.devices}",
+        "trainer.log_every_n_steps=1", f"seed={args.seed}",
+    ]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "WANDB_MODE": "offline"}
+    if not any(o.startswith("trainer.accelerator=gpu") for o in args.overrides):
+        env["OMP_NUM_THREADS"] = "1"  # one thread per process: 4 processes share the CPU cores
+        common.append("trainer.accelerator=cpu")
+    res = {}
+    for name in chosen:
+        out_json = os.path.join(RUNS, f"dist-{name}-{time.time_ns()}.json")
+        cmd = [sys.executable, "-m", "lightning_rec", "fit", *common, f"name=bench-dist-{name}",
+               *overrides_for(name), f"metrics_out={out_json}", *args.overrides]
+        print(f"== {name}: {' '.join(cmd[3:])}", flush=True)
+        t0 = time.perf_counter()
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        wall = time.perf_counter() - t0
+        log = p.stdout + p.stderr
+        if p.returncode != 0:
+            print(log[-3000:])
+            raise SystemExit(f"{name} failed")
+        run_dir = re.findall(r"run folder: (\S+)", log)[-1]
+        rows = read_metrics(run_dir)
+        vals = [float(r["val/ndcg@10"]) for r in rows if r.get("val/ndcg@10")]
+        comm = max((float(r["comm/bytes"]) for r in rows if r.get("comm/bytes")), default=0.0)
+        targets = sum(float(r["train/targets"]) for r in rows if r.get("train/targets"))  # all ranks, all epochs
+        with open(out_json) as f:
+            test = json.load(f)
+        rounds_file = os.path.join(run_dir, "topk_rounds.jsonl")
+        rounds = []
+        if os.path.exists(rounds_file):
+            with open(rounds_file) as f:
+                rounds = [json.loads(line) for line in f]
+        res[name] = {"val": vals, "test": test.get("test/ndcg@10", float("nan")), "comm": comm, "wall": wall,
+                     "rounds": rounds, "targets": targets, "run_dir": run_dir}
+        print(f"   best val {max(vals):.4f} | test {res[name]['test']:.4f} | {comm / 1e6:.1f} MB per rank | "
+              f"{len(rounds)} rounds | {wall:.0f} s", flush=True)
+
+    ddp = res.get("ddp")
+    rows_md = ["| run | best val NDCG@10 | test NDCG@10 | vs DDP (test) | MB per rank | bytes per sequence | "
+               "comm vs DDP | rounds | noisy rank chosen | wall s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    seqs = _sequences(args)  # training sequences per rank per epoch
+    verdict = []
+    for name, r in res.items():
+        per_seq = r["comm"] / (seqs * args.epochs) if seqs else float("nan")
+        rel = r["test"] / ddp["test"] - 1 if ddp else float("nan")
+        cratio = r["comm"] / ddp["comm"] if ddp and ddp["comm"] else float("nan")
+        noisy = (f"{sum(3 in x['chosen'] for x in r['rounds'])}/{len(r['rounds'])}" if name.startswith("noisy")
+                 else "")
+        rows_md.append(f"| {name} | {max(r['val']):.4f} | {r['test']:.4f} | {rel:+.1%} | {r['comm'] / 1e6:.1f} | "
+                       f"{per_seq:,.0f} | {cratio:.3f} | {len(r['rounds']) or ''} | {noisy} | {r['wall']:.0f} |")
+        if ddp and name.startswith("h32") and rel >= -0.01 and cratio <= 1 / 16:
+            verdict.append(name)
+    setting = (f"SASRec d={args.d_model}, 2 blocks, dropout 0.2, max_len {args.max_len}, Adam lr {args.lr}, "
+               f"{args.devices} processes x batch {args.batch_size}, {args.epochs} epochs ({seqs} sequences per rank "
+               f"per epoch), seed {args.seed}, `{os.path.basename(args.data)}`, full ranking; bytes = payload one "
+               f"rank hands to all-reduce/all-gather (DDP: gradient buckets; top-k: one model + one distance per "
+               f"round); a round also ends before each validation")
+    target = ("Target (top-k h=32 within 1% of DDP's test NDCG@10 at <= 1/16 of its communication): "
+              + (f"met by {', '.join(verdict)}." if verdict else "NOT met by any h=32 run." if ddp else
+                 "not evaluated (no DDP run)."))
+    append("Distributed: DDP vs top-k model averaging on ML-1M", f"Setting: {setting}.\n\n" + "\n".join(rows_md)
+           + f"\n\n{target}")
+
+
+def _sequences(args) -> int:
+    """Training sequences one rank processes per epoch (users sharded over ranks, padded)."""
+    import gzip
+
+    opener = gzip.open if args.data.endswith(".gz") else open
+    users = set()
+    with opener(args.data, "rt") as f:
+        for line in f:
+            if line.strip():
+                users.add(line.split()[0])
+    return -(-len(users) // args.devices)
+
+
+if __name__ == "__main__":
+    main()
