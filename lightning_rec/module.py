@@ -40,7 +40,7 @@ class SeqRecModule(pl.LightningModule):
     Args:
         num_items: catalogue size (from the DataModule).
         arch: ``sasrec`` or ``nextitnet``.
-        d_model, num_blocks, num_heads, ffn_dim, max_len, dropout, norm_first,
+        d_model, num_blocks, num_heads, attention_m, ffn_dim, max_len, dropout, norm_first,
         residual_alpha, kernel_size, dilations, block_dilations: encoder hyperparameters
             (see the encoders); ``num_blocks``/``block_dilations`` change when StackRec stacks.
         tied_embeddings: score items with the input embedding table (else a separate one).
@@ -61,6 +61,7 @@ class SeqRecModule(pl.LightningModule):
         d_model: int = 64,
         num_blocks: int = 2,
         num_heads: int = 1,
+        attention_m: int = 1,
         ffn_dim: int | None = None,
         max_len: int = 200,
         dropout: float = 0.2,
@@ -97,7 +98,7 @@ class SeqRecModule(pl.LightningModule):
         # Normalised defaults replace the Nones, so the checkpoint states the exact setting.
         hp.update(optimizer=optimizer, scheduler=scheduler, eval_ks=eval_ks, dilations=dilations)
         self.encoder = build_encoder(
-            arch, num_items, d_model=d_model, num_blocks=num_blocks, num_heads=num_heads, ffn_dim=ffn_dim,
+            arch, num_items, d_model=d_model, num_blocks=num_blocks, num_heads=num_heads, attention_m=attention_m, ffn_dim=ffn_dim,
             max_len=max_len, dropout=dropout, norm_first=norm_first, residual_alpha=residual_alpha,
             kernel_size=kernel_size, dilations=dilations, block_dilations=block_dilations,
         )

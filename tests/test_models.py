@@ -10,6 +10,7 @@ ARCHS = [
     ("nextitnet", dict(num_blocks=4, dropout=0.0)),
     ("sasrec", dict(num_blocks=2, num_heads=2, max_len=30, dropout=0.0, norm_first=True)),
     ("sasrec", dict(num_blocks=2, num_heads=1, max_len=30, dropout=0.0, norm_first=False)),
+    ("sasrec", dict(num_blocks=2, num_heads=2, max_len=30, dropout=0.0, norm_first=True, attention_m=4)),  # attentive
 ]
 
 
@@ -100,3 +101,28 @@ def test_sasrec_last_only_inference_equals_full_forward(norm_first):
     x = torch.randint(1, 31, (5, 12))
     x[:2, :4] = 0  # left padding
     torch.testing.assert_close(m(x, last_only=True)[:, -1], m(x)[:, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_attentive_encoder_averages_m_attention_maps():
+    """attention_m=m against a brute-force computation: y = out(mean_j softmax(q_j k_j^T / sqrt(dk) + mask) v)."""
+    from lightning_rec.models.sasrec import SASRecBlock
+
+    torch.manual_seed(0)
+    d, h, m, T = 8, 2, 4, 6
+    blk = SASRecBlock(d, h, 8, 0.0, True, False, attention_m=m).eval()
+    dk, dh = blk.dk, d // h
+    assert dk == 1 and blk.qkv.out_features == 2 * h * m * dk + d
+    x = torch.randn(3, T, d)
+    causal = torch.zeros(T, T).masked_fill_(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))[None, None]
+    got = blk.attend(x, causal)
+    proj = blk.qkv(x)
+    qs = proj[..., : h * m * dk].view(3, T, h, m, dk)
+    ks = proj[..., h * m * dk: 2 * h * m * dk].view(3, T, h, m, dk)
+    v = proj[..., 2 * h * m * dk:].view(3, T, h, dh)
+    heads = []
+    for i in range(h):
+        maps = [torch.softmax(qs[:, :, i, j] @ ks[:, :, i, j].transpose(1, 2) / dk**0.5 + causal[0], -1) for j in range(m)]
+        heads.append(torch.stack(maps).mean(0) @ v[:, :, i])
+    want = blk.out(torch.cat(heads, -1))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert SASRecBlock(d, h, 8, 0.0, True, False).qkv.out_features == 3 * d  # m = 1: plain SASRec

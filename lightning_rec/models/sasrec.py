@@ -17,15 +17,25 @@ class SASRecBlock(nn.Module):
     Pre-LN: ``x + a_att * attn(LN(x))`` then ``x + a_ffn * ffn(LN(x))``.
     Post-LN: ``LN(x + a_att * attn(x))`` then ``LN(x + a_ffn * ffn(x))``.
     ``a_att``/``a_ffn`` are zero-initialised scalars (StackRec) or absent (plain SASRec).
+
+    ``attention_m > 1`` is the attentive encoder of the federated-distillation paper (SPEC
+    section 4): each head computes ``m`` attention maps, from ``m`` query/key pairs of width
+    ``max(1, d_head // m)``, and uses their average: ``y = mean_j softmax(q_j k_j^T / sqrt(dk)) v``.
+    Attention memory and time grow ``m``-fold.
     """
 
-    def __init__(self, d: int, num_heads: int, ffn_dim: int, dropout: float, norm_first: bool, residual_alpha: bool):
+    def __init__(self, d: int, num_heads: int, ffn_dim: int, dropout: float, norm_first: bool, residual_alpha: bool,
+                 attention_m: int = 1):
         super().__init__()
         if d % num_heads:
             raise ConfigError(f"model.d_model={d} is not divisible by model.num_heads={num_heads}")
+        if not isinstance(attention_m, int) or attention_m < 1:
+            raise ConfigError(f"model.attention_m={attention_m!r}: expected a positive integer (1 = plain attention)")
         self.num_heads, self.norm_first, self.dropout_p = num_heads, norm_first, dropout
+        self.m = attention_m
+        self.dk = d // num_heads if attention_m == 1 else max(1, d // num_heads // attention_m)
         self.ln_att = nn.LayerNorm(d, eps=1e-8)
-        self.qkv = nn.Linear(d, 3 * d)
+        self.qkv = nn.Linear(d, 3 * d) if attention_m == 1 else nn.Linear(d, 2 * num_heads * attention_m * self.dk + d)
         self.out = nn.Linear(d, d)
         self.ln_ffn = nn.LayerNorm(d, eps=1e-8)
         self.ffn = nn.Sequential(nn.Linear(d, ffn_dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(ffn_dim, d))
@@ -35,11 +45,30 @@ class SASRecBlock(nn.Module):
 
     def attend(self, x: torch.Tensor, mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         B, T, d = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)  # (B, h, T, dh)
+        h = self.num_heads
+        if self.m > 1:
+            return self._attend_averaged(x, mask, last_only)
+        q, k, v = self.qkv(x).view(B, T, 3, h, d // h).permute(2, 0, 3, 1, 4)  # (B, h, T, dh)
         if last_only:  # inference needs the most recent position only
             q, mask = q[:, :, -1:], mask[:, :, -1:]
         p = self.dropout_p if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, h, Tq, dh)
+        return self.dropout(self.out(y.transpose(1, 2).reshape(B, q.shape[2], d)))
+
+    def _attend_averaged(self, x: torch.Tensor, mask: torch.Tensor, last_only: bool) -> torch.Tensor:
+        B, T, d = x.shape
+        h, m, dk, dh = self.num_heads, self.m, self.dk, d // self.num_heads
+        proj = self.qkv(x)
+        qk = proj[..., : 2 * h * m * dk].view(B, T, 2, h * m, dk).permute(2, 0, 3, 1, 4)  # (2, B, h*m, T, dk)
+        q, k = qk[0], qk[1]
+        v = proj[..., 2 * h * m * dk:].view(B, T, h, 1, dh).expand(B, T, h, m, dh).reshape(B, T, h * m, dh)
+        v = v.transpose(1, 2)  # (B, h*m, T, dh): sample j of head i uses head i's values
+        if last_only:
+            q, mask = q[:, :, -1:], mask[:, :, -1:]
+        p = self.dropout_p if self.training else 0.0
+        # mean over j of (A_j v) = (mean over j of A_j) v: the averaged attention map applied to v
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, h*m, Tq, dh)
+        y = y.view(B, h, m, q.shape[2], dh).mean(2)
         return self.dropout(self.out(y.transpose(1, 2).reshape(B, q.shape[2], d)))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
@@ -71,6 +100,7 @@ class SASRec(nn.Module):
         dropout: embedding, attention and feed-forward dropout.
         norm_first: pre-LN (True) or post-LN (False) blocks.
         residual_alpha: zero-initialised alphas on both branches (StackRec).
+        attention_m: attention maps averaged per head (1 = SASRec; 32 = the attentive encoder).
     """
 
     arch = "sasrec"
@@ -86,11 +116,13 @@ class SASRec(nn.Module):
         dropout: float = 0.2,
         norm_first: bool = True,
         residual_alpha: bool = True,
+        attention_m: int = 1,
         **_: object,
     ):
         super().__init__()
         self.d_model, self.num_heads, self.ffn_dim = d_model, num_heads, ffn_dim or d_model
         self.max_len, self.dropout_p, self.norm_first, self.residual_alpha = max_len, dropout, norm_first, residual_alpha
+        self.attention_m = attention_m
         self.item_embedding = nn.Embedding(num_items + 1, d_model, padding_idx=0)
         self.position_embedding = nn.Embedding(max_len, d_model)
         nn.init.normal_(self.item_embedding.weight, std=d_model**-0.5)
@@ -103,7 +135,8 @@ class SASRec(nn.Module):
 
     def make_block(self, index: int, dilation: int | None = None) -> SASRecBlock:
         """A freshly initialised block (``index``/``dilation`` unused; one interface with NextItNet)."""
-        return SASRecBlock(self.d_model, self.num_heads, self.ffn_dim, self.dropout_p, self.norm_first, self.residual_alpha)
+        return SASRecBlock(self.d_model, self.num_heads, self.ffn_dim, self.dropout_p, self.norm_first, self.residual_alpha,
+                           self.attention_m)
 
     def embed(self, items: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, d)
         T = items.shape[1]
