@@ -76,6 +76,10 @@ class HintLossCallback(pl.Callback):
         self.student_ce_weight, self.teacher_ckpt = float(student_ce_weight), teacher_ckpt
         self.l2_weight, self.kd_weight = float(l2_weight), float(kd_weight)
         self.teacher = None
+        # Federated distillation: per-label teacher logits (lightning_rec.federated.LabelLogits)
+        # instead of a teacher model; set by the federated device before it trains.
+        self.label_teacher = None
+        self._label_rows: dict[int, int] | None = None
 
     # ------------------------------------------------------------------ the term
     def term_fn(self):
@@ -102,6 +106,11 @@ class HintLossCallback(pl.Callback):
         from lightning_rec.rocket import RocketModule
 
         rocket = isinstance(pl_module, RocketModule)
+        if self.label_teacher is not None:
+            if rocket:
+                raise ConfigError("federated distillation trains single models (model=sasrec or nextitnet)")
+            pl_module.__dict__["hint_callback"] = self
+            return
         if rocket and self.teacher_ckpt:
             raise ConfigError("callbacks.hint.teacher_ckpt: the rocket module's teacher is its booster; "
                               "a teacher checkpoint is for distilling a plain model")
@@ -135,6 +144,25 @@ class HintLossCallback(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.teacher is not None:
             self.teacher.to(pl_module.device)
+
+    def label_teacher_for(self, targets: torch.Tensor):
+        """For positions with next item ``targets`` (m,): which have a teacher row (bool (m,)), and
+        that row's candidate items (m', M) and teacher logits (m', M)."""
+        lt = self.label_teacher
+        if self._label_rows is None or len(self._label_rows) != lt.labels.numel():
+            self._label_rows = {int(x): r for r, x in enumerate(lt.labels.tolist())}
+            lookup = torch.full((int(lt.labels.max()) + 2 if lt.labels.numel() else 1,), -1, dtype=torch.long)
+            if lt.labels.numel():
+                lookup[lt.labels] = torch.arange(lt.labels.numel())
+            self._lookup = lookup
+        t = targets.cpu()
+        rows = torch.full_like(t, -1)
+        inside = t < self._lookup.numel()
+        rows[inside] = self._lookup[t[inside]]
+        sel = rows >= 0
+        r = rows[sel]
+        dev = targets.device
+        return sel.to(dev), lt.items[r].to(dev), lt.values[r].to(dev)
 
     def teacher_hidden(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Frozen teacher's hidden states (B, T, d) and scoring table, without gradients."""

@@ -14,6 +14,7 @@ Add ``--cfg`` to print the composed config and exit.
 from __future__ import annotations
 
 import logging
+import json
 import os
 import sys
 import warnings
@@ -23,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .errors import ConfigError, LightningRecError
 
-COMMANDS = ("fit", "test", "predict", "stack", "export")
+COMMANDS = ("fit", "test", "predict", "stack", "export", "federate")
 
 
 def _quiet() -> None:
@@ -421,17 +422,14 @@ def predict(cfg: DictConfig, overrides: list[str]) -> str:
 def _write_weights(model, src_ckpt: dict[str, Any], out_path: str, extra: dict[str, Any]) -> None:
     """A weights-only checkpoint (what ``test``, ``predict`` and ``init_from`` read), written atomically,
     carrying the source's data settings and id maps."""
-    import torch
-
     out = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
            "pytorch-lightning_version": src_ckpt.get("pytorch-lightning_version", ""), **extra}
     for key in ("datamodule_hyper_parameters", "datamodule_hparams_name", "SeqDataModule"):
         if key in src_ckpt:
             out[key] = src_ckpt[key]
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    tmp = f"{out_path}.tmp"
-    torch.save(out, tmp)
-    os.replace(tmp, out_path)
+    from .checkpoint_io import atomic_torch_save
+
+    atomic_torch_save(out, out_path)
 
 
 STACK_ALIASES = ("ckpt", "out", "mode", "preset", "times", "overwrite")
@@ -533,7 +531,155 @@ def run(argv: list[str]) -> Any:
     if show_cfg:
         print(OmegaConf.to_yaml(cfg))
         return None
-    return {"fit": fit, "test": test, "predict": predict, "stack": stack, "export": export}[command](cfg, overrides)
+    return {"fit": fit, "test": test, "predict": predict, "stack": stack, "export": export,
+            "federate": federate}[command](cfg, overrides)
+
+
+# ---------------------------------------------------------------------- federate
+def federate(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
+    """Federated training over simulated devices with Flower (see :mod:`lightning_rec.federated`).
+
+    Returns ``{"run_dir", "history": [per-round dicts], "final": last round's metrics}``.
+    """
+    import numpy as np
+    import torch
+
+    from . import runs
+    from .config import to_plain
+    from .federated import split_devices
+    from .federated.device import Device
+    from .federated.flower import STRATEGIES, _flwr, build_strategy, make_client
+
+    fed = cfg.federation
+    if fed.strategy not in STRATEGIES:
+        raise ConfigError(f"federation.strategy={fed.strategy}: expected one of {', '.join(STRATEGIES)}")
+    if fed.engine not in ("simulation", "server", "client"):
+        raise ConfigError(f"federation.engine={fed.engine}: expected simulation, server or client")
+    for key in ("rounds", "local_epochs", "num_devices", "top_m"):
+        if not isinstance(fed[key], int) or fed[key] < 1:
+            raise ConfigError(f"federation.{key}={fed[key]}: expected a positive integer")
+    fl = _flwr()
+    plain = to_plain(cfg)
+    data_conf, model_conf = plain["data"], dict(plain["model"])
+    for key in ("new_head", "match_item_ids"):
+        model_conf.pop(key, None)
+    if model_conf.get("arch") == "rocket":
+        raise ConfigError("federate: model=rocket is not supported; devices train model=sasrec or model=nextitnet")
+    full = _build_datamodule(data_conf)
+    enc = full.load()
+    parts = split_devices(enc.num_users, fed.num_devices, cfg.seed, fed.skew, fed.alpha, enc.lengths)
+
+    resume_state, start_round = None, 0
+    if fed.resume:
+        run_dir = str(fed.resume)
+        last = os.path.join(run_dir, "federation_last.pt")
+        if not os.path.exists(last):
+            raise ConfigError(f"federation.resume={run_dir}: no federation_last.pt there (not a federation run folder)")
+        resume_state = torch.load(last, map_location="cpu", weights_only=False)
+        if resume_state["kind"] != fed.strategy:
+            raise ConfigError(f"federation.resume: that run used strategy={resume_state['kind']}, not {fed.strategy}")
+        start_round = int(resume_state["round"])
+    elif fed.engine == "client":
+        run_dir = cfg.run_dir or os.path.join(cfg.runs_dir, f"federate-device{fed.device}-{runs.stamp()}")
+        os.makedirs(run_dir, exist_ok=True)
+    else:
+        run_dir = runs.claim_run_dir(cfg.run_dir) if cfg.run_dir else runs.new_run_dir(
+            cfg.runs_dir, f"federate-{fed.strategy}-{cfg.data.name}")
+    from .config import set_value
+
+    set_value(cfg, "run_dir", run_dir)
+    if fed.engine != "client" and not fed.resume:
+        OmegaConf.save(cfg, os.path.join(run_dir, "config.yaml"), resolve=True)
+        with open(os.path.join(run_dir, "devices.json"), "w") as f:
+            json.dump({"num_users": int(enc.num_users), "devices": [[int(u) for u in p] for p in parts]}, f)
+    state_dir = os.path.join(run_dir, "devices")
+    accelerator = _accelerator(cfg)
+    fail: dict[int, tuple[int, ...]] = {}
+    for spec in fed.fail or []:
+        try:
+            d, r = (int(x) for x in str(spec).split(":"))
+        except ValueError:
+            raise ConfigError(f"federation.fail: '{spec}' is not device:round (e.g. \"1:2\")") from None
+        fail[d] = fail.get(d, ()) + (r,)
+    callbacks_conf = to_plain(fed.callbacks) or {}
+
+    def device(d: int) -> Device:
+        if not 0 <= d < len(parts):
+            raise ConfigError(f"federation.device={d}: expected 0..{len(parts) - 1}")
+        return Device(d, parts[d], data_conf, model_conf, fed.local_epochs, state_dir, callbacks_conf,
+                      to_plain(fed.distill), accelerator, cfg.seed)
+
+    if fed.engine == "client":
+        if fed.device is None:
+            raise ConfigError("federation.device: engine=client needs the device this process is (0..N-1)")
+        fl.client.start_client(server_address=fed.server_address, client=make_client(device, int(fed.device), fail.get(int(fed.device), ())).to_client(),
+                               insecure=True)
+        return {"run_dir": run_dir, "history": [], "final": {}}
+
+    torch.manual_seed(cfg.seed)
+    everyone = Device(-1, np.arange(enc.num_users), data_conf, model_conf, 1, state_dir, accelerator=accelerator)
+    initial = {k: v.detach().clone() for k, v in everyone.build_model().state_dict().items()}
+    loggers = runs.build_loggers(cfg.logger, run_dir, bool(fed.resume))
+    logger = loggers[0] if loggers else None
+    if logger is not None and not fed.resume:
+        logger.log_hyperparams(plain)
+    strategy = build_strategy(
+        fed.strategy, num_devices=fed.num_devices, initial_state=initial,
+        evaluate_global=lambda state: everyone.evaluate(state, "test"), run_dir=run_dir, k=fed.k, top_m=fed.top_m,
+        min_fit_fraction=fed.min_fit_fraction, start_round=start_round, resume_state=resume_state, logger=logger)
+    if start_round == 0 and fed.engine != "client":  # round 0: the initial model, the baseline to improve on
+        m0 = {f"test_{k.replace('@', '_at_')}": v for k, v in everyone.evaluate(initial, "test").items()}
+        strategy.history.append({"round": 0, "bytes_down": 0, "bytes_up": 0, "total_bytes": 0, **m0})
+        print(f"round 0 (initial model): test NDCG@10 {m0.get('test_ndcg_at_10', float('nan')):.4f}", flush=True)
+    rounds = fed.rounds - start_round
+    print(f"federation {run_dir}: {fed.strategy}, {fed.num_devices} devices "
+          f"({', '.join(str(len(p)) for p in parts)} users), rounds {start_round + 1}..{fed.rounds}, "
+          f"{fed.local_epochs} local epoch(s), engine {fed.engine}", flush=True)
+    if rounds > 0:
+        config = fl.server.ServerConfig(num_rounds=rounds)
+        if fed.engine == "server":
+            fl.server.start_server(server_address=fed.server_address, config=config, strategy=strategy)
+        else:
+            _simulate(fl, device, strategy, config, fed.num_devices, fail)
+    for lg in loggers:
+        lg.finalize("success")
+    final = strategy.history[-1] if strategy.history else {}
+    print(f"federation finished: round {final.get('round', 0)} of {fed.rounds}; final test NDCG@10 "
+          f"{final.get('test_ndcg_at_10', float('nan')):.4f}; {strategy.bytes_down / 1e6:.1f} MB down, "
+          f"{strategy.bytes_up / 1e6:.1f} MB up; run folder: {run_dir}", flush=True)
+    return {"run_dir": run_dir, "history": strategy.history, "final": final}
+
+
+def _simulate(fl, device, strategy, config, num_devices: int, fail: dict[int, tuple[int, ...]]) -> None:
+    """Flower's simulation engine (Ray backend), one ClientApp for every device."""
+    from flwr.client import ClientApp
+    from flwr.server import ServerApp, ServerAppComponents
+    from flwr.simulation import run_simulation
+
+    from .federated.flower import make_client
+
+    def client_fn(context):
+        d = int(context.node_config["partition-id"])
+        return make_client(device, d, fail.get(d, ())).to_client()
+
+    def server_fn(context):
+        return ServerAppComponents(strategy=strategy, config=config)
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    run_simulation(server_app=ServerApp(server_fn=server_fn), client_app=ClientApp(client_fn=client_fn),
+                   num_supernodes=num_devices,
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                   "init_args": {"num_cpus": max(1, min(num_devices, os.cpu_count() or 1)),
+                                                 "include_dashboard": False, "log_to_driver": True}})
+
+
+def _accelerator(cfg: DictConfig) -> str:
+    acc = str(cfg.trainer.get("accelerator", "auto"))
+    if acc in ("gpu", "cuda", "auto"):
+        import torch
+
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    return acc
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -204,7 +204,9 @@ class SeqRecModule(pl.LightningModule):
         mask = batch["targets"] != 0
         n = int(mask.sum())
         hint_cb = self.__dict__.get("hint_callback")
-        if hint_cb is not None and hint_cb.teacher is not None:
+        if hint_cb is not None and getattr(hint_cb, "label_teacher", None) is not None:
+            loss = self._label_distilled_loss(hint_cb, h[mask], batch["targets"][mask], log)
+        elif hint_cb is not None and hint_cb.teacher is not None:
             loss = self._distilled_loss(hint_cb, batch["inputs"], h[mask], batch["targets"][mask], mask, log)
         else:
             loss = self.loss(h[mask], batch["targets"][mask])
@@ -214,6 +216,29 @@ class SeqRecModule(pl.LightningModule):
             self.log("train/loss_epoch", loss, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
             self.log("train/targets", float(n), on_step=False, on_epoch=True, reduce_fx="sum", batch_size=1, sync_dist=True)
         return loss
+
+    def _label_distilled_loss(self, hint_cb, hidden, targets, log: bool = True, chunk: int = 2048) -> torch.Tensor:
+        """Own loss plus the callback's term against per-label teacher logits (federated distillation).
+
+        A position whose next item has a teacher row compares the student's logits on that row's
+        M candidate items with the teacher's; the term is averaged over all positions.
+        """
+        own = self.loss(hidden, targets)
+        spec = hint_cb.spec(self.trainer if self._trainer is not None else None)
+        sel, cand, zt = hint_cb.label_teacher_for(targets)
+        w = self.output_weight()
+        hs = hidden[sel]
+        terms = []
+        for i in range(0, hs.shape[0], chunk):  # bounds memory at chunk x M x d
+            zs = torch.einsum("md,mkd->mk", hs[i:i + chunk], w[cand[i:i + chunk]])
+            terms.append(spec.fn(zs, zt[i:i + chunk].to(zs.dtype), None))
+        term = torch.cat(terms).sum() / max(1, targets.numel()) if terms else own.new_zeros(())
+        if log:
+            n = int(targets.numel())
+            self.log("train/fd_term", term, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
+            self.log("train/fd_coverage", float(sel.float().mean()), on_step=False, on_epoch=True, batch_size=n,
+                     sync_dist=True)
+        return spec.student_ce_weight * own + spec.weight * term
 
     def _distilled_loss(self, hint_cb, inputs, hidden, targets, mask, log: bool = True) -> torch.Tensor:
         """Own loss plus the callback's term against a frozen teacher, on the same candidates."""

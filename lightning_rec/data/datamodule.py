@@ -126,6 +126,9 @@ class SeqDataModule(pl.LightningDataModule):
             a seeded subset of the users (``fraction_by=users``). Subsets are nested (the 80%
             lies inside the 90%), and the item catalogue stays that of the full data, so
             models trained on a fraction and on all of it share their item ids.
+        users: keep only these users (indices ``0..num_users-1`` in file order of first
+            appearance, after ``fraction``); the catalogue stays that of all users. A federated
+            device uses it so its loaders see its own users only.
     """
 
     def __init__(
@@ -156,6 +159,7 @@ class SeqDataModule(pl.LightningDataModule):
         synthetic: dict[str, Any] | None = None,
         fraction: float = 1.0,
         fraction_by: str = "history",
+        users: list[int] | None = None,
     ):
         super().__init__()
         if name not in ("synthetic", "file", *DATASETS):
@@ -208,8 +212,22 @@ class SeqDataModule(pl.LightningDataModule):
                     f"data: no user left after k-core filtering (min_user_interactions="
                     f"{self.hparams.min_user_interactions}, min_item_interactions={self.hparams.min_item_interactions})"
                 )
-            self.data = self._take_fraction(encode(seqs))
+            self.data = self._take_users(self._take_fraction(encode(seqs)))
         return self.data
+
+    def _take_users(self, enc: EncodedSequences) -> EncodedSequences:
+        if self.hparams.users is None:
+            return enc
+        users = np.asarray(sorted(set(int(u) for u in self.hparams.users)), dtype=np.int64)
+        if users.size == 0 or users[0] < 0 or users[-1] >= enc.num_users:
+            raise ConfigError(f"data.users: expected user indices in 0..{enc.num_users - 1}, got "
+                              f"{'none' if users.size == 0 else f'{users[0]}..{users[-1]}'}")
+        lengths = enc.lengths[users]
+        starts = enc.indptr[:-1][users]
+        indptr = np.zeros(len(users) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=indptr[1:])
+        idx = np.repeat(starts - indptr[:-1], lengths) + np.arange(indptr[-1])
+        return EncodedSequences(indptr, enc.items[idx], [enc.user_ids[u] for u in users], enc.item_ids)
 
     def _take_fraction(self, enc: EncodedSequences) -> EncodedSequences:
         frac, by = self.hparams.fraction, self.hparams.fraction_by
