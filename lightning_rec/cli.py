@@ -570,7 +570,10 @@ def federate(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     parts = split_devices(enc.num_users, fed.num_devices, cfg.seed, fed.skew, fed.alpha, enc.lengths)
 
     resume_state, start_round = None, 0
-    if fed.resume:
+    if fed.engine == "client":  # a device keeps its state in its own folder; resume is the server's business
+        run_dir = cfg.run_dir or os.path.join(cfg.runs_dir, f"federate-device{fed.device}")
+        os.makedirs(run_dir, exist_ok=True)
+    elif fed.resume:
         run_dir = str(fed.resume)
         last = os.path.join(run_dir, "federation_last.pt")
         if not os.path.exists(last):
@@ -579,9 +582,6 @@ def federate(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
         if resume_state["kind"] != fed.strategy:
             raise ConfigError(f"federation.resume: that run used strategy={resume_state['kind']}, not {fed.strategy}")
         start_round = int(resume_state["round"])
-    elif fed.engine == "client":
-        run_dir = cfg.run_dir or os.path.join(cfg.runs_dir, f"federate-device{fed.device}-{runs.stamp()}")
-        os.makedirs(run_dir, exist_ok=True)
     else:
         run_dir = runs.claim_run_dir(cfg.run_dir) if cfg.run_dir else runs.new_run_dir(
             cfg.runs_dir, f"federate-{fed.strategy}-{cfg.data.name}")
