@@ -7,8 +7,8 @@
 Runs (SASRec, same data, seed, per-rank batch and number of epochs, so the same number of samples):
   ddp            synchronous DDP, gradients all-reduced every step
   h{8,32}_k{2,3,4}   top-k averaging: h local steps per round, the k of 4 models closest to the global one
-  noisy_h32_k3, noisy_h32_k4   rank 3 trains on shuffled labels (NoisyRankCallback): top-k (k=3)
-                 against plain model averaging (k=4)
+  noisy_h32_k3, noisy_h32_k4   rank 3 is noisy (NoisyRankCallback; --noise shuffle_targets: its labels
+                 are shuffled, lr_scale: its learning rate is 10x): top-k (k=3) against plain averaging (k=4)
 For each: best validation NDCG@10 (full ranking), test NDCG@10 of the best checkpoint, bytes one rank
 handed to collectives per training sequence it processed, the ratio of that to DDP's, and the
 wall-clock time of fit. Target (issue #6): top-k with h=32 within 1% of DDP's NDCG@10 at no more
@@ -32,18 +32,19 @@ from common import SHARED_DATA, append  # noqa: E402
 
 RUNS = os.environ.get("LIGHTNING_REC_BENCH_RUNS", os.path.expanduser("~/.cache/lightning_rec/bench-runs"))
 ORDER = ["ddp", "h8_k2", "h8_k3", "h8_k4", "h32_k2", "h32_k3", "h32_k4", "noisy_h32_k3", "noisy_h32_k4"]
-NOISY = ["+callbacks.noisy_rank._target_=lightning_rec.callbacks.NoisyRankCallback", "+callbacks.noisy_rank.rank=3",
-         "+callbacks.noisy_rank.mode=shuffle_targets"]
+NOISY = ["+callbacks.noisy_rank._target_=lightning_rec.callbacks.NoisyRankCallback", "+callbacks.noisy_rank.rank=3"]
+NOISE = {"shuffle_targets": ["+callbacks.noisy_rank.mode=shuffle_targets"],
+         "lr_scale": ["+callbacks.noisy_rank.mode=lr_scale", "+callbacks.noisy_rank.lr_scale=10"]}
 
 
-def overrides_for(name: str) -> list[str]:
+def overrides_for(name: str, noise: str = "shuffle_targets") -> list[str]:
     if name == "ddp":
         return ["trainer=ddp"]
     m = re.fullmatch(r"(noisy_)?h(\d+)_k(\d+)", name)
     if not m:
         raise SystemExit(f"--only: unknown run {name}; expected ddp or [noisy_]h<H>_k<K>")
     return ["trainer=topk", f"trainer.strategy.h={m[2]}", f"trainer.strategy.k={m[3]}",
-            "trainer.strategy.log_every_rounds=1000", *(NOISY if m[1] else [])]
+            "trainer.strategy.log_every_rounds=1000", *((NOISY + NOISE[noise]) if m[1] else [])]
 
 
 def read_metrics(run_dir: str) -> list[dict[str, str]]:
@@ -63,6 +64,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.002)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--only", default=",".join(ORDER))
+    ap.add_argument("--noise", default="shuffle_targets", choices=sorted(NOISE),
+                    help="how the noisy rank is noisy: shuffled labels, or a 10x learning rate")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = ap.parse_args()
     chosen = [r for r in args.only.split(",") if r]
@@ -83,7 +86,7 @@ def main() -> None:
     for name in chosen:
         out_json = os.path.join(RUNS, f"dist-{name}-{time.time_ns()}.json")
         cmd = [sys.executable, "-m", "lightning_rec", "fit", *common, f"name=bench-dist-{name}",
-               *overrides_for(name), f"metrics_out={out_json}", *args.overrides]
+               *overrides_for(name, args.noise), f"metrics_out={out_json}", *args.overrides]
         print(f"== {name}: {' '.join(cmd[3:])}", flush=True)
         t0 = time.perf_counter()
         p = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -124,7 +127,7 @@ def main() -> None:
                        f"{per_seq:,.0f} | {cratio:.3f} | {len(r['rounds']) or ''} | {noisy} | {r['wall']:.0f} |")
         if ddp and name.startswith("h32") and rel >= -0.01 and cratio <= 1 / 16:
             verdict.append(name)
-    setting = (f"SASRec d={args.d_model}, 2 blocks, dropout 0.2, max_len {args.max_len}, Adam lr {args.lr}, "
+    setting = (f"noisy rank: {args.noise}" + (" x10" if args.noise == "lr_scale" else "") + f"; SASRec d={args.d_model}, 2 blocks, dropout 0.2, max_len {args.max_len}, Adam lr {args.lr}, "
                f"{args.devices} processes x batch {args.batch_size}, {args.epochs} epochs ({seqs} sequences per rank "
                f"per epoch), seed {args.seed}, `{os.path.basename(args.data)}`, full ranking; bytes = payload one "
                f"rank hands to all-reduce/all-gather (DDP: gradient buckets; top-k: one model + one distance per "

@@ -23,6 +23,12 @@ from .core import LabelLogitAccumulator, LabelLogits
 log = logging.getLogger(__name__)
 
 
+def _quiet() -> None:
+    for name in ("pytorch_lightning", "pytorch_lightning.utilities.rank_zero", "lightning_fabric",
+                 "lightning_fabric.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 class _LoadWeights(pl.Callback):
     """Puts the global model into the module after Lightning restored the device's checkpoint."""
 
@@ -115,8 +121,7 @@ class Device:
         Returns ``{"state": weights, "upload": LabelLogits | None, "num_examples", "loss"}``.
         """
         os.makedirs(self.state_dir, exist_ok=True)
-        for name in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch"):
-            logging.getLogger(name).setLevel(logging.WARNING)  # one federation log, not a Trainer banner per device
+        _quiet()  # one federation log, not a Trainer banner per device and round
         pl.seed_everything(self.seed * 1009 + self.id, workers=True, verbose=False)
         dm = self.datamodule()
         model = self.build_model()
@@ -154,8 +159,7 @@ class Device:
                 raise ConfigError(f"device {self.id}: no local model yet ({self.ckpt_path})")
             state = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
         model.load_state_dict(state)
-        for name in ("pytorch_lightning", "lightning_fabric"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+        _quiet()
         trainer = pl.Trainer(accelerator=self.accelerator, devices=1, logger=False, enable_progress_bar=False,
                              enable_model_summary=False)
         fn = trainer.test if split == "test" else trainer.validate
