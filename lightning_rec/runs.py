@@ -47,11 +47,8 @@ def launched_run_dir(runs_dir: str, name: str, run_dir: str | None) -> str:
     rank, launch_id = external_launch()  # type: ignore[misc]
     path = run_dir or os.path.join(runs_dir, name.replace("/", "_"), launch_id)
     if rank == 0:
-        if os.path.isdir(path) and os.listdir(path):
-            raise ConfigError(
-                f"run_dir={path}: the folder already holds a run (launch id {launch_id} was used before); pass "
-                f"run_dir=<new folder> or give torchrun a fresh --rdzv-id"
-            )
+        return claim_run_dir(path, f"launch id {launch_id} was used before; pass run_dir=<new folder> or give "
+                                   f"torchrun a fresh --rdzv-id")
     os.makedirs(path, exist_ok=True)
     return path
 
@@ -74,13 +71,12 @@ def new_run_dir(runs_dir: str, name: str) -> str:
             path = f"{base}_{i}"
 
 
-def claim_run_dir(path: str) -> str:
+def claim_run_dir(path: str, hint: str | None = None) -> str:
     """Use an explicit ``run_dir``: it must be new or empty, so no earlier run is overwritten."""
     if os.path.isdir(path) and os.listdir(path):
-        raise ConfigError(
-            f"run_dir={path}: the folder already holds a run; choose a new folder, or resume it with "
-            f"ckpt_path={os.path.join(path, 'checkpoints', 'last.ckpt')}"
-        )
+        hint = hint or (f"choose a new folder, or resume it with "
+                        f"ckpt_path={os.path.join(path, 'checkpoints', 'last.ckpt')}")
+        raise ConfigError(f"run_dir={path}: the folder already holds a run; {hint}")
     os.makedirs(path, exist_ok=True)
     return path
 
