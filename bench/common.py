@@ -40,3 +40,17 @@ def append(section: str, body: str) -> None:
     print(text, flush=True)
     with open(os.path.join(ROOT, "BENCHMARKS.md"), "a") as f:
         f.write(text)
+
+
+def finish_ndcg_plot(fig, ax, path: str, title: str, target: float, target_label: str, legend_size: int = 8) -> None:
+    """Target line, axes of a validation-NDCG@10-against-time plot, title, legend; saved to ``path``."""
+    import textwrap
+
+    ax.axhline(target, color="gray", ls="--", lw=1, label=target_label)
+    ax.set_xlabel("training wall-clock time (min)")
+    ax.set_ylabel("validation NDCG@10 (full ranking)")
+    ax.set_title("\n".join(textwrap.wrap(title, 90)), fontsize=8)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=110)

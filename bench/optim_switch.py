@@ -22,10 +22,9 @@ import argparse
 import json
 import os
 import sys
-import textwrap
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import ROOT, SHARED_DATA, append  # noqa: E402
+from common import ROOT, SHARED_DATA, append, finish_ndcg_plot  # noqa: E402
 
 RUNS = os.environ.get("LIGHTNING_REC_BENCH_RUNS", os.path.expanduser("~/.cache/lightning_rec/bench-runs"))
 ORDER = ["adam", "adashift", "adam_sgd_auto", "adam_sgd_sched", "adashift_sgd_auto"]
@@ -128,14 +127,7 @@ def plot(path, res, target, title):
             at = next((x["train_seconds"] / 60 for x in tl if x["step"] >= s["switch_step"]), None)
             if at is not None:
                 ax.axvline(at, color=line.get_color(), ls=":", lw=1)
-    ax.axhline(target, color="gray", ls="--", lw=1, label="target: Adam best - 1%")
-    ax.set_xlabel("training wall-clock time (min)")
-    ax.set_ylabel("validation NDCG@10 (full ranking)")
-    ax.set_title("\n".join(textwrap.wrap(title, 90)), fontsize=8)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.savefig(path, dpi=110)
+    finish_ndcg_plot(fig, ax, path, title, target, "target: Adam best - 1%", legend_size=7)
 
 
 if __name__ == "__main__":

@@ -17,10 +17,9 @@ import argparse
 import json
 import os
 import sys
-import textwrap
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import ROOT, SHARED_DATA, append  # noqa: E402
+from common import ROOT, SHARED_DATA, append, finish_ndcg_plot  # noqa: E402
 
 RUNS = os.environ.get("LIGHTNING_REC_BENCH_RUNS", os.path.expanduser("~/.cache/lightning_rec/bench-runs"))
 
@@ -81,14 +80,7 @@ def plot(path: str, curves: list[tuple[str, list[dict], float]], target: float, 
                 ax.annotate(f"{r['num_blocks']} blocks", (x, min(ys)), rotation=90, fontsize=7,
                             color=line.get_color(), va="bottom", ha="right")
             prev = r["num_blocks"]
-    ax.axhline(target, color="gray", ls="--", lw=1, label="target: scratch best - 1%")
-    ax.set_xlabel("training wall-clock time (min)")
-    ax.set_ylabel("validation NDCG@10 (full ranking)")
-    ax.set_title("\n".join(textwrap.wrap(title, 90)), fontsize=8)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.savefig(path, dpi=110)
+    finish_ndcg_plot(fig, ax, path, title, target, "target: scratch best - 1%")
 
 
 def main() -> None:

@@ -79,7 +79,7 @@ class HintLossCallback(pl.Callback):
         # Federated distillation: per-label teacher logits (lightning_rec.federated.LabelLogits)
         # instead of a teacher model; set by the federated device before it trains.
         self.label_teacher = None
-        self._label_rows: dict[int, int] | None = None
+        self._lookup: tuple[Any, torch.Tensor] | None = None  # (teacher, label -> row or -1)
 
     # ------------------------------------------------------------------ the term
     def term_fn(self):
@@ -149,16 +149,15 @@ class HintLossCallback(pl.Callback):
         """For positions with next item ``targets`` (m,): which have a teacher row (bool (m,)), and
         that row's candidate items (m', M) and teacher logits (m', M)."""
         lt = self.label_teacher
-        if self._label_rows is None or len(self._label_rows) != lt.labels.numel():
-            self._label_rows = {int(x): r for r, x in enumerate(lt.labels.tolist())}
-            lookup = torch.full((int(lt.labels.max()) + 2 if lt.labels.numel() else 1,), -1, dtype=torch.long)
-            if lt.labels.numel():
-                lookup[lt.labels] = torch.arange(lt.labels.numel())
-            self._lookup = lookup
+        if self._lookup is None or self._lookup[0] is not lt:
+            lookup = torch.full((int(lt.labels.max()) + 1 if lt.labels.numel() else 1,), -1, dtype=torch.long)
+            lookup[lt.labels] = torch.arange(lt.labels.numel())
+            self._lookup = (lt, lookup)
+        lookup = self._lookup[1]
         t = targets.cpu()
         rows = torch.full_like(t, -1)
-        inside = t < self._lookup.numel()
-        rows[inside] = self._lookup[t[inside]]
+        inside = t < lookup.numel()
+        rows[inside] = lookup[t[inside]]
         sel = rows >= 0
         r = rows[sel]
         dev = targets.device

@@ -24,7 +24,6 @@ class NoisyRankCallback(pl.Callback):
         if mode not in ("shuffle_targets", "lr_scale"):
             raise ConfigError(f"callbacks.noisy_rank.mode={mode}: expected shuffle_targets or lr_scale")
         self.rank, self.mode, self.lr_scale, self.seed = int(rank), mode, float(lr_scale), int(seed)
-        self._scaled = False
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.world_size > 1 and not 0 <= self.rank < trainer.world_size:
@@ -35,13 +34,11 @@ class NoisyRankCallback(pl.Callback):
         if trainer.world_size == 1 or trainer.global_rank != self.rank:
             return
         if self.mode == "lr_scale":
-            if not self._scaled or any(g.get("_noisy") is None for o in trainer.optimizers for g in o.param_groups):
-                for opt in trainer.optimizers:  # optimizers rebuilt (stacking, a switch) are scaled again
-                    for g in opt.param_groups:
-                        if g.get("_noisy") is None:
-                            g["lr"] *= self.lr_scale
-                            g["_noisy"] = True
-                self._scaled = True
+            for opt in trainer.optimizers:  # each group once; groups of rebuilt optimizers (a stack, a switch) too
+                for g in opt.param_groups:
+                    if not g.get("_noisy"):
+                        g["lr"] *= self.lr_scale
+                        g["_noisy"] = True
             return
         targets = batch["targets"] = batch["targets"].clone()  # batches may be views of the dataset
         mask = targets != 0

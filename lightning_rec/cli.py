@@ -13,8 +13,8 @@ Add ``--cfg`` to print the composed config and exit.
 
 from __future__ import annotations
 
-import logging
 import json
+import logging
 import os
 import sys
 import warnings
@@ -205,6 +205,15 @@ def fit(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
 
     Returns ``{"test": metrics, "run_dir", "best_ckpt", "best_score", "epochs", "fit_seconds"}``.
     """
+    from . import runs
+
+    try:
+        return _fit(cfg, overrides)
+    finally:  # also after an error: a later command in this process (or its children) must not reuse the folder
+        os.environ.pop(runs.RUN_DIR_ENV, None)
+
+
+def _fit(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     import time
 
     import pytorch_lightning as pl
@@ -313,7 +322,6 @@ def fit(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
             _write_metrics(cfg.metrics_out, results)
     if trainer.is_global_zero:
         rank_zero_info(f"run folder: {run_dir}")
-    os.environ.pop(runs.RUN_DIR_ENV, None)
     best_score = ckpt_cb.best_model_score if ckpt_cb is not None else None
     return {
         "test": results, "run_dir": run_dir, "best_ckpt": best,
@@ -593,7 +601,8 @@ def federate(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
         with open(os.path.join(run_dir, "devices.json"), "w") as f:
             json.dump({"num_users": int(enc.num_users), "devices": [[int(u) for u in p] for p in parts]}, f)
     state_dir = os.path.join(run_dir, "devices")
-    accelerator = _accelerator(cfg)
+    _precision_for(cfg)  # no GPU: the CPU, as for fit
+    accelerator = str(cfg.trainer.accelerator)
     fail: dict[int, tuple[int, ...]] = {}
     for spec in fed.fail or []:
         try:
@@ -671,15 +680,6 @@ def _simulate(fl, device, strategy, config, num_devices: int, fail: dict[int, tu
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                                    "init_args": {"num_cpus": max(1, min(num_devices, os.cpu_count() or 1)),
                                                  "include_dashboard": False, "log_to_driver": True}})
-
-
-def _accelerator(cfg: DictConfig) -> str:
-    acc = str(cfg.trainer.get("accelerator", "auto"))
-    if acc in ("gpu", "cuda", "auto"):
-        import torch
-
-        return "gpu" if torch.cuda.is_available() else "cpu"
-    return acc
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import logging
 import os
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -35,21 +35,18 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from .errors import ConfigError
 
-log = logging.getLogger(__name__)
-
 
 # ---------------------------------------------------------------------- selection
-def resolve_k(k: int | float, world: int) -> int:
+def resolve_k(k: int | float, world: int, option: str = "trainer.strategy.k") -> int:
     """``k`` as a count of ranks: an int is a count, a float in (0, 1] a fraction of the ranks."""
     if isinstance(k, bool) or not isinstance(k, (int, float)):
-        raise ConfigError(f"trainer.strategy.k={k!r}: expected a number of ranks (int) or a fraction in (0, 1]")
+        raise ConfigError(f"{option}={k!r}: expected a number of ranks (int) or a fraction in (0, 1]")
     if isinstance(k, float):
         if not 0.0 < k <= 1.0:
-            raise ConfigError(f"trainer.strategy.k={k}: a fraction of the ranks must be in (0, 1] "
-                              "(write an integer, e.g. k=3, for a count)")
+            raise ConfigError(f"{option}={k}: a fraction must be in (0, 1] (write an integer, e.g. k=3, for a count)")
         return max(1, min(world, int(round(k * world))))
     if not 1 <= k:
-        raise ConfigError(f"trainer.strategy.k={k}: expected at least 1 rank")
+        raise ConfigError(f"{option}={k}: expected at least 1")
     return min(k, world)
 
 
@@ -66,9 +63,6 @@ class _CommMeter:
 
     def __init__(self) -> None:
         self.bytes = 0
-
-    def __setstate__(self, state):  # picklable for the launcher
-        self.__dict__.update(state)
 
 
 def _counting_allreduce(state: _CommMeter, bucket):
@@ -138,7 +132,7 @@ class TopKAveragingStrategy(DDPStrategy):
 
     strategy_name = "topk_averaging"
 
-    def __init__(self, k: int | float = 0.8, h: int = 32, distance_params: Optional[list[str]] = None,
+    def __init__(self, k: int | float = 0.8, h: int = 32, distance_params: list[str] | None = None,
                  svrg: bool = False, svrg_batches: int = 4, log_every_rounds: int = 10, **kwargs: Any) -> None:
         if not isinstance(h, int) or isinstance(h, bool) or h < 1:
             raise ConfigError(f"trainer.strategy.h={h!r}: expected a positive number of local steps")
@@ -154,10 +148,10 @@ class TopKAveragingStrategy(DDPStrategy):
         self.steps_in_round = 0       # local optimizer steps since the last exchange
         self.comm_bytes = 0           # payload this rank handed to collectives
         self.history: list[dict[str, Any]] = []   # the last rounds (chosen ranks, distances)
-        self._global: Optional[list[torch.Tensor]] = None
-        self._mu: Optional[list[torch.Tensor]] = None
+        self._global: list[torch.Tensor] | None = None
+        self._mu: list[torch.Tensor] | None = None
         self._snapshot_batch: Any = None
-        self._restored: Optional[dict[str, Any]] = None
+        self._restored: dict[str, Any] | None = None
         self._gathered: dict[str, Any] = {}
 
     # -- no DDP wrapper: no per-step gradient all-reduce
@@ -205,7 +199,7 @@ class TopKAveragingStrategy(DDPStrategy):
         return resolve_k(self.k, self.world_size)
 
     # -- the round
-    def _exchange(self, reason: str = "round", step: Optional[int] = None) -> None:
+    def _exchange(self, reason: str = "round", step: int | None = None) -> None:
         params = self._params()
         if self._global is None or len(self._global) != len(params):
             self._sync_from_rank0()
@@ -244,7 +238,7 @@ class TopKAveragingStrategy(DDPStrategy):
         self._mu = None
         self._record(chosen, dists, reason, step)
 
-    def _record(self, chosen: list[int], dists: torch.Tensor, reason: str, step: Optional[int]) -> None:
+    def _record(self, chosen: list[int], dists: torch.Tensor, reason: str, step: int | None) -> None:
         trainer = self.lightning_module.trainer
         if step is None:
             step = trainer.global_step if trainer is not None else 0
@@ -269,7 +263,7 @@ class TopKAveragingStrategy(DDPStrategy):
                            f"{self.world_size}; L2 distance to the global model {dtxt}")
 
     # -- SVRG
-    def _snapshot_gradient(self, batch) -> list[Optional[torch.Tensor]]:
+    def _snapshot_gradient(self, batch) -> list[torch.Tensor | None]:
         """Gradient of the module's loss at the global (snapshot) weights, on ``batch``."""
         module = self.lightning_module
         params = self._params()
@@ -293,7 +287,7 @@ class TopKAveragingStrategy(DDPStrategy):
             raise ConfigError("trainer.strategy.svrg=true: needs this project's training set (a map-style dataset "
                               "with __getitems__)")
         g = torch.Generator().manual_seed(int(trainer.current_epoch) * 1_000_003 + self.round * 101 + self.global_rank)
-        total: Optional[list[Optional[torch.Tensor]]] = None
+        total: list[torch.Tensor | None] | None = None
         device = self.root_device
         for _ in range(self.svrg_batches):
             idx = torch.randint(0, len(ds), (bs,), generator=g).tolist()
@@ -394,7 +388,7 @@ class TopKAveragingStrategy(DDPStrategy):
         dist.all_gather_object(out, _to_cpu(obj))
         return out
 
-    def load_checkpoint(self, checkpoint_path, weights_only: Optional[bool] = None) -> dict[str, Any]:
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
         ckpt = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
         self._restored = ckpt.get("topk_averaging")
         return ckpt

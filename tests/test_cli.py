@@ -235,3 +235,11 @@ def test_resume_guards(tmp_path):
     sas = fit(tmp_path / "s", "model=sasrec", "data.max_len=10", epochs=1)
     with pytest.raises(ConfigError, match="data.max_len=20 is longer than the SASRec position table"):
         run(["test", f"ckpt_path={sas['best_ckpt']}", "data.max_len=20"])
+
+
+def test_a_failed_fit_does_not_leave_its_run_folder_to_the_next_command(tmp_path):
+    from lightning_rec import runs
+
+    with pytest.raises(ConfigError):
+        fit(tmp_path, "model=nextitnet", "optimizer.name=nope", epochs=1)
+    assert runs.RUN_DIR_ENV not in os.environ

@@ -5,7 +5,13 @@ import pytest
 import torch
 
 from lightning_rec.errors import ConfigError
-from lightning_rec.federated import LabelLogitAccumulator, label_logits, split_devices, teacher_from, teachers_for_devices
+from lightning_rec.federated import (
+    LabelLogitAccumulator,
+    label_logits,
+    split_devices,
+    teacher_from,
+    teachers_for_devices,
+)
 
 
 @pytest.mark.parametrize("skew", ["none", "length", "size"])

@@ -1,6 +1,13 @@
 """Federated training across simulated devices (issue #7, in progress): engine-independent pieces."""
 
-from .core import LabelLogitAccumulator, LabelLogits, label_logits, split_devices, teacher_from, teachers_for_devices
+from .core import (
+           LabelLogitAccumulator,
+           LabelLogits,
+           label_logits,
+           split_devices,
+           teacher_from,
+           teachers_for_devices,
+)
 
 __all__ = ["LabelLogitAccumulator", "LabelLogits", "label_logits", "split_devices", "teacher_from",
            "teachers_for_devices"]

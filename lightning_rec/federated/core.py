@@ -72,17 +72,12 @@ def label_logits(logits: torch.Tensor, labels: torch.Tensor, top_m: int, item_of
     """Per-label mean of ``logits`` (n, C) over rows with each label (n,), top-M kept.
 
     Column ``j`` of ``logits`` scores item ``j + item_offset`` (items are 1..C, 0 is padding).
-    Accumulates in float32 with ``index_add_``; memory is (labels seen) x C.
     """
     if logits.shape[0] != labels.shape[0]:
         raise ValueError("logits and labels disagree on the number of rows")
-    seen, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
-    sums = torch.zeros(seen.numel(), logits.shape[1], dtype=torch.float32, device=logits.device)
-    sums.index_add_(0, inverse, logits.detach().float())
-    means = sums / counts[:, None].float()
-    m = min(int(top_m), logits.shape[1])
-    vals, idx = means.topk(m, dim=1)
-    return LabelLogits(seen.cpu(), (idx + item_offset).cpu(), vals.cpu(), counts.cpu())
+    acc = LabelLogitAccumulator(logits.shape[1], item_offset)
+    acc.add(logits, labels)
+    return acc.result(top_m)
 
 
 class LabelLogitAccumulator:

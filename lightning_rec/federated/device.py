@@ -20,8 +20,6 @@ import torch
 from ..errors import ConfigError
 from .core import LabelLogitAccumulator, LabelLogits
 
-log = logging.getLogger(__name__)
-
 
 def _quiet() -> None:
     for name in ("pytorch_lightning", "pytorch_lightning.utilities.rank_zero", "lightning_fabric",
@@ -64,6 +62,7 @@ class Device:
         self.distill = dict(distill or {})
         self.accelerator, self.seed = accelerator, int(seed)
         self._dm = None
+        self._template: dict[str, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ pieces
     @property
@@ -83,6 +82,12 @@ class Device:
         from ..cli import _build_model
 
         return _build_model(copy.deepcopy(self.model_conf), self.datamodule().num_items)
+
+    def template(self) -> dict[str, torch.Tensor]:
+        """Names, shapes and dtypes of the model's state (built once per device)."""
+        if self._template is None:
+            self._template = self.build_model().state_dict()
+        return self._template
 
     def _callbacks(self, teacher: LabelLogits | None) -> list[pl.Callback]:
         from hydra.utils import instantiate

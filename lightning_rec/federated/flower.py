@@ -19,7 +19,8 @@ import json
 import logging
 import os
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -82,7 +83,7 @@ def make_client(device_factory: Callable[[int], Any], device_id: int, fail_round
             self.device = device_factory(device_id)
 
         def get_parameters(self, config):
-            return state_to_arrays(self.device.build_model().state_dict())
+            return state_to_arrays(self.device.template())
 
         def fit(self, parameters, config):
             rnd = int(config.get("round", 0))
@@ -94,10 +95,9 @@ def make_client(device_factory: Callable[[int], Any], device_id: int, fail_round
                 out = self.device.train(None, arrays_to_logits(parameters), upload_logits=True,
                                         top_m=int(config["top_m"]))
                 arrays = logits_to_arrays(out["upload"])
-                metrics = self.device.evaluate(None, "test")
+                metrics = self.device.evaluate(out["state"], "test")
             else:
-                template = self.device.build_model().state_dict()
-                out = self.device.train(arrays_to_state(parameters, template), None, upload_logits=False)
+                out = self.device.train(arrays_to_state(parameters, self.device.template()), None, upload_logits=False)
                 arrays = state_to_arrays(out["state"])
                 metrics = {}
             report = {"device": device_id, "loss": out["loss"], "train_seconds": time.perf_counter() - t0,
@@ -246,7 +246,7 @@ class _RecStrategyMixin:
         else:
             dists = torch.stack([torch.sqrt(sum(((s[k_].double() - self.global_state[k_].double()) ** 2).sum()
                                                 for k_ in s)) for s in states])
-            k = resolve_k(self.k, len(states)) if isinstance(self.k, float) else min(int(self.k), len(states))
+            k = resolve_k(self.k, len(states), "federation.k")
             chosen = select_topk(dists, k)
             w = torch.zeros(len(states), dtype=torch.float64)
             w[chosen] = 1.0 / len(chosen)
