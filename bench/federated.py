@@ -5,7 +5,9 @@
     python bench/federated.py --only centralized,distill
     python bench/federated.py --only distill,fd_attentive,fd_att_seg   # the paper's comparison
 
-Runs: centralized (all users, one process); fedavg; topk (k closest device models averaged);
+Runs: centralized (all users, one process); local (each device alone: distill with weight 0, so
+nothing it receives is used; the floor every exchange must beat); fedavg; topk (k closest device
+models averaged);
 distill (plain federated distillation: per-label logits, KL + L2 to the other devices' average);
 fd_attentive (distill with the attentive encoder, model.attention_m=32); fd_att_seg (that plus the
 segmented optimizer, federation=segmented optimizer=adashift: AdaShift then SGD at the SWATS estimate),
@@ -33,8 +35,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import SHARED_DATA, append  # noqa: E402
 
 RUNS = os.environ.get("LIGHTNING_REC_BENCH_RUNS", os.path.expanduser("~/.cache/lightning_rec/bench-runs"))
-ORDER = ["centralized", "fedavg", "topk", "distill", "fd_attentive", "fd_att_seg"]
-VARIANTS = {"fd_attentive": ["model.attention_m=32"],
+ORDER = ["centralized", "local", "fedavg", "topk", "distill", "fd_attentive", "fd_att_seg"]
+VARIANTS = {"local": ["federation.distill.weight=0"],
+            "fd_attentive": ["model.attention_m=32"],
             "fd_att_seg": ["model.attention_m=32", "federation=segmented", "optimizer=adashift"]}
 
 
@@ -53,6 +56,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--engine", default="simulation", choices=["simulation"])
     ap.add_argument("--only", default=",".join(ORDER))
+    ap.add_argument("--distill-final", type=float, default=None,
+                    help="plain distillation's final NDCG@10 from an earlier invocation (for the time column)")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = ap.parse_args()
     chosen = [r for r in args.only.split(",") if r]
@@ -71,7 +76,7 @@ def main() -> None:
             cmd = ["fit", *common, f"trainer.max_epochs={epochs}", "name=bench-fed-centralized",
                    f"metrics_out={out_json}"]
         else:
-            strategy = "distill" if name.startswith("fd_") else name
+            strategy = "distill" if name.startswith("fd_") or name == "local" else name
             cmd = ["federate", *common, *VARIANTS.get(name, []), f"federation.strategy={strategy}", f"federation.num_devices={args.devices}",
                    f"federation.rounds={args.rounds}", f"federation.local_epochs={args.local_epochs}",
                    f"federation.top_m={args.top_m}", f"federation.k={args.k}"]
@@ -104,7 +109,7 @@ def main() -> None:
               f"{r['up'] / 1e6:.1f} MB | {wall:.0f} s | per round {r['curve']}", flush=True)
 
     # The paper's time claim: federation time to reach plain distillation's final NDCG@10.
-    target = res["distill"]["ndcg"] if "distill" in res else None
+    target = res["distill"]["ndcg"] if "distill" in res else args.distill_final
     rows = ["| run | test NDCG@10 | test HR@10 | MB down | MB up | wall s | s to distill's final | NDCG@10 per round |",
             "|---|---|---|---|---|---|---|---|"]
     for name, r in res.items():
@@ -117,7 +122,8 @@ def main() -> None:
                 if ndcg >= round(target, 4):
                     reach = f"{t:.0f}"
                     break
-        rows.append(f"| {name} | {r['ndcg']:.4f} | {r['hr']:.4f} | {r['down'] / 1e6:.1f} | {r['up'] / 1e6:.1f} | "
+        mb = ("-", "-") if name == "local" else (f"{r['down'] / 1e6:.1f}", f"{r['up'] / 1e6:.1f}")
+        rows.append(f"| {name} | {r['ndcg']:.4f} | {r['hr']:.4f} | {mb[0]} | {mb[1]} | "
                     f"{r['wall']:.0f} | {reach} | {' '.join(str(x) for x in r['curve'])} |")
     setting = (f"ML-1M (`{os.path.basename(args.data)}`), SASRec d={args.d_model}, 2 blocks, max_len {args.max_len}, "
                f"batch {args.batch_size}, lr {args.lr:g} (Adam; AdaShift for fd_att_seg), {args.devices} devices (random users), {args.rounds} rounds x {args.local_epochs} local "
