@@ -110,13 +110,22 @@ class AdaShift(Optimizer):
                     if len(shifted) > group["q"]:
                         shifted.pop(0)
                     sq = torch.stack(shifted).amax(0)
+                if state["k"] == 0 and not bool(sq.any()):
+                    # No scale yet: every shifted gradient so far was exactly zero. It happens behind a
+                    # zero-initialised residual weight (the block's gradients are 0 until alpha moves).
+                    # Stepping now would divide the newer, non-zero gradients by eps; wait instead, as
+                    # in the first n steps.
+                    continue
                 state["k"] += 1
                 v = state["v"].mul_(beta2).add_(sq, alpha=1 - beta2)
                 m = torch.zeros_like(p)
                 for i, gi in enumerate(reversed(window)):  # gi = g_{t-i}
                     m.add_(gi, alpha=weights[i] / norm)
                 vhat = v / (1 - beta2 ** state["k"]) if group["bias_correction"] else v
-                p.addcdiv_(m, vhat.sqrt().add_(group["eps"]), value=-group["lr"])
+                step = m.div_(vhat.sqrt().add_(group["eps"]))
+                if group["reduction"] == "none":
+                    step.masked_fill_(vhat == 0, 0.0)  # entries never seen non-zero: no scale, no step
+                p.add_(step, alpha=-group["lr"])
         return loss
 
 

@@ -139,3 +139,32 @@ def test_federate_options_are_checked(tmp_path):
         run(["federate", *SMALL, f"runs_dir={tmp_path}", "federation.rounds=0"])
     with pytest.raises(ConfigError, match="federation.resume=.*no federation_last.pt"):
         run(["federate", *SMALL, f"runs_dir={tmp_path}", f"federation.resume={tmp_path}"])
+
+
+def test_a_device_that_sends_non_finite_weights_is_dropped_from_the_average(tmp_path):
+    """A diverged device (NaN weights) counts as a failure; the others are averaged as usual."""
+    import flwr as fl
+
+    from lightning_rec.federated.flower import build_strategy, state_to_arrays
+
+    template = {"w": torch.zeros(3), "b": torch.zeros(1)}
+    strat = build_strategy("fedavg", num_devices=3, initial_state=template, evaluate_global=lambda s: {"ndcg@10": 0.5},
+                           run_dir=str(tmp_path), min_fit_fraction=0.3)
+
+    class Proxy:
+        def __init__(self, cid):
+            self.cid = cid
+
+    def result(dev, value, n):
+        state = {"w": torch.full((3,), value), "b": torch.full((1,), value)}
+        res = fl.common.FitRes(fl.common.Status(fl.common.Code.OK, ""),
+                               fl.common.ndarrays_to_parameters(state_to_arrays(state)), n,
+                               {"device": dev, "loss": 1.0, "train_seconds": 0.0, "num_users": n})
+        return Proxy(str(dev)), res
+
+    results = [result(0, 1.0, 10), result(1, float("nan"), 10), result(2, 4.0, 30)]
+    params, _ = strat.aggregate_fit(1, results, [])
+    assert params is not None
+    assert torch.allclose(strat.global_state["w"], torch.full((3,), (10 * 1.0 + 30 * 4.0) / 40))
+    row = json.loads(open(tmp_path / "rounds.jsonl").read().splitlines()[-1])
+    assert row["rejected"] == [1] and row["failures"] == 1 and row["devices"] == [0, 2]

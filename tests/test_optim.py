@@ -62,6 +62,39 @@ def test_adashift_max_reduction_and_max_of_last_q_by_hand():
         assert q[t] == pytest.approx(x, rel=1e-12), t
 
 
+@pytest.mark.parametrize("reduction", ["max", "none"])
+def test_adashift_waits_for_a_non_zero_shifted_gradient(reduction):
+    """Behind a zero-initialised residual weight a block's first gradients are exactly 0.
+
+    The first shifted gradient that is non-zero is the one of step 3 (0-based 2); with n = 1 it is
+    shifted out at step 4, which is the first update. Before that, v would be 0 and the newer
+    non-zero gradients would be divided by eps (the step that sent AdaShift to NaN on SASRec).
+    """
+    lr, b2 = 0.1, 0.9
+    x = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+    opt = AdaShift([x], lr=lr, betas=(0.0, b2), n=1, reduction=reduction, eps=1e-8)
+    grads = [[0.0, 0.0], [0.0, 0.0], [0.5, -1.0], [0.2, 0.4]]
+    seen = []
+    for g in grads:
+        x.grad = torch.tensor(g, dtype=torch.float64)
+        opt.step()
+        seen.append(x.detach().clone().tolist())
+    assert seen[0] == seen[1] == seen[2] == [1.0, -2.0]  # no step while every shifted gradient was 0
+    # step 4: v = (1 - b2) phi(g_3^2), k = 1, so vhat = phi(g_3^2); m = g_4 (beta1 = 0)
+    vhat = [1.0, 1.0] if reduction == "max" else [0.25, 1.0]
+    expect = [[1.0, -2.0][j] - lr * grads[3][j] / (math.sqrt(vhat[j]) + 1e-8) for j in range(2)]
+    assert seen[3] == pytest.approx(expect, rel=1e-9)
+
+
+def test_adashift_element_without_a_scale_does_not_move():
+    x = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    opt = AdaShift([x], lr=0.1, betas=(0.0, 0.9), n=1, reduction="none")
+    for g in ([1.0, 0.0], [1.0, 3.0]):  # entry 1's shifted gradient is 0 at the first update
+        x.grad = torch.tensor(g, dtype=torch.float64)
+        opt.step()
+    assert x[1].item() == 0.0 and x[0].item() == pytest.approx(-0.1)
+
+
 def test_adashift_state_survives_a_checkpoint_round_trip():
     torch.manual_seed(0)
     a = torch.nn.Parameter(torch.randn(3))

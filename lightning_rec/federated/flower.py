@@ -192,10 +192,23 @@ class _RecStrategyMixin:
             return None, {}
         up = 0
         reports = []
+        decoded, rejected = [], []
+        for proxy, res in results:
+            arrays = fl.common.parameters_to_ndarrays(res.parameters)
+            up += nbytes(arrays)
+            if all(np.isfinite(a).all() for a in arrays if a.dtype.kind == "f"):
+                decoded.append((proxy, res, arrays))
+            else:  # a diverged device must not poison the global model or the other devices' teachers
+                rejected.append(int(res.metrics["device"]))
+        if rejected:
+            log.warning(f"round {rnd}: device(s) {rejected} sent non-finite values (diverged local training); "
+                        f"their uploads are dropped and counted as failures")
+            failures = [*failures, *rejected]
+        if not decoded:
+            log.warning(f"round {rnd}: no usable device result ({len(failures)} failures)")
+            return None, {}
         if self.kind == "distill":
-            for proxy, res in results:
-                arrays = fl.common.parameters_to_ndarrays(res.parameters)
-                up += nbytes(arrays)
+            for proxy, res, arrays in decoded:
                 dev = int(res.metrics["device"])
                 self.cid_device[proxy.cid] = dev
                 self.uploads[dev] = arrays_to_logits(arrays)
@@ -209,9 +222,7 @@ class _RecStrategyMixin:
             chosen = sorted(int(r["device"]) for r in reports)
         else:
             states, weights, devices = [], [], []
-            for proxy, res in results:
-                arrays = fl.common.parameters_to_ndarrays(res.parameters)
-                up += nbytes(arrays)
+            for proxy, res, arrays in decoded:
                 states.append(arrays_to_state(arrays, self.template))
                 weights.append(res.num_examples)
                 devices.append(int(res.metrics["device"]))
@@ -222,13 +233,13 @@ class _RecStrategyMixin:
         self.bytes_up += up
         self.bytes_down += self._round_down
         entry = {"round": rnd, "devices": sorted(int(r["device"]) for r in reports), "aggregated": chosen,
-                 "failures": len(failures), "bytes_down": self._round_down, "bytes_up": up,
+                 "failures": len(failures), "rejected": rejected, "bytes_down": self._round_down, "bytes_up": up,
                  "total_bytes": self.bytes_down + self.bytes_up, "seconds": time.perf_counter() - self._t_round,
                  "loss": float(np.mean([r["loss"] for r in reports])), **metrics}
         self.history.append(entry)
         self._save_round(rnd)
         ndcg = metrics.get("test_ndcg_at_10")
-        print(f"round {rnd}: {len(results)} devices ({len(failures)} failed), aggregated {chosen}; "
+        print(f"round {rnd}: {len(decoded)} devices ({len(failures)} failed), aggregated {chosen}; "
               f"test NDCG@10 {ndcg if ndcg is None else round(ndcg, 4)}; down {self._round_down / 1e6:.2f} MB, "
               f"up {up / 1e6:.2f} MB; {entry['seconds']:.1f} s", flush=True)
         if self.logger is not None:
