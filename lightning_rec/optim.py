@@ -43,6 +43,11 @@ class AdaShift(Optimizer):
         eps: added to the denominator.
         weight_decay: L2 penalty added to the gradient.
         bias_correction: divide ``v`` by ``1 - beta2^k``.
+
+    A parameter makes no update until one of its shifted gradients is non-zero (``k`` counts from
+    there): behind a zero-initialised residual weight a block's first gradients are exactly 0, and
+    dividing the newer gradients by ``sqrt(0) + eps`` would blow the weights up. With
+    ``reduction=none`` an entry whose ``v`` is still 0 does not move.
     """
 
     def __init__(
