@@ -554,7 +554,7 @@ def federate(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
 
     from . import runs
     from .config import to_plain
-    from .federated import split_devices
+    from .federated import split_devices, split_holdout
     from .federated.device import Device
     from .federated.flower import STRATEGIES, _flwr, build_strategy, make_client
 
@@ -575,7 +575,11 @@ def federate(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
         raise ConfigError("federate: model=rocket is not supported; devices train model=sasrec or model=nextitnet")
     full = _build_datamodule(data_conf)
     enc = full.load()
-    parts = split_devices(enc.num_users, fed.num_devices, cfg.seed, fed.skew, fed.alpha, enc.lengths)
+    kept, holdout = split_holdout(enc.num_users, float(fed.holdout_users), cfg.seed)
+    if fed.num_devices > len(kept):
+        raise ConfigError(f"federation.num_devices={fed.num_devices}: only {len(kept)} users are on devices")
+    parts = [kept[p] for p in split_devices(len(kept), fed.num_devices, cfg.seed, fed.skew, fed.alpha,
+                                            np.asarray(enc.lengths)[kept])]
 
     resume_state, start_round = None, 0
     if fed.engine == "client":  # a device keeps its state in its own folder; resume is the server's business
@@ -599,7 +603,8 @@ def federate(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     if fed.engine != "client" and not fed.resume:
         OmegaConf.save(cfg, os.path.join(run_dir, "config.yaml"), resolve=True)
         with open(os.path.join(run_dir, "devices.json"), "w") as f:
-            json.dump({"num_users": int(enc.num_users), "devices": [[int(u) for u in p] for p in parts]}, f)
+            json.dump({"num_users": int(enc.num_users), "devices": [[int(u) for u in p] for p in parts],
+                       "holdout": [int(u) for u in holdout]}, f)
     state_dir = os.path.join(run_dir, "devices")
     _precision_for(cfg)  # no GPU: the CPU, as for fit
     accelerator = str(cfg.trainer.accelerator)
@@ -616,7 +621,7 @@ def federate(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
         if not 0 <= d < len(parts):
             raise ConfigError(f"federation.device={d}: expected 0..{len(parts) - 1}")
         return Device(d, parts[d], data_conf, model_conf, fed.local_epochs, state_dir, callbacks_conf,
-                      to_plain(fed.distill), accelerator, cfg.seed)
+                      to_plain(fed.distill), accelerator, cfg.seed, eval_users=holdout)
 
     if fed.engine == "client":
         if fed.device is None:
@@ -626,7 +631,9 @@ def federate(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
         return {"run_dir": run_dir, "history": [], "final": {}}
 
     torch.manual_seed(cfg.seed)
-    everyone = Device(-1, np.arange(enc.num_users), data_conf, model_conf, 1, state_dir, accelerator=accelerator)
+    # the test population: held-out users (on no device) when federation.holdout_users > 0, else every user
+    everyone = Device(-1, holdout if len(holdout) else np.arange(enc.num_users), data_conf, model_conf, 1, state_dir,
+                      accelerator=accelerator)
     initial = {k: v.detach().clone() for k, v in everyone.build_model().state_dict().items()}
     loggers = runs.build_loggers(cfg.logger, run_dir, bool(fed.resume))
     logger = loggers[0] if loggers else None
@@ -643,7 +650,8 @@ def federate(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     rounds = fed.rounds - start_round
     print(f"federation {run_dir}: {fed.strategy}, {fed.num_devices} devices "
           f"({', '.join(str(len(p)) for p in parts)} users), rounds {start_round + 1}..{fed.rounds}, "
-          f"{fed.local_epochs} local epoch(s), engine {fed.engine}", flush=True)
+          f"{fed.local_epochs} local epoch(s), engine {fed.engine}; test metrics on "
+          f"{f'{len(holdout)} held-out users' if len(holdout) else 'every user'}", flush=True)
     if rounds > 0:
         config = fl.server.ServerConfig(num_rounds=rounds)
         if fed.engine == "server":

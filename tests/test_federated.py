@@ -61,8 +61,13 @@ def _ndcg(history, rnd):
 
 @pytest.mark.ddp
 def test_two_round_simulation_improves_over_round_0(tmp_path):
-    """Flower's simulation engine (Ray): every device a ClientApp on this machine."""
-    out = run(["federate", *SMALL, f"runs_dir={tmp_path}", "federation.rounds=2", "federation.strategy=fedavg"])
+    """Flower's simulation engine (Ray): every device a ClientApp on this machine; the test metrics
+    are on 30 held-out users that no device has."""
+    out = run(["federate", *SMALL, f"runs_dir={tmp_path}", "federation.rounds=2", "federation.strategy=fedavg",
+               "federation.holdout_users=0.25"])
+    split = json.load(open(os.path.join(out["run_dir"], "devices.json")))
+    assert len(split["holdout"]) == 30 and not set(split["holdout"]) & {u for d in split["devices"] for u in d}
+    assert sum(map(len, split["devices"])) == 90
     hist = out["history"]
     assert [h["round"] for h in hist] == [0, 1, 2]
     assert _ndcg(hist, 2) > _ndcg(hist, 0)
@@ -104,7 +109,9 @@ def _deploy(tmp_path, strategy, rounds, extra=(), fail_device=None, fail_round=N
 
 @pytest.mark.ddp
 def test_deployment_on_loopback_with_distillation_and_a_dropped_client(tmp_path):
-    rows, log, run_dir = _deploy(tmp_path, "distill", 3, ["federation.top_m=10"], fail_device=1, fail_round=2)
+    rows, log, run_dir = _deploy(tmp_path, "distill", 3, ["federation.top_m=10", "federation.holdout_users=0.25"],
+                                 fail_device=1, fail_round=2)
+    assert "test metrics on 30 held-out users" in log
     assert [r["round"] for r in rows] == [1, 2, 3]
     assert rows[1]["failures"] == 1 and rows[1]["devices"] == [0]  # device 1 dropped out in round 2 ...
     assert rows[2]["devices"] == [0]                               # ... (its process ended); round 3 went on

@@ -9,6 +9,7 @@ from lightning_rec.federated import (
     LabelLogitAccumulator,
     label_logits,
     split_devices,
+    split_holdout,
     teacher_from,
     teachers_for_devices,
 )
@@ -83,3 +84,15 @@ def test_entries_below_a_devices_top_m_count_as_its_floor():
     # item 1: a 5, b floor 1 -> 3; item 2: (4 + 1) / 2; item 3: a floor 4, b 6 -> 5
     assert got == pytest.approx({1: 3.0, 2: 2.5, 3: 5.0})
     assert a.nbytes() == 8 + 2 * 8 + 2 * 4 + 8  # label, 2 item ids, 2 values, count
+
+
+def test_held_out_users_are_on_no_device_and_drawn_by_seed():
+    kept, out = split_holdout(200, 0.1, seed=3)
+    assert len(out) == 20 and len(kept) == 180
+    assert not set(kept) & set(out) and sorted([*kept, *out]) == list(range(200))
+    assert np.array_equal(split_holdout(200, 0.1, seed=3)[1], out)
+    assert not np.array_equal(split_holdout(200, 0.1, seed=4)[1], out)
+    kept0, out0 = split_holdout(50, 0.0)
+    assert len(out0) == 0 and len(kept0) == 50
+    with pytest.raises(ConfigError, match="holdout_users=1.0: expected a fraction in"):
+        split_holdout(10, 1.0)

@@ -1,13 +1,14 @@
-"""Federated training across simulated devices (issue #7, in progress): engine-independent pieces."""
+"""Federated training across simulated devices (issue #7): engine-independent pieces."""
 
 from .core import (
            LabelLogitAccumulator,
            LabelLogits,
            label_logits,
            split_devices,
+           split_holdout,
            teacher_from,
            teachers_for_devices,
 )
 
-__all__ = ["LabelLogitAccumulator", "LabelLogits", "label_logits", "split_devices", "teacher_from",
+__all__ = ["LabelLogitAccumulator", "LabelLogits", "label_logits", "split_devices", "split_holdout", "teacher_from",
            "teachers_for_devices"]

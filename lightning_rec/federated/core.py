@@ -55,6 +55,20 @@ def split_devices(num_users: int, num_devices: int, seed: int = 0, skew: str = "
     return [np.sort(part) for part in np.split(order, cuts)]
 
 
+def split_holdout(num_users: int, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``(kept, held_out)`` user indices: ``round(fraction x num_users)`` users, drawn by seed, go
+    on no device; the federation is evaluated on their test items (users no model trained on)."""
+    if not 0.0 <= float(fraction) < 1.0:
+        raise ConfigError(f"federation.holdout_users={fraction}: expected a fraction in [0, 1)")
+    n_out = int(round(float(fraction) * num_users))
+    if fraction > 0 and not 1 <= n_out < num_users:
+        raise ConfigError(f"federation.holdout_users={fraction}: {n_out} of {num_users} users; expected at least "
+                          f"one held out and one kept")
+    out = np.sort(np.random.default_rng([int(seed), 1]).permutation(num_users)[:n_out])
+    kept = np.setdiff1d(np.arange(num_users), out)
+    return kept, out
+
+
 @dataclass
 class LabelLogits:
     """One device's upload: for each seen label, the top-M entries of its mean logit vector."""

@@ -50,12 +50,17 @@ class Device:
         callbacks_conf: Lightning callbacks instantiated for local training (e.g. the optimizer switch).
         distill: settings of the distillation term (``weight``, ``temperature``, ``l2_weight``, ``top_m``).
         accelerator: Lightning accelerator for local training.
+        eval_users: the users whose test items :meth:`evaluate` scores (default: the device's own);
+            ``federation.holdout_users`` passes the held-out users.
     """
 
     def __init__(self, device_id: int, users: np.ndarray, data_conf: dict[str, Any], model_conf: dict[str, Any],
                  local_epochs: int, state_dir: str, callbacks_conf: dict[str, Any] | None = None,
-                 distill: dict[str, Any] | None = None, accelerator: str = "cpu", seed: int = 0):
+                 distill: dict[str, Any] | None = None, accelerator: str = "cpu", seed: int = 0,
+                 eval_users: np.ndarray | None = None):
         self.id, self.users = int(device_id), np.asarray(users)
+        self.eval_users = None if eval_users is None or len(eval_users) == 0 else np.asarray(eval_users)
+        self._eval_dm = None
         self.data_conf, self.model_conf = dict(data_conf), dict(model_conf)
         self.local_epochs, self.state_dir = int(local_epochs), state_dir
         self.callbacks_conf = dict(callbacks_conf or {})
@@ -77,6 +82,18 @@ class Device:
             self._dm = SeqDataModule(**conf, users=self.users.tolist())
             self._dm.setup("fit")
         return self._dm
+
+    def eval_datamodule(self):
+        """The DataModule :meth:`evaluate` uses: the device's own users, or ``eval_users``."""
+        from ..data import SeqDataModule
+
+        if self.eval_users is None:
+            return self.datamodule()
+        if self._eval_dm is None:
+            conf = {k: v for k, v in self.data_conf.items() if not k.startswith("_")}
+            self._eval_dm = SeqDataModule(**conf, users=self.eval_users.tolist())
+            self._eval_dm.setup("fit")
+        return self._eval_dm
 
     def build_model(self):
         from ..cli import _build_model
@@ -156,8 +173,9 @@ class Device:
         return acc.result(top_m)
 
     def evaluate(self, state: dict[str, torch.Tensor] | None = None, split: str = "test") -> dict[str, float]:
-        """Full-ranking metrics of ``state`` (or the device's own model) on its users' ``split`` targets."""
-        dm = self.datamodule()
+        """Full-ranking metrics of ``state`` (or the device's own model) on the ``split`` targets of its
+        users, or of ``eval_users`` when given."""
+        dm = self.eval_datamodule()
         model = self.build_model()
         if state is None:
             if not os.path.exists(self.ckpt_path):
