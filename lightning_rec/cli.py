@@ -577,7 +577,8 @@ def federate(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     enc = full.load()
     kept, holdout = split_holdout(enc.num_users, float(fed.holdout_users), cfg.seed)
     if fed.num_devices > len(kept):
-        raise ConfigError(f"federation.num_devices={fed.num_devices}: only {len(kept)} users are on devices")
+        raise ConfigError(f"federation.num_devices={fed.num_devices}: expected at most {len(kept)}, the users left "
+                          f"for devices after federation.holdout_users={fed.holdout_users}")
     parts = [kept[p] for p in split_devices(len(kept), fed.num_devices, cfg.seed, fed.skew, fed.alpha,
                                             np.asarray(enc.lengths)[kept])]
 
