@@ -36,9 +36,11 @@ from common import SHARED_DATA, append  # noqa: E402
 
 RUNS = os.environ.get("LIGHTNING_REC_BENCH_RUNS", os.path.expanduser("~/.cache/lightning_rec/bench-runs"))
 ORDER = ["centralized", "local", "fedavg", "topk", "distill", "fd_attentive", "fd_att_seg"]
-VARIANTS = {"local": ["federation.distill.weight=0"],
-            "fd_attentive": ["model.attention_m=32"],
-            "fd_att_seg": ["model.attention_m=32", "federation=segmented", "optimizer=adashift"]}
+# run -> (federation.strategy, extra overrides)
+VARIANTS = {"local": ("distill", ["federation.distill.weight=0"]),
+            "fedavg": ("fedavg", []), "topk": ("topk", []), "distill": ("distill", []),
+            "fd_attentive": ("distill", ["model.attention_m=32"]),
+            "fd_att_seg": ("distill", ["model.attention_m=32", "federation=segmented", "optimizer=adashift"])}
 
 
 def main() -> None:
@@ -76,8 +78,8 @@ def main() -> None:
             cmd = ["fit", *common, f"trainer.max_epochs={epochs}", "name=bench-fed-centralized",
                    f"metrics_out={out_json}"]
         else:
-            strategy = "distill" if name.startswith("fd_") or name == "local" else name
-            cmd = ["federate", *common, *VARIANTS.get(name, []), f"federation.strategy={strategy}", f"federation.num_devices={args.devices}",
+            strategy, extra = VARIANTS[name]
+            cmd = ["federate", *common, *extra, f"federation.strategy={strategy}", f"federation.num_devices={args.devices}",
                    f"federation.rounds={args.rounds}", f"federation.local_epochs={args.local_epochs}",
                    f"federation.top_m={args.top_m}", f"federation.k={args.k}"]
         cmd.append(f"optimizer.lr={args.lr}")  # after optimizer=adashift, which would reset it

@@ -74,25 +74,26 @@ class Device:
     def ckpt_path(self) -> str:
         return os.path.join(self.state_dir, f"device_{self.id}.ckpt")
 
-    def datamodule(self):
+    def _datamodule_of(self, users: np.ndarray):
         from ..data import SeqDataModule
 
+        conf = {k: v for k, v in self.data_conf.items() if not k.startswith("_")}
+        dm = SeqDataModule(**conf, users=users.tolist())
+        dm.setup("fit")
+        return dm
+
+    def datamodule(self):
+        """The device's own users (training, and evaluation unless ``eval_users`` is given)."""
         if self._dm is None:
-            conf = {k: v for k, v in self.data_conf.items() if not k.startswith("_")}
-            self._dm = SeqDataModule(**conf, users=self.users.tolist())
-            self._dm.setup("fit")
+            self._dm = self._datamodule_of(self.users)
         return self._dm
 
     def eval_datamodule(self):
         """The DataModule :meth:`evaluate` uses: the device's own users, or ``eval_users``."""
-        from ..data import SeqDataModule
-
         if self.eval_users is None:
             return self.datamodule()
         if self._eval_dm is None:
-            conf = {k: v for k, v in self.data_conf.items() if not k.startswith("_")}
-            self._eval_dm = SeqDataModule(**conf, users=self.eval_users.tolist())
-            self._eval_dm.setup("fit")
+            self._eval_dm = self._datamodule_of(self.eval_users)
         return self._eval_dm
 
     def build_model(self):
