@@ -5,10 +5,11 @@
     python bench/optim_switch.py --only adam,adam_sgd_auto
 
 Runs (SASRec, same data, epochs and seed; full ranking):
-  adam               Adam, lr 1e-3 throughout
-  adashift           AdaShift (n = 10, max reduction), lr 1e-3
+  adam               Adam (--lr, default 4e-3) throughout
+  adashift           AdaShift (n = 10, max reduction), same lr
   adam_sgd_auto      Adam, then SGD at the SWATS estimate when its rule fires (deadline: half the epochs)
-  adam_sgd_sched     Adam, then SGD at the start of epoch --switch-epoch, at the SWATS estimate
+  adam_sgd_sched     Adam, then SGD at the start of epoch --switch-epoch (default: three quarters of the
+                     epochs), at the SWATS estimate or at --sgd-lr
   adashift_sgd_auto  AdaShift, then SGD (SWATS rule, same deadline)
 For each: validation NDCG@10 against training wall-clock time (one PNG in docs/), the training time
 to reach the Adam run's best validation NDCG@10 minus 1%, the switch step and SGD rate, and the test
@@ -34,10 +35,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=os.path.join(SHARED_DATA, "ml-1m.txt.gz"))
     ap.add_argument("--epochs", type=int, default=8)
-    ap.add_argument("--switch-epoch", type=int, default=None, help="scheduled switch (default: half the epochs)")
+    ap.add_argument("--switch-epoch", type=int, default=None,
+                    help="scheduled switch (default: three quarters of the epochs)")
+    ap.add_argument("--sgd-lr", type=float, default=None, help="scheduled switch: this SGD rate, not the estimate")
+    ap.add_argument("--lr", type=float, default=4e-3, help="rate of the adaptive phase")
     ap.add_argument("--max-len", type=int, default=50)
     ap.add_argument("--d-model", type=int, default=64)
-    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--min-steps", type=int, default=100, help="no automatic switch before this step")
     ap.add_argument("--tag", default="", help="suffix of the plot file: docs/optim_switch<tag>.png")
@@ -46,14 +50,16 @@ def main() -> None:
     args = ap.parse_args()
     from lightning_rec.cli import run
 
-    half = args.switch_epoch if args.switch_epoch is not None else max(1, args.epochs // 2)
+    half = max(1, args.epochs // 2)
+    late = args.switch_epoch if args.switch_epoch is not None else max(1, 3 * args.epochs // 4)
+    given = [f"callbacks.optimizer_switch.sgd_lr={args.sgd_lr}"] if args.sgd_lr else []
     sw = ["callbacks=swats", f"callbacks.optimizer_switch.min_steps={args.min_steps}"]
     runs = {
         "adam": ["optimizer=adam"],
         "adashift": ["optimizer=adashift"],
         "adam_sgd_auto": ["optimizer=adam", *sw, f"callbacks.optimizer_switch.deadline_epoch={half}"],
         "adam_sgd_sched": ["optimizer=adam", *sw, "callbacks.optimizer_switch.mode=scheduled",
-                           f"callbacks.optimizer_switch.at_epoch={half}"],
+                           f"callbacks.optimizer_switch.at_epoch={late}", *given],
         "adashift_sgd_auto": ["optimizer=adashift", *sw, f"callbacks.optimizer_switch.deadline_epoch={half}"],
     }
     chosen = [r for r in args.only.split(",") if r]
@@ -62,7 +68,7 @@ def main() -> None:
     common = [
         "data=file", f"data.path={args.data}", "data.format=sasrec", f"data.max_len={args.max_len}",
         f"data.batch_size={args.batch_size}", "model=sasrec", f"model.d_model={args.d_model}", "model.num_blocks=2",
-        "model.dropout=0.2", "optimizer.lr=0.001", f"runs_dir={RUNS}", "logger=csv", "trainer.enable_progress_bar=false",
+        "model.dropout=0.2", f"optimizer.lr={args.lr}", f"runs_dir={RUNS}", "logger=csv", "trainer.enable_progress_bar=false",
         f"trainer.max_epochs={args.epochs}", f"seed={args.seed}",
         "+callbacks.timeline._target_=lightning_rec.callbacks.Timeline",
     ]
@@ -105,7 +111,9 @@ def main() -> None:
     verdict = (f"Target (a switching run ends >= Adam on test NDCG@10 and reaches Adam's target sooner): "
                f"{'met by ' + ', '.join(better) if better else 'NOT met by any run'}.")
     setting = (f"SASRec d={args.d_model}, 2 blocks, 1 head, dropout 0.2, max_len {args.max_len}, full-softmax CE, "
-               f"lr 1e-3, batch {args.batch_size}, {args.epochs} epochs, seed {args.seed}, `{os.path.basename(args.data)}`; "
+               f"lr {args.lr:g}, batch {args.batch_size}, {args.epochs} epochs, seed {args.seed}, `{os.path.basename(args.data)}`; "
+               f"automatic switches: SWATS rule after {args.min_steps} steps, deadline epoch {half}; scheduled: epoch {late} "
+               f"at {'SGD lr ' + format(args.sgd_lr, 'g') if args.sgd_lr else 'the SWATS estimate'}; "
                f"target = 0.99 x Adam's best validation NDCG@10 = {target:.4f}; time = training batches only (Timeline)")
     append("Optimizer switching on ML-1M", f"Setting: {setting}.\n\n" + "\n".join(rows) + f"\n\n{verdict}\n\n"
            f"Plot: [docs/optim_switch{args.tag}.png](docs/optim_switch{args.tag}.png).")
