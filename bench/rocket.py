@@ -39,6 +39,8 @@ def main() -> None:
     ap.add_argument("--booster-d", type=int, default=64)
     ap.add_argument("--booster-blocks", type=int, default=4)
     ap.add_argument("--light-blocks", type=int, default=1)
+    ap.add_argument("--light-d", type=int, default=None,
+                    help="light net width (default: the booster's); narrower sees a projection of the shared table")
     ap.add_argument("--hint-weight", type=float, default=1e-4,
                     help="lambda; the authors' 0.03 was for ~10 classes, x 10 / 3,416 items here is about 1e-4")
     ap.add_argument("--hint-start-epoch", type=int, default=0, help="no hint before this epoch (schedule=start_epoch)")
@@ -59,11 +61,12 @@ def main() -> None:
     from lightning_rec.rocket import net_parameters, scoring_latency
 
     d = args.booster_d
+    dl = args.light_d or d
     # Untied heads alone too, so "light alone" is exactly the net the rocket ships (own head) and vice versa.
     booster = [f"model.d_model={d}", f"model.num_blocks={args.booster_blocks}", "model.num_heads=2", "model.tied_embeddings=false"]
-    light = [f"model.d_model={d}", f"model.num_blocks={args.light_blocks}", "model.num_heads=1", "model.tied_embeddings=false"]
+    light = [f"model.d_model={dl}", f"model.num_blocks={args.light_blocks}", "model.num_heads=1", "model.tied_embeddings=false"]
     rocket = ["model=rocket", f"model.booster.d_model={d}", f"model.booster.num_blocks={args.booster_blocks}",
-              "model.booster.num_heads=2", f"model.light.d_model={d}", f"model.light.num_blocks={args.light_blocks}",
+              "model.booster.num_heads=2", f"model.light.d_model={dl}", f"model.light.num_blocks={args.light_blocks}",
               "model.light.num_heads=1", "callbacks=rocket", f"callbacks.hint.weight={args.hint_weight}"]
     if args.hint_start_epoch:
         rocket += ["callbacks.hint.schedule=start_epoch", f"callbacks.hint.start_epoch={args.hint_start_epoch}"]
@@ -149,7 +152,7 @@ def main() -> None:
             f"parameters {sizes['rocket/light'] / sizes['booster']:.2f}x.",
         ]
     setting = (f"ML-1M `{os.path.basename(args.data)}`, max_len {args.max_len}, booster SASRec {args.booster_blocks} "
-               f"blocks d={d} 2 heads, light SASRec {args.light_blocks} block d={d} 1 head, each with its own output layer, "
+               f"blocks d={d} 2 heads, light SASRec {args.light_blocks} block d={dl} 1 head, each with its own output layer, "
                f"dropout 0.2, full-softmax CE, "
                f"Adam {args.lr:g}, batch {args.batch_size}, {args.epochs} epochs, seed {args.seed}, hint lambda {args.hint_weight:g}"
                f"{f' from epoch {args.hint_start_epoch}' if args.hint_start_epoch else ''}, KD weight {args.kd_weight:g} (rocket_kd); "
