@@ -11,6 +11,7 @@ Runs (SASRec, same data, epochs and seed; full ranking):
   adam_sgd_sched     Adam, then SGD at the start of epoch --switch-epoch (default: three quarters of the
                      epochs), at the SWATS estimate or at --sgd-lr
   adashift_sgd_auto  AdaShift, then SGD (SWATS rule, same deadline)
+  adashift_row, adashift_row_sgd_auto   the same two with reduction=row_max (one scale per item row)
 For each: validation NDCG@10 against training wall-clock time (one PNG in docs/), the training time
 to reach the Adam run's best validation NDCG@10 minus 1%, the switch step and SGD rate, and the test
 NDCG@10 of the best checkpoint. Target (issue #5): a switching variant ends at least as good as Adam
@@ -28,7 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import ROOT, SHARED_DATA, append, finish_ndcg_plot  # noqa: E402
 
 RUNS = os.environ.get("LIGHTNING_REC_BENCH_RUNS", os.path.expanduser("~/.cache/lightning_rec/bench-runs"))
-ORDER = ["adam", "adashift", "adam_sgd_auto", "adam_sgd_sched", "adashift_sgd_auto"]
+ORDER = ["adam", "adashift", "adam_sgd_auto", "adam_sgd_sched", "adashift_sgd_auto", "adashift_row",
+         "adashift_row_sgd_auto"]
 
 
 def main() -> None:
@@ -61,6 +63,9 @@ def main() -> None:
         "adam_sgd_sched": ["optimizer=adam", *sw, "callbacks.optimizer_switch.mode=scheduled",
                            f"callbacks.optimizer_switch.at_epoch={late}", *given],
         "adashift_sgd_auto": ["optimizer=adashift", *sw, f"callbacks.optimizer_switch.deadline_epoch={half}"],
+        "adashift_row": ["optimizer=adashift", "optimizer.reduction=row_max"],
+        "adashift_row_sgd_auto": ["optimizer=adashift", "optimizer.reduction=row_max", *sw,
+                                  f"callbacks.optimizer_switch.deadline_epoch={half}"],
     }
     chosen = [r for r in args.only.split(",") if r]
     if any(r not in runs for r in chosen):

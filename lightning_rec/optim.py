@@ -4,7 +4,8 @@ AdaShift decorrelates the second moment from the current gradient: the first mom
 beta1-weighted mean of the latest ``n`` gradients and the second moment an EMA of
 ``phi(g_{t-n}^2)``, the squared gradient that has just left that window. No update is made during
 the first ``n`` steps (the window fills). ``phi`` is ``max`` (one value per tensor, the paper's
-recommended spatial reduction) or ``none`` (element-wise). ``second_moment="max_last_q"`` is the
+recommended spatial reduction), ``row_max`` (one value per row of a matrix, i.e. per item of an
+embedding or output table; 1-D tensors as ``max``) or ``none`` (element-wise). ``second_moment="max_last_q"`` is the
 paper's other wording: the EMA takes the element-wise largest of the last ``q`` shifted squared
 gradients.
 
@@ -37,7 +38,9 @@ class AdaShift(Optimizer):
         lr: step size (default 1e-2, the paper's setting for most experiments).
         betas: (beta1, beta2); beta1 weights the window, beta2 is the EMA rate of the second moment.
         n: window length (latest gradients in the first moment; shift of the second moment).
-        reduction: ``max`` (phi = max over the tensor) or ``none`` (element-wise).
+        reduction: ``max`` (phi = max over the tensor), ``row_max`` (max over each row: the paper's
+            blocks taken as rows, so an item table gets one scale per item rather than one for all
+            items, set by the most popular) or ``none`` (element-wise).
         second_moment: ``shifted`` (phi(g_{t-n}^2)) or ``max_last_q`` (largest of the last ``q``).
         q: see ``second_moment``.
         eps: added to the denominator.
@@ -47,7 +50,7 @@ class AdaShift(Optimizer):
     A parameter makes no update until one of its shifted gradients is non-zero (``k`` counts from
     there): behind a zero-initialised residual weight a block's first gradients are exactly 0, and
     dividing the newer gradients by ``sqrt(0) + eps`` would blow the weights up. With
-    ``reduction=none`` an entry whose ``v`` is still 0 does not move.
+    ``reduction=none`` or ``row_max`` an entry (row) whose ``v`` is still 0 does not move.
     """
 
     def __init__(
@@ -69,8 +72,8 @@ class AdaShift(Optimizer):
             raise ConfigError(f"optimizer.betas={list(betas)}: expected two numbers in [0, 1)")
         if int(n) < 1 or int(q) < 1:
             raise ConfigError(f"optimizer.n={n}, optimizer.q={q}: expected positive integers")
-        if reduction not in ("max", "none"):
-            raise ConfigError(f"optimizer.reduction={reduction}: expected max or none")
+        if reduction not in ("max", "row_max", "none"):
+            raise ConfigError(f"optimizer.reduction={reduction}: expected max, row_max or none")
         if second_moment not in ("shifted", "max_last_q"):
             raise ConfigError(f"optimizer.second_moment={second_moment}: expected shifted or max_last_q")
         defaults = dict(lr=lr, betas=tuple(betas), n=int(n), reduction=reduction, second_moment=second_moment,
@@ -107,8 +110,10 @@ class AdaShift(Optimizer):
                     continue  # the first n steps only fill the window
                 old = window.pop(0)  # g_{t-n}
                 sq = old * old
-                if group["reduction"] == "max":
+                if group["reduction"] == "max" or (group["reduction"] == "row_max" and p.dim() < 2):
                     sq = sq.max().expand_as(p).clone()
+                elif group["reduction"] == "row_max":
+                    sq = sq.flatten(1).amax(1).view(-1, *([1] * (p.dim() - 1))).expand_as(p).clone()
                 if group["second_moment"] == "max_last_q":
                     shifted = state["shifted"]
                     shifted.append(sq)
@@ -128,8 +133,8 @@ class AdaShift(Optimizer):
                     m.add_(gi, alpha=weights[i] / norm)
                 vhat = v / (1 - beta2 ** state["k"]) if group["bias_correction"] else v
                 step = m.div_(vhat.sqrt().add_(group["eps"]))
-                if group["reduction"] == "none":
-                    step.masked_fill_(vhat == 0, 0.0)  # entries never seen non-zero: no scale, no step
+                if group["reduction"] != "max":
+                    step.masked_fill_(vhat == 0, 0.0)  # entries (rows) never seen non-zero: no scale, no step
                 p.add_(step, alpha=-group["lr"])
         return loss
 

@@ -62,6 +62,42 @@ def test_adashift_max_reduction_and_max_of_last_q_by_hand():
         assert q[t] == pytest.approx(x, rel=1e-12), t
 
 
+def test_adashift_row_max_gives_each_row_its_own_scale_by_hand():
+    # A 2 x 2 table (rows = items) and a bias; row 1 has no gradient at step 0, so at step 1 it has no
+    # scale yet and must not move although its gradient is non-zero; the bias is reduced as a whole.
+    lr, b2 = 0.1, 0.9
+    grads = [[[1.0, -2.0], [0.0, 0.0]], [[0.5, 0.5], [3.0, -1.0]], [[-1.0, 0.25], [0.5, 2.0]], [[2.0, 1.0], [-1.0, 1.0]]]
+    bias_grads = [[0.5, -1.0], [2.0, 0.25], [-1.0, 1.0], [0.1, 3.0]]
+    w = torch.nn.Parameter(torch.tensor([[1.0, -1.0], [2.0, 0.5]], dtype=torch.float64))
+    b = torch.nn.Parameter(torch.tensor([0.0, 1.0], dtype=torch.float64))
+    opt = AdaShift([w, b], lr=lr, betas=(0.0, b2), n=1, reduction="row_max", eps=0.0)
+    x, xb = [[1.0, -1.0], [2.0, 0.5]], [0.0, 1.0]
+    v, vb = [0.0, 0.0], 0.0
+    for t, (g, gb) in enumerate(zip(grads, bias_grads)):
+        w.grad, b.grad = torch.tensor(g, dtype=torch.float64), torch.tensor(gb, dtype=torch.float64)
+        opt.step()
+        if t >= 1:  # n = 1: step t shifts out g_{t-1}; beta1 = 0 makes m = g_t
+            k = t
+            for r in range(2):
+                v[r] = b2 * v[r] + (1 - b2) * max(e * e for e in grads[t - 1][r])
+                if v[r] > 0:  # a row with no scale yet does not move
+                    x[r] = [x[r][j] - lr * g[r][j] / math.sqrt(v[r] / (1 - b2**k)) for j in range(2)]
+            vb = b2 * vb + (1 - b2) * max(e * e for e in bias_grads[t - 1])
+            xb = [xb[j] - lr * gb[j] / math.sqrt(vb / (1 - b2**k)) for j in range(2)]
+        assert w.detach().tolist() == [pytest.approx(row, rel=1e-12) for row in x], t
+        assert b.detach().tolist() == pytest.approx(xb, rel=1e-12), t
+        if t == 1:
+            assert w.detach()[1].tolist() == [2.0, 0.5] and w.detach()[0].tolist() != [1.0, -1.0]
+    assert w.detach()[1].tolist() != [2.0, 0.5]  # row 1 moved once it had a scale
+    # the whole-tensor max would have given row 1 row 0's scale at step 1
+    w3 = torch.nn.Parameter(torch.tensor([[1.0, -1.0], [2.0, 0.5]], dtype=torch.float64))
+    opt3 = AdaShift([w3], lr=lr, betas=(0.0, b2), n=1, reduction="max")
+    for g in grads[:2]:
+        w3.grad = torch.tensor(g, dtype=torch.float64)
+        opt3.step()
+    assert w3.detach()[1].tolist() != [2.0, 0.5]
+
+
 @pytest.mark.parametrize("reduction", ["max", "none"])
 def test_adashift_waits_for_a_non_zero_shifted_gradient(reduction):
     """Behind a zero-initialised residual weight a block's first gradients are exactly 0.
