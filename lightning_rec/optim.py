@@ -22,6 +22,7 @@ larger than intended.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 
 import torch
@@ -110,16 +111,17 @@ class AdaShift(Optimizer):
                     continue  # the first n steps only fill the window
                 old = window.pop(0)  # g_{t-n}
                 sq = old * old
+                # phi: one value per tensor or per row, kept small; v (full size) takes it by broadcasting
                 if group["reduction"] == "max" or (group["reduction"] == "row_max" and p.dim() < 2):
-                    sq = sq.max().expand_as(p).clone()
+                    sq = sq.amax()
                 elif group["reduction"] == "row_max":
-                    sq = sq.flatten(1).amax(1).view(-1, *([1] * (p.dim() - 1))).expand_as(p).clone()
+                    sq = sq.flatten(1).amax(1).view(-1, *([1] * (p.dim() - 1)))
                 if group["second_moment"] == "max_last_q":
                     shifted = state["shifted"]
                     shifted.append(sq)
                     if len(shifted) > group["q"]:
                         shifted.pop(0)
-                    sq = torch.stack(shifted).amax(0)
+                    sq = functools.reduce(torch.maximum, shifted)  # broadcasts: shapes as phi left them
                 if state["k"] == 0 and not bool(sq.any()):
                     # No scale yet: every shifted gradient so far was exactly zero. It happens behind a
                     # zero-initialised residual weight (the block's gradients are 0 until alpha moves).
@@ -133,8 +135,7 @@ class AdaShift(Optimizer):
                     m.add_(gi, alpha=weights[i] / norm)
                 vhat = v / (1 - beta2 ** state["k"]) if group["bias_correction"] else v
                 step = m.div_(vhat.sqrt().add_(group["eps"]))
-                if group["reduction"] != "max":
-                    step.masked_fill_(vhat == 0, 0.0)  # entries (rows) never seen non-zero: no scale, no step
+                step.masked_fill_(vhat == 0, 0.0)  # entries (rows) never seen non-zero: no scale, no step
                 p.add_(step, alpha=-group["lr"])
         return loss
 
