@@ -7,6 +7,8 @@
 Runs (SASRec, same data, seed, per-rank batch and number of epochs, so the same number of samples):
   ddp            synchronous DDP, gradients all-reduced every step
   h{8,32}_k{2,3,4}   top-k averaging: h local steps per round, the k of 4 models closest to the global one
+  h32_k4_outer   (any h/k with the suffix _outer) the same with the outer optimizer of DiLoCo:
+                 Nesterov momentum --outer-momentum (0.9) and step --outer-lr (0.7) on w - mean
   noisy_h32_k3, noisy_h32_k4   rank 3 is noisy (NoisyRankCallback; --noise shuffle_targets: its labels
                  are shuffled, lr_scale: its learning rate is 10x): top-k (k=3) against plain averaging (k=4)
 For each: best validation NDCG@10 (full ranking), test NDCG@10 of the best checkpoint, bytes one rank
@@ -33,6 +35,7 @@ from common import SHARED_DATA, append  # noqa: E402
 RUNS = os.environ.get("LIGHTNING_REC_BENCH_RUNS", os.path.expanduser("~/.cache/lightning_rec/bench-runs"))
 ORDER = ["ddp", "h8_k2", "h8_k3", "h8_k4", "h32_k2", "h32_k3", "h32_k4", "noisy_h32_k3", "noisy_h32_k4"]
 NOISY = ["+callbacks.noisy_rank._target_=lightning_rec.callbacks.NoisyRankCallback", "+callbacks.noisy_rank.rank=3"]
+OUTER = {"lr": 0.7, "momentum": 0.9}  # set from --outer-lr / --outer-momentum
 NOISE = {"shuffle_targets": ["+callbacks.noisy_rank.mode=shuffle_targets"],
          "lr_scale": ["+callbacks.noisy_rank.mode=lr_scale", "+callbacks.noisy_rank.lr_scale=10"]}
 
@@ -40,11 +43,13 @@ NOISE = {"shuffle_targets": ["+callbacks.noisy_rank.mode=shuffle_targets"],
 def overrides_for(name: str, noise: str = "shuffle_targets") -> list[str]:
     if name == "ddp":
         return ["trainer=ddp"]
-    m = re.fullmatch(r"(noisy_)?h(\d+)_k(\d+)", name)
+    m = re.fullmatch(r"(noisy_)?h(\d+)_k(\d+)(_outer)?", name)
     if not m:
-        raise SystemExit(f"--only: unknown run {name}; expected ddp or [noisy_]h<H>_k<K>")
+        raise SystemExit(f"--only: unknown run {name}; expected ddp or [noisy_]h<H>_k<K>[_outer]")
+    outer = [f"trainer.strategy.outer_lr={OUTER['lr']}", f"trainer.strategy.outer_momentum={OUTER['momentum']}"]
     return ["trainer=topk", f"trainer.strategy.h={m[2]}", f"trainer.strategy.k={m[3]}",
-            "trainer.strategy.log_every_rounds=1000", *((NOISY + NOISE[noise]) if m[1] else [])]
+            "trainer.strategy.log_every_rounds=1000", *((NOISY + NOISE[noise]) if m[1] else []),
+            *(outer if m[4] else [])]
 
 
 def read_metrics(run_dir: str) -> list[dict[str, str]]:
@@ -66,9 +71,12 @@ def main() -> None:
     ap.add_argument("--only", default=",".join(ORDER))
     ap.add_argument("--noise", default="shuffle_targets", choices=sorted(NOISE),
                     help="how the noisy rank is noisy: shuffled labels, or a 10x learning rate")
+    ap.add_argument("--outer-lr", type=float, default=0.7, help="outer step of the *_outer runs (DiLoCo: 0.7)")
+    ap.add_argument("--outer-momentum", type=float, default=0.9, help="outer Nesterov momentum of the *_outer runs")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = ap.parse_args()
     chosen = [r for r in args.only.split(",") if r]
+    OUTER.update(lr=args.outer_lr, momentum=args.outer_momentum)
     for r in chosen:
         overrides_for(r)
     common = [
@@ -131,7 +139,9 @@ def main() -> None:
                f"{args.devices} processes x batch {args.batch_size}, {args.epochs} epochs ({seqs} sequences per rank "
                f"per epoch), seed {args.seed}, `{os.path.basename(args.data)}`, full ranking; bytes = payload one "
                f"rank hands to all-reduce/all-gather (DDP: gradient buckets; top-k: one model + one distance per "
-               f"round); a round also ends before each validation")
+               f"round); a round also ends before each validation"
+               + (f"; *_outer runs: outer Nesterov momentum {args.outer_momentum}, outer lr {args.outer_lr}"
+                  if any(n.endswith("_outer") for n in chosen) else ""))
     target = ("Target (top-k h=32 within 1% of DDP's test NDCG@10 at <= 1/16 of its communication): "
               + (f"met by {', '.join(verdict)}." if verdict else "NOT met by any h=32 run." if ddp else
                  "not evaluated (no DDP run)."))

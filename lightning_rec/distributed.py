@@ -13,6 +13,14 @@ zeros) gives their mean, the new ``w``, which every rank then continues from. A 
 before each validation, so evaluation, checkpoint selection and the saved weights are always the
 global model. Optimizer state (e.g. Adam moments) stays local to each rank.
 
+Outer optimizer (``outer_lr``, ``outer_momentum``; defaults 1 and 0 are the plain mean): the mean
+``m`` of the chosen models is treated as a step, not a destination. With the pseudo-gradient
+``delta = w - m`` and a momentum buffer ``b`` (zero at the start and after a stack),
+``b <- mu * b + delta`` and ``w <- w - outer_lr * (delta + mu * b)`` (Nesterov) or
+``w <- w - outer_lr * b`` (heavy ball). This is the outer step of DiLoCo (Douillard et al. 2023,
+outer lr 0.7, Nesterov momentum 0.9); every rank computes it from the same all-reduced mean, so it
+costs no communication. The buffer is kept in checkpoints.
+
 SVRG (``svrg=true``): at the start of each round the snapshot ``w~ = w`` and its gradient ``mu``,
 averaged over ``svrg_batches`` batches sampled from each rank's shard and all-reduced over ranks,
 are computed; every local step then follows ``g_i(w) - g_i(w~) + mu`` (the snapshot gradient on
@@ -127,15 +135,24 @@ class TopKAveragingStrategy(DDPStrategy):
         svrg_batches: batches per rank sampled to estimate the snapshot gradient ``mu``.
         log_every_rounds: print the chosen ranks and distances every this many rounds (rank 0;
             every round is logged to the loggers and to ``topk_rounds.jsonl`` in the run folder).
+        outer_lr: step size of the outer update along ``w - mean`` (1 with no momentum: the mean).
+        outer_momentum: momentum of the outer update in [0, 1) (0: none).
+        outer_nesterov: Nesterov (True) or heavy-ball momentum.
         **kwargs: passed to Lightning's :class:`DDPStrategy` (``process_group_backend``, ``timeout``...).
     """
 
     strategy_name = "topk_averaging"
 
     def __init__(self, k: int | float = 0.8, h: int = 32, distance_params: list[str] | None = None,
-                 svrg: bool = False, svrg_batches: int = 4, log_every_rounds: int = 10, **kwargs: Any) -> None:
+                 svrg: bool = False, svrg_batches: int = 4, log_every_rounds: int = 10, outer_lr: float = 1.0,
+                 outer_momentum: float = 0.0, outer_nesterov: bool = True, **kwargs: Any) -> None:
         if not isinstance(h, int) or isinstance(h, bool) or h < 1:
             raise ConfigError(f"trainer.strategy.h={h!r}: expected a positive number of local steps")
+        if isinstance(outer_lr, bool) or not isinstance(outer_lr, (int, float)) or not outer_lr > 0:
+            raise ConfigError(f"trainer.strategy.outer_lr={outer_lr!r}: expected a positive number (1: the plain mean)")
+        if (isinstance(outer_momentum, bool) or not isinstance(outer_momentum, (int, float))
+                or not 0 <= outer_momentum < 1):
+            raise ConfigError(f"trainer.strategy.outer_momentum={outer_momentum!r}: expected a number in [0, 1)")
         if not isinstance(svrg_batches, int) or svrg_batches < 1:
             raise ConfigError(f"trainer.strategy.svrg_batches={svrg_batches!r}: expected a positive integer")
         resolve_k(k, 1)  # type and range check now; the count needs the world size
@@ -144,6 +161,9 @@ class TopKAveragingStrategy(DDPStrategy):
         self.distance_params = list(distance_params) if distance_params else None
         self.svrg, self.svrg_batches = bool(svrg), svrg_batches
         self.log_every_rounds = max(1, int(log_every_rounds))
+        self.outer_lr, self.outer_momentum = float(outer_lr), float(outer_momentum)
+        self.outer_nesterov = bool(outer_nesterov)
+        self._outer_buf: list[torch.Tensor] | None = None   # outer momentum, same on every rank
         self.round = 0                # completed rounds
         self.steps_in_round = 0       # local optimizer steps since the last exchange
         self.comm_bytes = 0           # payload this rank handed to collectives
@@ -187,6 +207,7 @@ class TopKAveragingStrategy(DDPStrategy):
                 for p in params:
                     dist.broadcast(p.data, src=0)
         self._global = [p.detach().clone() for p in params]
+        self._outer_buf = None
         self._mu = None
         self.steps_in_round = 0
 
@@ -228,15 +249,28 @@ class TopKAveragingStrategy(DDPStrategy):
                 self.comm_bytes += flat.numel() * flat.element_size()
             flat /= len(chosen)
             offset = 0
-            for p, g in zip(params, self._global):
+            for i, (p, g) in enumerate(zip(params, self._global)):
                 n = p.numel()
-                p.data.copy_(flat[offset:offset + n].view_as(p))
-                g.copy_(p.data)
+                g.copy_(self._outer_step(i, g, flat[offset:offset + n].view_as(p)))
+                p.data.copy_(g)
                 offset += n
         self.round += 1
         self.steps_in_round = 0
         self._mu = None
         self._record(chosen, dists, reason, step)
+
+    def _outer_step(self, i: int, w: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+        """The new global value of parameter ``i`` from the old ``w`` and the chosen models' mean."""
+        if self.outer_lr == 1.0 and self.outer_momentum == 0.0:
+            return mean
+        delta = w - mean  # pseudo-gradient
+        if self.outer_momentum:
+            if self._outer_buf is None or len(self._outer_buf) != len(self._global):
+                self._outer_buf = [torch.zeros_like(x) for x in self._global]
+            buf = self._outer_buf[i]
+            buf.mul_(self.outer_momentum).add_(delta)
+            delta = delta + self.outer_momentum * buf if self.outer_nesterov else buf.clone()
+        return w - self.outer_lr * delta
 
     def _record(self, chosen: list[int], dists: torch.Tensor, reason: str, step: int | None) -> None:
         trainer = self.lightning_module.trainer
@@ -357,6 +391,8 @@ class TopKAveragingStrategy(DDPStrategy):
         extra: dict[str, Any] = {"round": self.round, "steps_in_round": self.steps_in_round,
                                  "world_size": self.world_size, "comm_bytes": self.comm_bytes,
                                  "history": self.history[-20:]}
+        if self._outer_buf is not None:
+            extra["outer_buffers"] = [b.detach().cpu().clone() for b in self._outer_buf]
         if self._global is not None and self.steps_in_round:
             # mid-round: the file's weights are the global model; each rank's local model is kept too
             names = [n for n, _ in module.named_parameters()]
@@ -417,6 +453,9 @@ class TopKAveragingStrategy(DDPStrategy):
         self.comm_bytes = int(extra.get("comm_bytes", 0)) if same_world else 0
         self.history = list(extra.get("history", []))
         self._global = [p.detach().clone() for p in self._params()]
+        bufs = extra.get("outer_buffers")
+        if bufs is not None and [tuple(b.shape) for b in bufs] == [tuple(g.shape) for g in self._global]:
+            self._outer_buf = [b.to(g.device, g.dtype) for b, g in zip(bufs, self._global)]
         locals_ = extra.get("local_states")
         if locals_ and same_world:
             own = locals_[self.global_rank]

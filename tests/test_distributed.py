@@ -18,6 +18,7 @@ from conftest import tiny
 from lightning_rec import SeqRecModule
 from lightning_rec.distributed import TopKAveragingStrategy, resolve_k, select_topk
 from lightning_rec.errors import ConfigError
+from lightning_rec.errors import ConfigError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -122,6 +123,47 @@ def test_one_exchange_averages_exactly_the_k_closest_models(tmp_path):
         assert r["bytes"] == 3 * 4 + 8  # one all-reduce of 3 float32 parameters + this rank's distance (float64)
 
 
+# ---------------------------------------------------------------------- outer step (no processes)
+def _one_rank_exchange(s, net, local_value):
+    with torch.no_grad():
+        net.weight.fill_(local_value)
+    s._exchange()
+    return float(net.weight[0, 0]), float(s._global[0][0, 0])
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_outer_momentum_step_matches_a_hand_computation(nesterov):
+    """One rank, k=1: the mean is the local model; the outer step follows DiLoCo's update by hand."""
+    net = torch.nn.Linear(1, 1, bias=False)
+    net.trainer = None
+    s = TopKAveragingStrategy(k=1, h=1, outer_lr=0.5, outer_momentum=0.9, outer_nesterov=nesterov)
+    s._lightning_module = net
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+    s._global = [p.detach().clone() for p in net.parameters()]  # w = 1
+    # round 1: local model 3 -> delta = 1 - 3 = -2, b = -2
+    #   nesterov: w = 1 - 0.5 * (-2 + 0.9 * -2) = 2.9; heavy ball: w = 1 - 0.5 * -2 = 2
+    local1, w1 = _one_rank_exchange(s, net, 3.0)
+    assert w1 == local1 == pytest.approx(2.9 if nesterov else 2.0)
+    # round 2: local model w1 + 1 -> delta = -1, b = 0.9 * -2 - 1 = -2.8
+    #   nesterov: w = 2.9 - 0.5 * (-1 + 0.9 * -2.8) = 4.66; heavy ball: w = 2 - 0.5 * -2.8 = 3.4
+    _, w2 = _one_rank_exchange(s, net, w1 + 1.0)
+    assert w2 == pytest.approx(4.66 if nesterov else 3.4)
+    assert float(s._outer_buf[0][0, 0]) == pytest.approx(-2.8)
+
+
+def test_outer_step_defaults_are_the_plain_mean_and_options_are_checked():
+    net = torch.nn.Linear(1, 1, bias=False)
+    net.trainer = None
+    s = TopKAveragingStrategy(k=1, h=1)
+    s._lightning_module = net
+    s._global = [torch.zeros(1, 1)]
+    assert _one_rank_exchange(s, net, 3.0) == (3.0, 3.0) and s._outer_buf is None
+    for bad in ({"outer_lr": 0}, {"outer_lr": "1"}, {"outer_momentum": 1.0}, {"outer_momentum": -0.1}):
+        with pytest.raises(ConfigError, match="trainer.strategy.outer_"):
+            TopKAveragingStrategy(**bad)
+
+
 # ---------------------------------------------------------------------- SVRG step (no processes)
 def test_svrg_step_uses_local_minus_snapshot_plus_mean_gradient():
     torch.manual_seed(0)
@@ -215,13 +257,15 @@ def test_topk_leaves_a_noisy_rank_out(tmp_path):
 def test_topk_resume_mid_run_equals_an_uninterrupted_run(tmp_path):
     data = equal_length_file(tmp_path)
     common = ("data=file", f"data.path={data}", "model.dropout=0", "data.max_len=12", "data.batch_size=8",
-              "trainer=topk", "trainer.devices=2", "trainer.strategy.h=3", "trainer.strategy.k=1")
+              "trainer=topk", "trainer.devices=2", "trainer.strategy.h=3", "trainer.strategy.k=1",
+              "trainer.strategy.outer_lr=0.8", "trainer.strategy.outer_momentum=0.5")  # the buffer must resume too
     full, _ = launch(tmp_path, "full", *common, epochs=3)
     launch(tmp_path, "part", *common, epochs=1)
     last = next((tmp_path / "part" / "runs").glob("*/*/checkpoints/last.ckpt"))
     ck = torch.load(last, weights_only=False)
     state = ck["topk_averaging"]
     assert state["round"] == 2 and state["world_size"] == 2 and len(state["optimizer_states"][0]) == 2
+    assert any(b.abs().sum() > 0 for b in state["outer_buffers"])
     # ranks keep their own Adam moments: the two saved optimizer states differ
     m0, m1 = (state["optimizer_states"][0][r]["state"][0]["exp_avg"] for r in (0, 1))
     assert not torch.equal(m0, m1)
