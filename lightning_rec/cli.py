@@ -223,6 +223,10 @@ def _fit(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     from .config import set_value, to_plain
 
     _monitor(cfg)
+    from .module import check_training_options
+
+    # before a run folder exists: a bad optimizer, scheduler or eval option leaves nothing behind
+    check_training_options(to_plain(cfg.optimizer), to_plain(cfg.scheduler), str(cfg.eval.protocol))
     resuming = cfg.ckpt_path is not None
     if resuming and cfg.get("init_from"):
         raise ConfigError("ckpt_path and init_from are exclusive: ckpt_path resumes a run, init_from starts a new one from weights")
@@ -610,12 +614,23 @@ def federate(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     _precision_for(cfg)  # no GPU: the CPU, as for fit
     accelerator = str(cfg.trainer.accelerator)
     fail: dict[int, tuple[int, ...]] = {}
+    crash: dict[int, tuple[int, ...]] = {}
     for spec in fed.fail or []:
+        parts_ = str(spec).split(":")
         try:
-            d, r = (int(x) for x in str(spec).split(":"))
+            if len(parts_) not in (2, 3) or (len(parts_) == 3 and parts_[2] != "crash"):
+                raise ValueError
+            d, r = int(parts_[0]), int(parts_[1])
         except ValueError:
-            raise ConfigError(f"federation.fail: '{spec}' is not device:round (e.g. \"1:2\")") from None
-        fail[d] = fail.get(d, ()) + (r,)
+            raise ConfigError(f"federation.fail: '{spec}' is not device:round or device:round:crash "
+                              f"(e.g. \"1:2\")") from None
+        if len(parts_) == 3:
+            if fed.engine not in ("client", "server"):
+                raise ConfigError(f"federation.fail: '{spec}': a crash (process exit) is for deployment "
+                                  f"(engine=client); use device:round to make local training fail")
+            crash[d] = crash.get(d, ()) + (r,)
+        else:
+            fail[d] = fail.get(d, ()) + (r,)
     callbacks_conf = to_plain(fed.callbacks) or {}
 
     def device(d: int) -> Device:
@@ -627,8 +642,8 @@ def federate(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     if fed.engine == "client":
         if fed.device is None:
             raise ConfigError("federation.device: engine=client needs the device this process is (0..N-1)")
-        fl.client.start_client(server_address=fed.server_address, client=make_client(device, int(fed.device), fail.get(int(fed.device), ())).to_client(),
-                               insecure=True)
+        client = make_client(device, int(fed.device), fail.get(int(fed.device), ()), crash.get(int(fed.device), ()))
+        fl.client.start_client(server_address=fed.server_address, client=client.to_client(), insecure=True)
         return {"run_dir": run_dir, "history": [], "final": {}}
 
     torch.manual_seed(cfg.seed)

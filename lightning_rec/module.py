@@ -24,10 +24,38 @@ OPTIMIZERS = ("adam", "adamw", "sgd", "adashift")
 SCHEDULERS = ("none", "cosine", "step", "linear_warmup")
 
 
+def build_optimizer(optimizer: dict[str, Any], params) -> torch.optim.Optimizer:
+    """The optimizer the ``optimizer`` config group describes, over ``params``.
+
+    A value the optimizer rejects (``optimizer.lr=-1``) becomes a one-line :class:`ConfigError`.
+    """
+    o = dict(optimizer)
+    name = o.pop("name", "adam")
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"optimizer.name: unknown optimizer '{name}'; expected one of {', '.join(OPTIMIZERS)}")
+    try:
+        lr, wd = float(o.pop("lr", 1e-3)), float(o.pop("weight_decay", 0.0))
+        betas = tuple(float(b) for b in o.get("betas", (0.9, 0.999)))
+        if name == "adam":
+            return torch.optim.Adam(params, lr=lr, weight_decay=wd, betas=betas)
+        if name == "adamw":
+            return torch.optim.AdamW(params, lr=lr, weight_decay=wd, betas=betas)
+        if name == "adashift":
+            from .optim import AdaShift
+
+            return AdaShift(params, lr=lr, weight_decay=wd, betas=betas, n=int(o.get("n", 10)),
+                            reduction=str(o.get("reduction", "max")), second_moment=str(o.get("second_moment", "shifted")),
+                            q=int(o.get("q", 10)), eps=float(o.get("eps", 1e-8)),
+                            bias_correction=bool(o.get("bias_correction", True)))
+        return torch.optim.SGD(params, lr=lr, weight_decay=wd, momentum=float(o.get("momentum", 0.9)),
+                               nesterov=bool(o.get("nesterov", False)))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"optimizer ({name}): {e} (options: {dict(optimizer)})") from None
+
+
 def check_training_options(optimizer: dict[str, Any], scheduler: dict[str, Any], eval_protocol: str) -> None:
-    """One-line errors for the options every module shares."""
-    if optimizer.get("name", "adam") not in OPTIMIZERS:
-        raise ConfigError(f"optimizer.name: unknown optimizer '{optimizer.get('name')}'; expected one of {', '.join(OPTIMIZERS)}")
+    """One-line errors for the options every module shares (the optimizer is built on a dummy tensor)."""
+    build_optimizer(optimizer, [torch.nn.Parameter(torch.zeros(1))])
     if scheduler.get("name", "none") not in SCHEDULERS:
         raise ConfigError(f"scheduler.name: unknown scheduler '{scheduler.get('name')}'; expected one of {', '.join(SCHEDULERS)}")
     if eval_protocol not in ("full", "sampled"):
@@ -299,8 +327,7 @@ class SeqRecModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
-        o = dict(self.hparams.optimizer)
-        name, lr, wd = o.pop("name", "adam"), float(o.pop("lr", 1e-3)), float(o.pop("weight_decay", 0.0))
+        wd = float(dict(self.hparams.optimizer).get("weight_decay", 0.0))
         params = [p for p in self.parameters() if p.requires_grad]
         switch = self.__dict__.get("optimizer_switch")
         if switch is not None and switch.phase == "sgd":  # after an optimizer switch (also on resume, after a stack)
@@ -310,20 +337,8 @@ class SeqRecModule(pl.LightningModule):
             opt = torch.optim.SGD(params, lr=sgd_lr, weight_decay=wd, momentum=sw["momentum"], nesterov=sw["nesterov"])
             if not sw["keep_scheduler"]:
                 return opt
-        elif name == "adam":
-            opt = torch.optim.Adam(params, lr=lr, weight_decay=wd, betas=tuple(o.get("betas", (0.9, 0.999))))
-        elif name == "adamw":
-            opt = torch.optim.AdamW(params, lr=lr, weight_decay=wd, betas=tuple(o.get("betas", (0.9, 0.999))))
-        elif name == "adashift":
-            from .optim import AdaShift
-
-            opt = AdaShift(params, lr=lr, weight_decay=wd, betas=tuple(o.get("betas", (0.9, 0.999))),
-                           n=int(o.get("n", 10)), reduction=str(o.get("reduction", "max")),
-                           second_moment=str(o.get("second_moment", "shifted")), q=int(o.get("q", 10)),
-                           eps=float(o.get("eps", 1e-8)), bias_correction=bool(o.get("bias_correction", True)))
         else:
-            opt = torch.optim.SGD(params, lr=lr, weight_decay=wd, momentum=float(o.get("momentum", 0.9)),
-                                  nesterov=bool(o.get("nesterov", False)))
+            opt = build_optimizer(dict(self.hparams.optimizer), params)
         s = dict(self.hparams.scheduler)
         sname = s.get("name", "none")
         if sname == "none":

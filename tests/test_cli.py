@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -151,6 +152,13 @@ def test_errors_are_one_line(tmp_path):
             run(argv + [f"runs_dir={tmp_path / 'runs'}"])
         assert expect in str(e.value), (argv, str(e.value))
         assert "\n" not in str(e.value)
+    # optimizer errors are found before a run folder is made: nothing is left behind
+    for argv, expect in [(["fit", "optimizer.lr=-1"], "optimizer (adam): Invalid learning rate: -1.0"),
+                         (["fit", "optimizer=adashift", "optimizer.reduction=bogus"], "optimizer.reduction=bogus"),
+                         (["fit", "optimizer.name=lion"], "optimizer.name: unknown optimizer 'lion'")]:
+        with pytest.raises(LightningRecError, match=re.escape(expect)):
+            run(argv + [f"runs_dir={tmp_path / 'opt-runs'}"])
+    assert not (tmp_path / "opt-runs").exists()
 
 
 def test_cli_process_prints_one_line_and_exits_2(tmp_path):

@@ -113,8 +113,9 @@ def test_deployment_on_loopback_with_distillation_and_a_dropped_client(tmp_path)
                                  fail_device=1, fail_round=2)
     assert "test metrics on 30 held-out users" in log
     assert [r["round"] for r in rows] == [1, 2, 3]
-    assert rows[1]["failures"] == 1 and rows[1]["devices"] == [0]  # device 1 dropped out in round 2 ...
-    assert rows[2]["devices"] == [0]                               # ... (its process ended); round 3 went on
+    assert rows[1]["failures"] == 1 and rows[1]["devices"] == [0]  # device 1's training failed in round 2 ...
+    assert "RuntimeError" in rows[1]["errors"]["1"]
+    assert rows[2]["devices"] == [0, 1] and rows[2]["failures"] == 0  # ... its client stayed and rejoined
     assert rows[1]["bytes_down"] > 0 and rows[0]["bytes_up"] > 0  # teachers down, per-label logits up
     # uploads are per-label logits (labels x top_m), not weights
     n_params = sum(v.numel() for v in torch.load(run_dir / "federation_last.pt", weights_only=False)
@@ -127,8 +128,10 @@ def test_deployment_on_loopback_with_distillation_and_a_dropped_client(tmp_path)
 
 @pytest.mark.ddp
 def test_deployment_topk_aggregates_the_closest_devices_and_resumes(tmp_path):
-    rows, log, run_dir = _deploy(tmp_path, "topk", 2, ["federation.k=1"])
+    # device 1's process exits in round 2: Flower counts the lost client as a failure and the round ends
+    rows, log, run_dir = _deploy(tmp_path, "topk", 2, ["federation.k=1"], fail_device=1, fail_round="2:crash")
     assert [r["round"] for r in rows] == [1, 2] and all(len(r["aggregated"]) == 1 for r in rows)
+    assert rows[0]["devices"] == [0, 1] and rows[1]["devices"] == [0] and rows[1]["failures"] == 1
     first = float(log.split("round 0 (initial model): test NDCG@10 ")[1].split()[0])
     assert rows[-1]["test_ndcg_at_10"] > first
     # resume after round 2: round 3 starts from the saved global model; devices continue their own state
@@ -144,6 +147,10 @@ def test_federate_options_are_checked(tmp_path):
         run(["federate", *SMALL, f"runs_dir={tmp_path}", "federation.strategy=gossip"])
     with pytest.raises(ConfigError, match="federation.rounds=0"):
         run(["federate", *SMALL, f"runs_dir={tmp_path}", "federation.rounds=0"])
+    with pytest.raises(ConfigError, match="federation.fail: '1:2:boom' is not device:round"):
+        run(["federate", *SMALL, f"runs_dir={tmp_path}", "federation.fail=['1:2:boom']"])
+    with pytest.raises(ConfigError, match="federation.fail: '1:2:crash': a crash .* is for deployment"):
+        run(["federate", *SMALL, f"runs_dir={tmp_path}", "federation.fail=['1:2:crash']"])
     with pytest.raises(ConfigError, match="federation.resume=.*no federation_last.pt"):
         run(["federate", *SMALL, f"runs_dir={tmp_path}", f"federation.resume={tmp_path}"])
 

@@ -74,8 +74,16 @@ def nbytes(arrays: list[np.ndarray]) -> int:
 
 
 # ---------------------------------------------------------------------- client
-def make_client(device_factory: Callable[[int], Any], device_id: int, fail_rounds: tuple[int, ...] = ()):
-    """A Flower ``NumPyClient`` for device ``device_id`` (``fail_rounds``: rounds it drops out of, for tests)."""
+def make_client(device_factory: Callable[[int], Any], device_id: int, fail_rounds: tuple[int, ...] = (),
+                crash_rounds: tuple[int, ...] = ()):
+    """A Flower ``NumPyClient`` for device ``device_id``.
+
+    An exception in local training does not end the client: ``fit`` returns no weights and an
+    ``error`` metric, the server counts the device as failed for that round, and the device is
+    asked again the next round (continuing from its last completed round). Fault injection for
+    tests: in ``fail_rounds`` training raises; in ``crash_rounds`` the process exits at once, as a
+    device that loses power would (deployment only).
+    """
     fl = _flwr()
 
     class DeviceClient(fl.client.NumPyClient):
@@ -87,8 +95,19 @@ def make_client(device_factory: Callable[[int], Any], device_id: int, fail_round
 
         def fit(self, parameters, config):
             rnd = int(config.get("round", 0))
+            if rnd in crash_rounds:
+                log.error(f"device {device_id}: exiting in round {rnd} (fault injection: crash)")
+                os._exit(3)
+            try:
+                return self._fit(parameters, config, rnd)
+            except Exception as ex:  # noqa: BLE001 - reported to the server; the device stays in the federation
+                reason = f"{type(ex).__name__}: {ex}"[:500]
+                log.error(f"device {device_id}: local training failed in round {rnd}: {reason}", exc_info=ex)
+                return [], 0, {"device": device_id, "error": reason}
+
+        def _fit(self, parameters, config, rnd):
             if rnd in fail_rounds:
-                raise RuntimeError(f"device {device_id} dropped out of round {rnd} (fault injection)")
+                raise RuntimeError(f"device {device_id} failed in round {rnd} (fault injection)")
             kind = config["strategy"]
             t0 = time.perf_counter()
             if kind == "distill":
@@ -192,14 +211,22 @@ class _RecStrategyMixin:
             return None, {}
         up = 0
         reports = []
-        decoded, rejected = [], []
+        decoded, rejected, errors = [], [], {}
         for proxy, res in results:
+            if "error" in res.metrics:  # local training raised; the client is still connected
+                errors[int(res.metrics["device"])] = str(res.metrics["error"])
+                continue
             arrays = fl.common.parameters_to_ndarrays(res.parameters)
             up += nbytes(arrays)
             if all(np.isfinite(a).all() for a in arrays if a.dtype.kind == "f"):
                 decoded.append((proxy, res, arrays))
             else:  # a diverged device must not poison the global model or the other devices' teachers
                 rejected.append(int(res.metrics["device"]))
+        if errors:
+            log.warning(f"round {rnd}: local training failed on device(s) {sorted(errors)} "
+                        f"({'; '.join(f'{d}: {e}' for d, e in sorted(errors.items()))}); counted as failures, "
+                        f"asked again next round")
+            failures = [*failures, *sorted(errors)]
         if rejected:
             log.warning(f"round {rnd}: device(s) {rejected} sent non-finite values (diverged local training); "
                         f"their uploads are dropped and counted as failures")
@@ -233,7 +260,7 @@ class _RecStrategyMixin:
         self.bytes_up += up
         self.bytes_down += self._round_down
         entry = {"round": rnd, "devices": sorted(int(r["device"]) for r in reports), "aggregated": chosen,
-                 "failures": len(failures), "rejected": rejected, "bytes_down": self._round_down, "bytes_up": up,
+                 "failures": len(failures), "rejected": rejected, "errors": {str(d): e for d, e in errors.items()}, "bytes_down": self._round_down, "bytes_up": up,
                  "total_bytes": self.bytes_down + self.bytes_up, "seconds": time.perf_counter() - self._t_round,
                  "loss": float(np.mean([r["loss"] for r in reports])), **metrics}
         self.history.append(entry)
