@@ -151,6 +151,21 @@ class OptimizerSwitchCallback(pl.Callback):
         elif self.mode == "auto" and self.deadline_epoch is not None and epoch >= int(self.deadline_epoch):
             self._switch(trainer, pl_module, f"deadline epoch {self.deadline_epoch}")
 
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.phase != "adaptive":
+            return
+        lam = self.estimates[0].value if self.estimates else None
+        est = "none yet" if lam is None else f"{lam:.4g}"
+        if self.mode == "auto":
+            rank_zero_info(f"optimizer switch (auto): no switch in {trainer.global_step} steps; the adaptive phase ran "
+                           f"to the end (SWATS estimate {est}; the rule needs it to settle within rtol={self.rtol:g} "
+                           f"after min_steps={self.min_steps}). Set callbacks.optimizer_switch.deadline_epoch or "
+                           f"deadline_step to switch by a given point")
+        else:
+            when = f"step {self.at_step}" if self.at_step is not None else f"epoch {self.at_epoch}"
+            rank_zero_info(f"optimizer switch (scheduled at {when}): not reached in {trainer.global_step} steps "
+                           f"({trainer.current_epoch + 1} epochs); the adaptive phase ran to the end")
+
     # ------------------------------------------------------------------ switch
     def _switch(self, trainer, pl_module, why: str) -> None:
         n_groups = len(trainer.optimizers[0].param_groups)

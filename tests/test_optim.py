@@ -216,6 +216,26 @@ def _switch_state(ck):
     return next(v for k, v in ck["callbacks"].items() if k.startswith("OptimizerSwitchCallback"))
 
 
+def test_a_run_that_never_switches_says_so(monkeypatch):
+    import lightning_rec.callbacks.optimizer_switch as mod
+    from types import SimpleNamespace
+
+    said = []
+    monkeypatch.setattr(mod, "rank_zero_info", said.append)
+    trainer = SimpleNamespace(global_step=40, current_epoch=1)
+    auto = OptimizerSwitchCallback(min_steps=100)
+    auto.estimates = [SwatsEstimate(0.999, 1e-6)]
+    auto.estimates[0].update(0.25)
+    auto.on_train_end(trainer, None)
+    assert "no switch in 40 steps" in said[-1] and "estimate 0.25" in said[-1] and "deadline_epoch" in said[-1]
+    OptimizerSwitchCallback(mode="scheduled", at_epoch=5).on_train_end(trainer, None)
+    assert "scheduled at epoch 5): not reached in 40 steps (2 epochs)" in said[-1]
+    switched = OptimizerSwitchCallback(mode="scheduled", at_epoch=1)
+    switched.phase = "sgd"
+    switched.on_train_end(trainer, None)
+    assert len(said) == 2
+
+
 def test_automatic_switch_recovers_the_rate_of_a_plain_sgd_phase(tmp_path):
     # SGD without momentum as the "adaptive" phase: every step is -lr * g, so SWATS must estimate lr.
     out = run(["fit", *tiny(tmp_path, "optimizer=sgd", "optimizer.momentum=0", "optimizer.lr=0.05", "callbacks=swats",
