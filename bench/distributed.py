@@ -35,21 +35,20 @@ from common import SHARED_DATA, append  # noqa: E402
 RUNS = os.environ.get("LIGHTNING_REC_BENCH_RUNS", os.path.expanduser("~/.cache/lightning_rec/bench-runs"))
 ORDER = ["ddp", "h8_k2", "h8_k3", "h8_k4", "h32_k2", "h32_k3", "h32_k4", "noisy_h32_k3", "noisy_h32_k4"]
 NOISY = ["+callbacks.noisy_rank._target_=lightning_rec.callbacks.NoisyRankCallback", "+callbacks.noisy_rank.rank=3"]
-OUTER = {"lr": 0.7, "momentum": 0.9}  # set from --outer-lr / --outer-momentum
 NOISE = {"shuffle_targets": ["+callbacks.noisy_rank.mode=shuffle_targets"],
          "lr_scale": ["+callbacks.noisy_rank.mode=lr_scale", "+callbacks.noisy_rank.lr_scale=10"]}
 
 
-def overrides_for(name: str, noise: str = "shuffle_targets") -> list[str]:
+def overrides_for(name: str, noise: str = "shuffle_targets", outer: tuple[float, float] = (0.7, 0.9)) -> list[str]:
     if name == "ddp":
         return ["trainer=ddp"]
     m = re.fullmatch(r"(noisy_)?h(\d+)_k(\d+)(_outer)?", name)
     if not m:
         raise SystemExit(f"--only: unknown run {name}; expected ddp or [noisy_]h<H>_k<K>[_outer]")
-    outer = [f"trainer.strategy.outer_lr={OUTER['lr']}", f"trainer.strategy.outer_momentum={OUTER['momentum']}"]
+    outer_step = [f"trainer.strategy.outer_lr={outer[0]}", f"trainer.strategy.outer_momentum={outer[1]}"]
     return ["trainer=topk", f"trainer.strategy.h={m[2]}", f"trainer.strategy.k={m[3]}",
             "trainer.strategy.log_every_rounds=1000", *((NOISY + NOISE[noise]) if m[1] else []),
-            *(outer if m[4] else [])]
+            *(outer_step if m[4] else [])]
 
 
 def read_metrics(run_dir: str) -> list[dict[str, str]]:
@@ -76,7 +75,6 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = ap.parse_args()
     chosen = [r for r in args.only.split(",") if r]
-    OUTER.update(lr=args.outer_lr, momentum=args.outer_momentum)
     for r in chosen:
         overrides_for(r)
     common = [
@@ -94,7 +92,7 @@ def main() -> None:
     for name in chosen:
         out_json = os.path.join(RUNS, f"dist-{name}-{time.time_ns()}.json")
         cmd = [sys.executable, "-m", "lightning_rec", "fit", *common, f"name=bench-dist-{name}",
-               *overrides_for(name, args.noise), f"metrics_out={out_json}", *args.overrides]
+               *overrides_for(name, args.noise, (args.outer_lr, args.outer_momentum)), f"metrics_out={out_json}", *args.overrides]
         print(f"== {name}: {' '.join(cmd[3:])}", flush=True)
         t0 = time.perf_counter()
         p = subprocess.run(cmd, capture_output=True, text=True, env=env)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import warnings
 from typing import Any
@@ -616,21 +617,15 @@ def federate(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     fail: dict[int, tuple[int, ...]] = {}
     crash: dict[int, tuple[int, ...]] = {}
     for spec in fed.fail or []:
-        parts_ = str(spec).split(":")
-        try:
-            if len(parts_) not in (2, 3) or (len(parts_) == 3 and parts_[2] != "crash"):
-                raise ValueError
-            d, r = int(parts_[0]), int(parts_[1])
-        except ValueError:
+        m = re.fullmatch(r"(\d+):(\d+)(:crash)?", str(spec))
+        if not m:
             raise ConfigError(f"federation.fail: '{spec}' is not device:round or device:round:crash "
-                              f"(e.g. \"1:2\")") from None
-        if len(parts_) == 3:
-            if fed.engine not in ("client", "server"):
-                raise ConfigError(f"federation.fail: '{spec}': a crash (process exit) is for deployment "
-                                  f"(engine=client); use device:round to make local training fail")
-            crash[d] = crash.get(d, ()) + (r,)
-        else:
-            fail[d] = fail.get(d, ()) + (r,)
+                              f"(e.g. \"1:2\")")
+        if m[3] and fed.engine not in ("client", "server"):
+            raise ConfigError(f"federation.fail: '{spec}': a crash (process exit) is for deployment "
+                              f"(engine=client); use device:round to make local training fail")
+        target = crash if m[3] else fail
+        target[int(m[1])] = target.get(int(m[1]), ()) + (int(m[2]),)
     callbacks_conf = to_plain(fed.callbacks) or {}
 
     def device(d: int) -> Device:

@@ -265,7 +265,7 @@ class TopKAveragingStrategy(DDPStrategy):
             return mean
         delta = w - mean  # pseudo-gradient
         if self.outer_momentum:
-            if self._outer_buf is None or len(self._outer_buf) != len(self._global):
+            if self._outer_buf is None:  # reset with the global model (start, resume, stack)
                 self._outer_buf = [torch.zeros_like(x) for x in self._global]
             buf = self._outer_buf[i]
             buf.mul_(self.outer_momentum).add_(delta)

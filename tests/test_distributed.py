@@ -18,7 +18,6 @@ from conftest import tiny
 from lightning_rec import SeqRecModule
 from lightning_rec.distributed import TopKAveragingStrategy, resolve_k, select_topk
 from lightning_rec.errors import ConfigError
-from lightning_rec.errors import ConfigError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -217,8 +217,9 @@ def _switch_state(ck):
 
 
 def test_a_run_that_never_switches_says_so(monkeypatch):
-    import lightning_rec.callbacks.optimizer_switch as mod
     from types import SimpleNamespace
+
+    import lightning_rec.callbacks.optimizer_switch as mod
 
     said = []
     monkeypatch.setattr(mod, "rank_zero_info", said.append)

@@ -260,7 +260,8 @@ class _RecStrategyMixin:
         self.bytes_up += up
         self.bytes_down += self._round_down
         entry = {"round": rnd, "devices": sorted(int(r["device"]) for r in reports), "aggregated": chosen,
-                 "failures": len(failures), "rejected": rejected, "errors": {str(d): e for d, e in errors.items()}, "bytes_down": self._round_down, "bytes_up": up,
+                 "failures": len(failures), "rejected": rejected, "errors": {str(d): e for d, e in errors.items()},
+                 "bytes_down": self._round_down, "bytes_up": up,
                  "total_bytes": self.bytes_down + self.bytes_up, "seconds": time.perf_counter() - self._t_round,
                  "loss": float(np.mean([r["loss"] for r in reports])), **metrics}
         self.history.append(entry)
