@@ -9,6 +9,8 @@ export   write one net of a rocket checkpoint as a standalone model: export ckpt
 
 Overrides follow Hydra: ``model=nextitnet data=ml-1m data.path=... trainer.max_epochs=50 logger=wandb``.
 Add ``--cfg`` to print the composed config and exit.
+``fit -m optimizer.lr=1e-3,2e-3 seed=range(3)`` runs a sweep: one run per combination, then a
+summary table (see :mod:`lightning_rec.sweep`); ``fit -m ... --cfg`` lists the trials.
 """
 
 from __future__ import annotations
@@ -204,7 +206,8 @@ def _monitor(cfg: DictConfig) -> None:
 def fit(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     """Train (or resume), then test the best checkpoint.
 
-    Returns ``{"test": metrics, "run_dir", "best_ckpt", "best_score", "epochs", "fit_seconds"}``.
+    Returns ``{"test": metrics, "run_dir", "best_ckpt", "monitor", "best_score", "epochs", "fit_seconds"}``,
+    also written to ``<run_dir>/result.json``.
     """
     from . import runs
 
@@ -328,11 +331,17 @@ def _fit(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     if trainer.is_global_zero:
         rank_zero_info(f"run folder: {run_dir}")
     best_score = ckpt_cb.best_model_score if ckpt_cb is not None else None
-    return {
-        "test": results, "run_dir": run_dir, "best_ckpt": best,
+    out = {
+        "test": results, "run_dir": run_dir, "best_ckpt": best, "monitor": str(cfg.eval.monitor),
         "best_score": float(best_score) if best_score is not None else None,
         "epochs": trainer.current_epoch, "fit_seconds": fit_seconds,
     }
+    if trainer.is_global_zero:  # the run's outcome, machine-readable (sweeps read it from child processes)
+        tmp = os.path.join(run_dir, "result.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(out, f, indent=1)
+        os.replace(tmp, os.path.join(run_dir, "result.json"))
+    return out
 
 
 def _print_metrics(stage: str, metrics: dict[str, float], ckpt: str | None) -> None:
@@ -532,10 +541,19 @@ def run(argv: list[str]) -> Any:
     if command not in COMMANDS:
         raise ConfigError(f"unknown command '{command}'; expected one of {', '.join(COMMANDS)} (see --help)")
     show_cfg = "--cfg" in rest
-    overrides = [a for a in rest if a != "--cfg"]
+    multirun = any(a in ("-m", "--multirun") for a in rest)
+    overrides = [a for a in rest if a not in ("--cfg", "-m", "--multirun")]
     if any(a.startswith("-") and not a.startswith("~") for a in overrides):
         flag = next(a for a in overrides if a.startswith("-"))
-        raise ConfigError(f"unknown flag '{flag}'; commands take key=value overrides and --cfg")
+        raise ConfigError(f"unknown flag '{flag}'; commands take key=value overrides, --cfg and (fit) -m")
+    if multirun:
+        if command != "fit":
+            raise ConfigError(f"-m (sweep) is for fit; `{command}` runs once")
+        from .sweep import run_sweep
+
+        return run_sweep(overrides, show_only=show_cfg)
+    if any(a.startswith("sweep.") for a in overrides):
+        raise ConfigError("sweep.* options belong to sweeps: add -m (e.g. `fit -m sweep.dir=<sweep folder>`)")
     if command == "stack":  # `stack ckpt=... mode=... out=...` is short for stack.ckpt=...
         overrides = [f"stack.{o}" if o.split("=", 1)[0] in STACK_ALIASES else o for o in overrides]
     if command == "export":
