@@ -1,6 +1,6 @@
 """Hyperparameter sweeps: ``fit -m`` runs one training run per combination of swept values.
 
-    python -m lightning_rec fit -m model.d_model=32,64 optimizer.lr=1e-3,2e-3 seed=range(3)
+    python -m lightning_rec fit -m model.d_model=32,64 optimizer.lr=1e-3,2e-3 'seed=range(3)'
 
 Swept values use Hydra's syntax: ``a,b,c``, ``range(start, stop[, step])``, ``choice(a, b)``;
 the trials are the cartesian product, the last override varying fastest (as Hydra's basic
