@@ -9,7 +9,7 @@ export   write one net of a rocket checkpoint as a standalone model: export ckpt
 
 Overrides follow Hydra: ``model=nextitnet data=ml-1m data.path=... trainer.max_epochs=50 logger=wandb``.
 Add ``--cfg`` to print the composed config and exit.
-``fit -m optimizer.lr=1e-3,2e-3 seed=range(3)`` runs a sweep: one run per combination, then a
+``fit -m optimizer.lr=1e-3,2e-3 'seed=range(3)'`` runs a sweep: one run per combination, then a
 summary table (see :mod:`lightning_rec.sweep`); ``fit -m ... --cfg`` lists the trials.
 """
 
