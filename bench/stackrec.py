@@ -32,7 +32,7 @@ def fit(name: str, args, *extra: str) -> dict:
         f"data.batch_size={args.batch_size}", f"model={args.arch}", f"model.d_model={args.d_model}",
         f"model.dropout={args.dropout}", f"name={name}", f"runs_dir={RUNS}", "logger=csv",
         "trainer.enable_progress_bar=false", "+callbacks.timeline._target_=lightning_rec.callbacks.Timeline",
-        f"seed={args.seed}", *args.overrides, *extra,
+        f"seed={args.seed}", f"model.loss={args.loss}", *args.overrides, *extra,
     ]
     out = run(["fit", *over])
     with open(os.path.join(out["run_dir"], "timeline.jsonl")) as f:
@@ -100,6 +100,11 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--dropout", type=float, default=0.2)
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--loss", default="ce", choices=["ce", "sampled_softmax"],
+                    help="training loss of every run (evaluation is full ranking either way)")
+    ap.add_argument("--side-by-side", action="store_true",
+                    help="run the from-scratch run and the stacked runs at the same time, each in its own process "
+                         "pinned to its own CPU core with 1 thread, so their times are measured side by side")
     ap.add_argument("--tag", default="", help="suffix for the plot files, e.g. _gpu -> docs/stackrec_ts_gpu.png")
     ap.add_argument("--reuse-scratch", default=None, metavar="RUN_DIR",
                     help="use a finished from-scratch run (same settings) instead of training it again")
@@ -107,22 +112,25 @@ def main() -> None:
     args = ap.parse_args()
     stacks = [int(e) for e in args.stack_epochs.split(",") if e]
     deep = args.start_blocks * 2 ** len(stacks)
+    loss = "full-softmax CE" if args.loss == "ce" else "sampled softmax (256 uniform negatives)"
     setting = (f"{args.arch}, d={args.d_model}, max_len={args.max_len}, batch {args.batch_size}, dropout {args.dropout}, "
-               f"full-softmax CE, Adam 1e-3, {args.epochs} epochs, `{os.path.basename(args.data)}`, seed {args.seed}")
-
-    if args.reuse_scratch:
-        scratch = reuse(args.reuse_scratch)
+               f"{loss}, Adam 1e-3, {args.epochs} epochs, `{os.path.basename(args.data)}`, seed {args.seed}")
+    if args.side_by_side:
+        if args.reuse_scratch:
+            raise SystemExit("--side-by-side trains the from-scratch run beside the stacked ones; drop --reuse-scratch")
+        setting += "; side by side: each run in its own process on its own core, 1 thread"
+        scratch, stacked = _side_by_side(args, deep, stacks)
     else:
-        scratch = fit(f"bench-stackrec-scratch-{deep}", args, f"model.num_blocks={deep}", f"trainer.max_epochs={args.epochs}")
+        scratch = (reuse(args.reuse_scratch) if args.reuse_scratch else _scratch_lane(args, deep))
+        stacked = None
     best = max(r["val/ndcg@10"] for r in scratch["timeline"])
     target = 0.99 * best
     t_scratch = time_to(scratch["timeline"], target)
     lines = []
 
+    stacked = stacked or _stacked_lane(args, deep, stacks)
     if args.scenario in ("ts", "both"):
-        ts = fit(f"bench-stackrec-ts-{args.start_blocks}-{deep}", args, f"model.num_blocks={args.start_blocks}",
-                 "callbacks=stacking", f"callbacks.stacking.at_epochs=[{','.join(map(str, stacks))}]",
-                 f"trainer.max_epochs={args.epochs}")
+        ts = stacked["ts"]
         t_ts = time_to(ts["timeline"], target)
         ratio = f"{t_ts / t_scratch:.2f}" if t_ts is not None and t_scratch else "not reached"
         plot(os.path.join(ROOT, "docs", f"stackrec_ts{args.tag}.png"),
@@ -140,15 +148,7 @@ def main() -> None:
         )
 
     if args.scenario in ("cl", "both"):
-        pre = fit(f"bench-stackrec-cl-pre-{args.cl_blocks}", args, f"model.num_blocks={args.cl_blocks}",
-                  f"data.fraction={args.cl_fraction}", f"trainer.max_epochs={args.cl_pre_epochs}", "test_after_fit=false")
-        from lightning_rec.cli import run
-
-        deep_ckpt = os.path.join(pre["run_dir"], "stacked.ckpt")
-        run(["stack", f"ckpt={os.path.join(pre['run_dir'], 'checkpoints', 'last.ckpt')}", "mode=adjacent",
-             f"out={deep_ckpt}"])
-        cl = fit(f"bench-stackrec-cl-ft-{2 * args.cl_blocks}", args, f"init_from={deep_ckpt}",
-                 f"trainer.max_epochs={args.cl_epochs}")
+        pre, cl = stacked["cl_pre"], stacked["cl"]
         t_cl = time_to(cl["timeline"], target)
         ratio = f"{t_cl / t_scratch:.2f}" if t_cl is not None and t_scratch else "not reached"
         plot(os.path.join(ROOT, "docs", f"stackrec_cl{args.tag}.png"),
@@ -167,6 +167,65 @@ def main() -> None:
         )
 
     append("StackRec speed-up on ML-1M", f"Setting: {setting}.\n\n" + "\n\n".join(lines))
+
+
+def _scratch_lane(args, deep: int) -> dict:
+    return fit(f"bench-stackrec-scratch-{deep}", args, f"model.num_blocks={deep}", f"trainer.max_epochs={args.epochs}")
+
+
+def _stacked_lane(args, deep: int, stacks: list[int]) -> dict:
+    """The stacked runs of the chosen scenarios, one after another: ``{"ts", "cl_pre", "cl"}``."""
+    out = {}
+    if args.scenario in ("ts", "both"):
+        out["ts"] = fit(f"bench-stackrec-ts-{args.start_blocks}-{deep}", args, f"model.num_blocks={args.start_blocks}",
+                        "callbacks=stacking", f"callbacks.stacking.at_epochs=[{','.join(map(str, stacks))}]",
+                        f"trainer.max_epochs={args.epochs}")
+    if args.scenario in ("cl", "both"):
+        out["cl_pre"] = fit(f"bench-stackrec-cl-pre-{args.cl_blocks}", args, f"model.num_blocks={args.cl_blocks}",
+                            f"data.fraction={args.cl_fraction}", f"trainer.max_epochs={args.cl_pre_epochs}",
+                            "test_after_fit=false")
+        from lightning_rec.cli import run
+
+        deep_ckpt = os.path.join(out["cl_pre"]["run_dir"], "stacked.ckpt")
+        run(["stack", f"ckpt={os.path.join(out['cl_pre']['run_dir'], 'checkpoints', 'last.ckpt')}", "mode=adjacent",
+             f"out={deep_ckpt}"])
+        out["cl"] = fit(f"bench-stackrec-cl-ft-{2 * args.cl_blocks}", args, f"init_from={deep_ckpt}",
+                        f"trainer.max_epochs={args.cl_epochs}")
+    return out
+
+
+def _lane(which: str, core: int, args, deep: int, stacks: list[int], queue) -> None:
+    import torch
+
+    os.sched_setaffinity(0, {core})
+    torch.set_num_threads(1)
+    try:
+        queue.put((which, _scratch_lane(args, deep) if which == "scratch" else _stacked_lane(args, deep, stacks)))
+    except BaseException as e:
+        queue.put((which, e))
+        raise
+
+
+def _side_by_side(args, deep: int, stacks: list[int]) -> tuple[dict, dict]:
+    """Both lanes at once, each in a process of its own on its own core (1 thread each)."""
+    import multiprocessing as mp
+
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        raise SystemExit("--side-by-side needs 2 CPU cores")
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_lane, args=(w, cores[i], args, deep, stacks, queue))
+             for i, w in enumerate(("scratch", "stacked"))]
+    for p in procs:
+        p.start()
+    got = dict(queue.get() for _ in procs)
+    for p in procs:
+        p.join()
+    for which, res in got.items():
+        if isinstance(res, BaseException):
+            raise SystemExit(f"the {which} lane failed: {res!r}")
+    return got["scratch"], got["stacked"]
 
 
 def _fmt(t: float | None) -> str:
