@@ -23,7 +23,9 @@ def fit(tmp_path, *extra, epochs=2):
 def test_fit_writes_a_complete_run_folder(tmp_path):
     out = fit(tmp_path)
     rd = out["run_dir"]
-    assert sorted(os.listdir(rd)) == ["checkpoints", "config.yaml", "csv", "id_maps.json"]
+    assert sorted(os.listdir(rd)) == ["checkpoints", "config.yaml", "csv", "id_maps.json", "result.json"]
+    with open(os.path.join(rd, "result.json")) as f:
+        assert json.load(f) == json.loads(json.dumps(out))  # the run's outcome, as fit returned it
     ckpts = sorted(os.listdir(os.path.join(rd, "checkpoints")))
     assert "last.ckpt" in ckpts and any(c.startswith("epoch") for c in ckpts)
     assert out["best_ckpt"].endswith(".ckpt") and os.path.exists(out["best_ckpt"])
