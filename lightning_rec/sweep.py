@@ -7,7 +7,7 @@ the trials are the cartesian product, the last override varying fastest (as Hydr
 sweeper orders them). Every trial is composed and checked before the first one starts.
 
 A sweep lives in ``runs_dir/sweep/<timestamp>/``: ``sweep.json`` (its overrides and trials),
-``trials.jsonl`` (one record per finished, failed or interrupted trial, appended as they
+``trials.jsonl`` (one record per finished or failed trial, appended as they
 end), ``summary.csv`` and one run folder per trial (``trial-000/`` ...), each a normal run
 that ``test``, ``predict`` and ``fit ckpt_path=`` accept. A failed trial is recorded and the
 sweep goes on (``sweep.fail_fast=true`` stops it). ``fit -m sweep.dir=<sweep folder>``
@@ -21,6 +21,7 @@ because Lightning's launcher re-runs the command line in each worker.
 
 from __future__ import annotations
 
+import copy
 import csv
 import itertools
 import json
@@ -136,12 +137,13 @@ class Sweep:
         os.replace(tmp, path)
         return path
 
-    def best(self) -> dict[str, Any] | None:
-        done = [r for r in self.rows() if r["status"] == "ok" and r["best"] is not None]
+    def best(self, rows: list[dict[str, Any]] | None = None) -> dict[str, Any] | None:
+        done = [r for r in (rows or self.rows()) if r["status"] == "ok" and r["best"] is not None]
         return max(done, key=lambda r: r["best"]) if done else None
 
     def table(self) -> str:
-        rows, best = self.rows(), self.best()
+        rows = self.rows()
+        best = self.best(rows)
         monitor = next((r["monitor"] for r in rows if r["monitor"]), "val/ndcg@10")
         head = ["trial", *self.swept, f"best {monitor}", "test/ndcg@10", "test/hr@10", "epochs", "fit min", "status"]
         body = [[f"{r['trial']}{'*' if best and r['trial'] == best['trial'] else ''}", *[r[k] for k in self.swept],
@@ -274,7 +276,8 @@ def run_sweep(overrides: list[str], show_only: bool = False) -> dict[str, Any]:
         raise LightningRecError(f"sweep {sweep_dir}: {len(failed)} of {len(trials)} trials failed{more}; first: "
                                 f"trial {failed[0]['trial']}: {failed[0]['error']}; rerun the failed ones with "
                                 f"`fit -m sweep.dir={sweep_dir}`")
-    return {"sweep_dir": sweep_dir, "rows": sweep.rows(), "best": sweep.best(), "trials": trials}
+    rows = sweep.rows()
+    return {"sweep_dir": sweep_dir, "rows": rows, "best": sweep.best(rows), "trials": trials}
 
 
 def _resume_point(trial_dir: str) -> str | None:
@@ -305,17 +308,14 @@ def _run_trial(sweep: Sweep, i: int, cfg, group: str) -> dict[str, Any]:
             out = _fit_in_child(sweep.trials[i] + extra, trial_dir)
         else:
             from .cli import fit
-            from .config import load_config
 
-            cfg = load_config(sweep.trials[i])
+            cfg = copy.deepcopy(cfg)  # composed once, before the sweep started; fit may fill in run fields
             for o in extra:
                 k, v = o.split("=", 1)
                 set_value(cfg, k, v)
             out = fit(cfg, sweep.trials[i])
         rec.update(status="ok", monitor=out.get("monitor"), best_score=out.get("best_score"), test=out.get("test"),
                    epochs=out.get("epochs"), fit_seconds=out.get("fit_seconds"), run_dir=out.get("run_dir", trial_dir))
-        if out.get("interrupted"):
-            rec["status"], rec["error"] = "interrupted", "training was interrupted"
     except LightningRecError as e:
         rec.update(status="error", error=str(e))
     except Exception as e:  # a crash in one trial must not lose the others: keep the traceback with the trial
