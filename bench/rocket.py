@@ -157,7 +157,8 @@ def main() -> None:
                f"Adam {args.lr:g}, batch {args.batch_size}, {args.epochs} epochs, seed {args.seed}, hint lambda {args.hint_weight:g}"
                f"{f' from epoch {args.hint_start_epoch}' if args.hint_start_epoch else ''}, KD weight {args.kd_weight:g} (rocket_kd); "
                f"latency: median of 10 full-ranking passes for {args.latency_users} users of length {args.max_len}, "
-               f"{torch.get_num_threads()} threads")
+               f"{torch.get_num_threads()} threads"
+               f"{'; extra overrides for every run: ' + ' '.join(args.overrides) if args.overrides else ''}")
     append("Rocket Launching on ML-1M", f"Setting: {setting}.\n\n" + "\n".join(rows) + "\n\n" + "\n".join(verdict))
 
 
