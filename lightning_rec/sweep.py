@@ -21,7 +21,6 @@ because Lightning's launcher re-runs the command line in each worker.
 
 from __future__ import annotations
 
-import copy
 import csv
 import itertools
 import json
@@ -137,8 +136,10 @@ class Sweep:
         os.replace(tmp, path)
         return path
 
-    def best(self, rows: list[dict[str, Any]] | None = None) -> dict[str, Any] | None:
-        done = [r for r in (rows or self.rows()) if r["status"] == "ok" and r["best"] is not None]
+    @staticmethod
+    def best(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """The finished row with the highest monitored score, from :meth:`rows`."""
+        done = [r for r in rows if r["status"] == "ok" and r["best"] is not None]
         return max(done, key=lambda r: r["best"]) if done else None
 
     def table(self) -> str:
@@ -309,8 +310,7 @@ def _run_trial(sweep: Sweep, i: int, cfg, group: str) -> dict[str, Any]:
         else:
             from .cli import fit
 
-            cfg = copy.deepcopy(cfg)  # composed once, before the sweep started; fit may fill in run fields
-            for o in extra:
+            for o in extra:  # the trial's config, composed before the sweep started, is used by this trial only
                 k, v = o.split("=", 1)
                 set_value(cfg, k, v)
             out = fit(cfg, sweep.trials[i])
