@@ -68,8 +68,8 @@ class SeqRecModule(pl.LightningModule):
     Args:
         num_items: catalogue size (from the DataModule).
         arch: ``sasrec`` or ``nextitnet``.
-        d_model, num_blocks, num_heads, attention_m, ffn_dim, max_len, dropout, norm_first,
-        residual_alpha, kernel_size, dilations, block_dilations: encoder hyperparameters
+        d_model, num_blocks, num_heads, attention_m, ffn_dim, max_len, dropout, norm_first, layout,
+        positions, residual_alpha, kernel_size, dilations, block_dilations: encoder hyperparameters
             (see the encoders); ``num_blocks``/``block_dilations`` change when StackRec stacks.
         tied_embeddings: score items with the input embedding table (else a separate one).
         loss: ``ce`` (full softmax), ``sampled_softmax`` (``num_negatives``) or ``bce``.
@@ -94,6 +94,8 @@ class SeqRecModule(pl.LightningModule):
         max_len: int = 200,
         dropout: float = 0.2,
         norm_first: bool = True,
+        layout: str | None = None,
+        positions: str = "right",
         residual_alpha: bool = True,
         kernel_size: int = 3,
         dilations: list[int] | None = None,
@@ -127,8 +129,8 @@ class SeqRecModule(pl.LightningModule):
         hp.update(optimizer=optimizer, scheduler=scheduler, eval_ks=eval_ks, dilations=dilations)
         self.encoder = build_encoder(
             arch, num_items, d_model=d_model, num_blocks=num_blocks, num_heads=num_heads, attention_m=attention_m, ffn_dim=ffn_dim,
-            max_len=max_len, dropout=dropout, norm_first=norm_first, residual_alpha=residual_alpha,
-            kernel_size=kernel_size, dilations=dilations, block_dilations=block_dilations,
+            max_len=max_len, dropout=dropout, norm_first=norm_first, layout=layout, positions=positions,
+            residual_alpha=residual_alpha, kernel_size=kernel_size, dilations=dilations, block_dilations=block_dilations,
         )
         self.output = None
         if not tied_embeddings:

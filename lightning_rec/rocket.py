@@ -23,7 +23,7 @@ from .models import ENCODERS, build_encoder
 from .module import SeqRecModule, check_training_options
 
 NETS = ("light", "booster")
-NET_KEYS = ("arch", "d_model", "num_blocks", "num_heads", "attention_m", "ffn_dim", "dropout", "norm_first", "residual_alpha",
+NET_KEYS = ("arch", "d_model", "num_blocks", "num_heads", "attention_m", "ffn_dim", "dropout", "norm_first", "layout", "positions", "residual_alpha",
             "kernel_size", "dilations")
 
 

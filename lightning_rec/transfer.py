@@ -16,7 +16,7 @@ import torch
 
 from .errors import ConfigError
 
-ARCH_KEYS = ("arch", "d_model", "num_blocks", "num_heads", "attention_m", "ffn_dim", "max_len", "norm_first", "residual_alpha",
+ARCH_KEYS = ("arch", "d_model", "num_blocks", "num_heads", "attention_m", "ffn_dim", "max_len", "norm_first", "layout", "positions", "residual_alpha",
              "kernel_size", "dilations", "block_dilations", "tied_embeddings")
 
 

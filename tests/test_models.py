@@ -11,6 +11,8 @@ ARCHS = [
     ("sasrec", dict(num_blocks=2, num_heads=2, max_len=30, dropout=0.0, norm_first=True)),
     ("sasrec", dict(num_blocks=2, num_heads=1, max_len=30, dropout=0.0, norm_first=False)),
     ("sasrec", dict(num_blocks=2, num_heads=2, max_len=30, dropout=0.0, norm_first=True, attention_m=4)),  # attentive
+    ("sasrec", dict(num_blocks=2, num_heads=2, max_len=30, dropout=0.0, layout="pmixer", positions="left")),
+    ("sasrec", dict(num_blocks=2, num_heads=2, max_len=30, dropout=0.0, layout="pmixer", attention_m=2)),
 ]
 
 
@@ -43,7 +45,7 @@ def test_gradient_of_position_t_is_zero_for_later_inputs(arch, kw):
     x = torch.randint(1, 51, (1, 12))
     e = m.embed(x).detach().requires_grad_(True)
     m.embed = lambda items, e=e: e  # feed the embedding tensor directly
-    m(x)[0, 6].sum().backward()
+    (m(x)[0, 6] * torch.randn(16)).sum().backward()  # a random read-out: a LayerNorm output sums to a constant
     assert e.grad[0, 7:].abs().max() == 0
     assert e.grad[0, :7].abs().sum() > 0
 
@@ -63,7 +65,13 @@ def test_zero_alphas_make_every_block_the_identity(arch, kw):
     x = torch.randint(1, 51, (2, 9))
     e = m.embed(x)
     out = m(x)
-    if arch == "sasrec" and kw["norm_first"]:
+    if arch == "sasrec" and kw.get("layout") == "pmixer":
+        # q = LN(x) is the residual, then LN again; the final LN closes
+        out_expected = e
+        for b in m.blocks:
+            out_expected = b.ln_ffn(b.ln_att(out_expected))
+        out_expected = m.final_ln(out_expected)
+    elif arch == "sasrec" and kw["norm_first"]:
         out_expected = m.final_ln(e)
     elif arch == "sasrec":
         # post-LN blocks normalise the (unchanged) residual stream
@@ -94,9 +102,9 @@ def test_interface_and_dilation_pattern():
         build_encoder("gru4rec", 10)
 
 
-@pytest.mark.parametrize("norm_first", [True, False])
-def test_sasrec_last_only_inference_equals_full_forward(norm_first):
-    m = SASRec(30, d_model=16, num_blocks=3, num_heads=2, max_len=12, dropout=0.0, norm_first=norm_first).eval()
+@pytest.mark.parametrize("layout", ["pre", "post", "pmixer"])
+def test_sasrec_last_only_inference_equals_full_forward(layout):
+    m = SASRec(30, d_model=16, num_blocks=3, num_heads=2, max_len=12, dropout=0.0, layout=layout, positions="left").eval()
     randomise_alphas(m)
     x = torch.randint(1, 31, (5, 12))
     x[:2, :4] = 0  # left padding
@@ -126,3 +134,44 @@ def test_attentive_encoder_averages_m_attention_maps():
     want = blk.out(torch.cat(heads, -1))
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert SASRecBlock(d, h, 8, 0.0, True, False).qkv.out_features == 3 * d  # m = 1: plain SASRec
+
+
+def test_pmixer_block_against_a_hand_computation():
+    """layout=pmixer: q = LN1(x); x = q + a1 * attn(q, x, x); x = LN2(x); x = x + a2 * ffn(x)."""
+    from lightning_rec.models.sasrec import SASRecBlock
+
+    torch.manual_seed(0)
+    d, h, T = 8, 2, 5
+    blk = SASRecBlock(d, h, 8, 0.0, True, True, layout="pmixer").eval()
+    with torch.no_grad():
+        blk.alpha_att.fill_(0.6)
+        blk.alpha_ffn.fill_(0.3)
+    x = torch.randn(2, T, d)
+    causal = torch.zeros(T, T).masked_fill_(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))[None, None]
+    q = blk.ln_att(x)
+    W, b = blk.qkv.weight, blk.qkv.bias
+    Q, K, V = q @ W[:d].T + b[:d], x @ W[d:2 * d].T + b[d:2 * d], x @ W[2 * d:].T + b[2 * d:]
+    dh = d // h
+    heads = [torch.softmax(Q[..., i * dh:(i + 1) * dh] @ K[..., i * dh:(i + 1) * dh].transpose(1, 2) / dh**0.5 + causal[0], -1)
+             @ V[..., i * dh:(i + 1) * dh] for i in range(h)]
+    y = q + 0.6 * blk.out(torch.cat(heads, -1))
+    y = blk.ln_ffn(y)
+    want = y + 0.3 * blk.ffn(y)
+    torch.testing.assert_close(blk(x, causal), want, atol=1e-5, rtol=1e-5)
+
+
+def test_left_positions_count_from_the_oldest_item():
+    torch.manual_seed(0)
+    m = SASRec(30, d_model=8, num_blocks=0, max_len=10, dropout=0.0, positions="left").eval()
+    r = SASRec(30, d_model=8, num_blocks=0, max_len=10, dropout=0.0, positions="right").eval()
+    r.load_state_dict(m.state_dict())
+    x = torch.tensor([[0, 0, 0, 5, 6, 7], [1, 2, 3, 4, 5, 6]])
+    items = m.item_embedding(x) * 8**0.5
+    pe = m.position_embedding.weight
+    want_left = torch.stack([torch.cat([pe[:1].expand(3, 8), pe[:3]]), pe[:6]])  # padding rows read position 0
+    torch.testing.assert_close(m.embed(x), items + want_left)
+    torch.testing.assert_close(r.embed(x), items + pe[4:10][None])  # right: the newest item is at max_len - 1
+    with pytest.raises(ConfigError, match="model.positions"):
+        SASRec(30, positions="middle")
+    with pytest.raises(ConfigError, match="model.layout"):
+        SASRec(30, layout="sandwich")

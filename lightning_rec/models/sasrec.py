@@ -1,4 +1,4 @@
-"""SASRec (Kang & McAuley, ICDM 2018): causal self-attention, pre- or post-LN, with StackRec's alphas."""
+"""SASRec (Kang & McAuley, ICDM 2018): causal self-attention, pre-/post-LN or SASRec.pytorch's layout, with StackRec's alphas."""
 
 from __future__ import annotations
 
@@ -14,8 +14,11 @@ from ..errors import ConfigError
 class SASRecBlock(nn.Module):
     """Multi-head causal self-attention and a position-wise feed-forward net.
 
-    Pre-LN: ``x + a_att * attn(LN(x))`` then ``x + a_ffn * ffn(LN(x))``.
-    Post-LN: ``LN(x + a_att * attn(x))`` then ``LN(x + a_ffn * ffn(x))``.
+    Pre-LN (``layout="pre"``): ``x + a_att * attn(LN(x))`` then ``x + a_ffn * ffn(LN(x))``.
+    Post-LN (``"post"``): ``LN(x + a_att * attn(x))`` then ``LN(x + a_ffn * ffn(x))``.
+    ``"pmixer"``, the layout of the widely used SASRec.pytorch port (and of the "Gold loss"
+    SASRec+ code built on it): ``q = LN(x)``, ``x = q + a_att * attn(query=q, key=value=x)``,
+    then ``x = LN(x)``, ``x = x + a_ffn * ffn(x)``.
     ``a_att``/``a_ffn`` are zero-initialised scalars (StackRec) or absent (plain SASRec).
 
     ``attention_m > 1`` is the attentive encoder of the federated-distillation paper (SPEC
@@ -25,8 +28,13 @@ class SASRecBlock(nn.Module):
     """
 
     def __init__(self, d: int, num_heads: int, ffn_dim: int, dropout: float, norm_first: bool, residual_alpha: bool,
-                 attention_m: int = 1):
+                 attention_m: int = 1, layout: str | None = None):
         super().__init__()
+        layout = layout or ("pre" if norm_first else "post")
+        if layout not in LAYOUTS:
+            raise ConfigError(f"model.layout: '{layout}' is not one of {', '.join(LAYOUTS)}")
+        self.layout = layout
+        norm_first = layout == "pre"
         if d % num_heads:
             raise ConfigError(f"model.d_model={d} is not divisible by model.num_heads={num_heads}")
         if not isinstance(attention_m, int) or attention_m < 1:
@@ -43,24 +51,34 @@ class SASRecBlock(nn.Module):
         self.alpha_att = nn.Parameter(torch.zeros(1)) if residual_alpha else None
         self.alpha_ffn = nn.Parameter(torch.zeros(1)) if residual_alpha else None
 
-    def attend(self, x: torch.Tensor, mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+    def attend(self, x: torch.Tensor, mask: torch.Tensor, last_only: bool = False,
+               query: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal attention over ``x``; queries from ``query`` (same shape) where given, else from ``x``."""
         B, T, d = x.shape
         h = self.num_heads
         if self.m > 1:
-            return self._attend_averaged(x, mask, last_only)
-        q, k, v = self.qkv(x).view(B, T, 3, h, d // h).permute(2, 0, 3, 1, 4)  # (B, h, T, dh)
+            return self._attend_averaged(x, mask, last_only, query)
+        if query is None:
+            q, k, v = self.qkv(x).view(B, T, 3, h, d // h).permute(2, 0, 3, 1, 4)  # (B, h, T, dh)
+        else:  # one projection, its query rows applied to ``query`` and its key/value rows to ``x``
+            w, b = self.qkv.weight, self.qkv.bias
+            q = F.linear(query, w[:d], b[:d]).view(B, T, h, d // h).transpose(1, 2)
+            k, v = F.linear(x, w[d:], b[d:]).view(B, T, 2, h, d // h).permute(2, 0, 3, 1, 4)
         if last_only:  # inference needs the most recent position only
             q, mask = q[:, :, -1:], mask[:, :, -1:]
         p = self.dropout_p if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, h, Tq, dh)
         return self.dropout(self.out(y.transpose(1, 2).reshape(B, q.shape[2], d)))
 
-    def _attend_averaged(self, x: torch.Tensor, mask: torch.Tensor, last_only: bool) -> torch.Tensor:
+    def _attend_averaged(self, x: torch.Tensor, mask: torch.Tensor, last_only: bool,
+                         query: torch.Tensor | None = None) -> torch.Tensor:
         B, T, d = x.shape
         h, m, dk, dh = self.num_heads, self.m, self.dk, d // self.num_heads
         proj = self.qkv(x)
         qk = proj[..., : 2 * h * m * dk].view(B, T, 2, h * m, dk).permute(2, 0, 3, 1, 4)  # (2, B, h*m, T, dk)
         q, k = qk[0], qk[1]
+        if query is not None:
+            q = self.qkv(query)[..., : h * m * dk].view(B, T, h * m, dk).transpose(1, 2)
         v = proj[..., 2 * h * m * dk:].view(B, T, h, 1, dh).expand(B, T, h, m, dh).reshape(B, T, h * m, dh)
         v = v.transpose(1, 2)  # (B, h*m, T, dh): sample j of head i uses head i's values
         if last_only:
@@ -76,6 +94,11 @@ class SASRecBlock(nn.Module):
         def scaled(alpha, h):
             return alpha * h if alpha is not None else h
 
+        if self.layout == "pmixer":
+            q = self.ln_att(x)
+            x = (q[:, -1:] if last_only else q) + scaled(self.alpha_att, self.attend(x, mask, last_only, query=q))
+            x = self.ln_ffn(x)
+            return x + scaled(self.alpha_ffn, self.dropout(self.ffn(x)))
         res = x[:, -1:] if last_only else x
         if self.norm_first:
             x = res + scaled(self.alpha_att, self.attend(self.ln_att(x), mask, last_only))
@@ -86,11 +109,17 @@ class SASRecBlock(nn.Module):
         return x
 
 
+LAYOUTS = ("pre", "post", "pmixer")
+POSITIONS = ("right", "left")
+
+
 class SASRec(nn.Module):
     """Item + learned position embeddings followed by ``num_blocks`` causal attention blocks.
 
-    Positions are counted from the most recent item (right-aligned), as in SASRec with
-    left padding, so trimming all-padding columns does not change any output.
+    Positions are counted from the most recent item (``positions="right"``, as in SASRec with
+    left padding) or from the oldest item of the window (``"left"``, as in RecBole and
+    SASRec.pytorch, which pad on the right). Either way they depend on the items only, not on
+    the padding, so trimming all-padding columns does not change any output.
 
     Args:
         num_items: catalogue size (ids ``1..num_items``, 0 is padding).
@@ -98,7 +127,9 @@ class SASRec(nn.Module):
         num_blocks: depth.
         max_len: longest input sequence (size of the position table).
         dropout: embedding, attention and feed-forward dropout.
-        norm_first: pre-LN (True) or post-LN (False) blocks.
+        norm_first: pre-LN (True) or post-LN (False) blocks; ``layout`` overrides it.
+        layout: ``pre``, ``post`` or ``pmixer`` (see :class:`SASRecBlock`); None = from ``norm_first``.
+        positions: ``right`` (count from the most recent item) or ``left`` (from the oldest).
         residual_alpha: zero-initialised alphas on both branches (StackRec).
         attention_m: attention maps averaged per head (1 = SASRec; 32 = the attentive encoder).
     """
@@ -117,9 +148,18 @@ class SASRec(nn.Module):
         norm_first: bool = True,
         residual_alpha: bool = True,
         attention_m: int = 1,
+        layout: str | None = None,
+        positions: str = "right",
         **_: object,
     ):
         super().__init__()
+        layout = layout or ("pre" if norm_first else "post")
+        if layout not in LAYOUTS:
+            raise ConfigError(f"model.layout: '{layout}' is not one of {', '.join(LAYOUTS)}")
+        if positions not in POSITIONS:
+            raise ConfigError(f"model.positions: '{positions}' is not one of {', '.join(POSITIONS)}")
+        self.layout, self.positions = layout, positions
+        norm_first = layout == "pre"
         self.d_model, self.num_heads, self.ffn_dim = d_model, num_heads, ffn_dim or d_model
         self.max_len, self.dropout_p, self.norm_first, self.residual_alpha = max_len, dropout, norm_first, residual_alpha
         self.attention_m = attention_m
@@ -131,19 +171,22 @@ class SASRec(nn.Module):
             self.item_embedding.weight[0].zero_()
         self.emb_dropout = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(self.make_block(i) for i in range(num_blocks))
-        self.final_ln = nn.LayerNorm(d_model, eps=1e-8) if norm_first else nn.Identity()
+        self.final_ln = nn.LayerNorm(d_model, eps=1e-8) if layout != "post" else nn.Identity()
 
     def make_block(self, index: int, dilation: int | None = None) -> SASRecBlock:
         """A freshly initialised block (``index``/``dilation`` unused; one interface with NextItNet)."""
         return SASRecBlock(self.d_model, self.num_heads, self.ffn_dim, self.dropout_p, self.norm_first, self.residual_alpha,
-                           self.attention_m)
+                           self.attention_m, self.layout)
 
     def embed(self, items: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, d)
         T = items.shape[1]
         if T > self.max_len:
             raise ValueError(f"sequence length {T} exceeds model.max_len={self.max_len}")
-        pos = torch.arange(self.max_len - T, self.max_len, device=items.device)  # right-aligned positions
-        x = self.item_embedding(items) * math.sqrt(self.d_model) + self.position_embedding(pos)[None]
+        if self.positions == "right":
+            pos = self.position_embedding(torch.arange(self.max_len - T, self.max_len, device=items.device))[None]
+        else:  # index of each item among the row's items, so left padding shifts nothing
+            pos = self.position_embedding(((items != 0).long().cumsum(1) - 1).clamp_(min=0))
+        x = self.item_embedding(items) * math.sqrt(self.d_model) + pos
         return self.emb_dropout(x)
 
     def forward(self, items: torch.Tensor, last_only: bool = False) -> torch.Tensor:
