@@ -3,6 +3,7 @@
     python bench/rocket.py                                  # CPU-sized defaults (below)
     python bench/rocket.py --max-len 200 --booster-d 128 --epochs 30 trainer=gpu    # on a GPU
     python bench/rocket.py --only light,rocket              # a subset of the runs
+    python bench/rocket.py --tied --light-d 32              # tied heads: the light net scores with the shared table
 
 Runs, all with the same data, epochs and seed, full ranking on the test split (best epoch on
 validation; for rocket runs the light net's validation NDCG@10 picks it):
@@ -45,6 +46,9 @@ def main() -> None:
                     help="lambda; the authors' 0.03 was for ~10 classes, x 10 / 3,416 items here is about 1e-4")
     ap.add_argument("--hint-start-epoch", type=int, default=0, help="no hint before this epoch (schedule=start_epoch)")
     ap.add_argument("--kd-weight", type=float, default=0.9, help="rocket_kd: weight of T^2 KL(booster || light), T = 4")
+    ap.add_argument("--tied", action="store_true",
+                    help="score items with the item table (SASRec's tied embeddings): rocket runs set "
+                         "model.own_heads=false, so the booster's loss also trains the light net's scoring table")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=4e-3)
     ap.add_argument("--seed", type=int, default=42)
@@ -62,12 +66,14 @@ def main() -> None:
 
     d = args.booster_d
     dl = args.light_d or d
-    # Untied heads alone too, so "light alone" is exactly the net the rocket ships (own head) and vice versa.
-    booster = [f"model.d_model={d}", f"model.num_blocks={args.booster_blocks}", "model.num_heads=2", "model.tied_embeddings=false"]
-    light = [f"model.d_model={dl}", f"model.num_blocks={args.light_blocks}", "model.num_heads=1", "model.tied_embeddings=false"]
+    # The nets alone have the same heads as in the rocket, so "light alone" is exactly the net the rocket ships.
+    tied = f"model.tied_embeddings={str(args.tied).lower()}"
+    booster = [f"model.d_model={d}", f"model.num_blocks={args.booster_blocks}", "model.num_heads=2", tied]
+    light = [f"model.d_model={dl}", f"model.num_blocks={args.light_blocks}", "model.num_heads=1", tied]
     rocket = ["model=rocket", f"model.booster.d_model={d}", f"model.booster.num_blocks={args.booster_blocks}",
               "model.booster.num_heads=2", f"model.light.d_model={dl}", f"model.light.num_blocks={args.light_blocks}",
-              "model.light.num_heads=1", "callbacks=rocket", f"callbacks.hint.weight={args.hint_weight}"]
+              "model.light.num_heads=1", "callbacks=rocket", f"callbacks.hint.weight={args.hint_weight}",
+              f"model.own_heads={str(not args.tied).lower()}"]
     if args.hint_start_epoch:
         rocket += ["callbacks.hint.schedule=start_epoch", f"callbacks.hint.start_epoch={args.hint_start_epoch}"]
     runs = {
@@ -152,7 +158,8 @@ def main() -> None:
             f"parameters {sizes['rocket/light'] / sizes['booster']:.2f}x.",
         ]
     setting = (f"ML-1M `{os.path.basename(args.data)}`, max_len {args.max_len}, booster SASRec {args.booster_blocks} "
-               f"blocks d={d} 2 heads, light SASRec {args.light_blocks} block d={dl} 1 head, each with its own output layer, "
+               f"blocks d={d} 2 heads, light SASRec {args.light_blocks} block d={dl} 1 head, "
+               f"{'each scoring with its item table (tied; in the rocket the shared one)' if args.tied else 'each with its own output layer'}, "
                f"dropout 0.2, full-softmax CE, "
                f"Adam {args.lr:g}, batch {args.batch_size}, {args.epochs} epochs, seed {args.seed}, hint lambda {args.hint_weight:g}"
                f"{f' from epoch {args.hint_start_epoch}' if args.hint_start_epoch else ''}, KD weight {args.kd_weight:g} (rocket_kd); "
