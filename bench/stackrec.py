@@ -100,6 +100,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--dropout", type=float, default=0.2)
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--keep-moments", action="store_true",
+                    help="TS: keep Adam's moments for the copied weights at each stack "
+                         "(callbacks.stacking.optimizer_state=keep_moments; default: a fresh optimizer)")
     ap.add_argument("--loss", default="ce", choices=["ce", "sampled_softmax"],
                     help="training loss of every run (evaluation is full ranking either way)")
     ap.add_argument("--side-by-side", action="store_true",
@@ -138,7 +141,7 @@ def main() -> None:
               (f"stacked {args.start_blocks}->{deep} at epochs {stacks}", ts["timeline"], 0.0)],
              target, f"StackRec TS on ML-1M ({setting})")
         lines.append(
-            f"**TS** ({args.start_blocks} -> {deep} blocks, stacks at epochs {stacks}, adjacent, function-preserving): "
+            f"**TS** ({args.start_blocks} -> {deep} blocks, stacks at epochs {stacks}, adjacent, function-preserving{', Adam moments kept' if args.keep_moments else ''}): "
             f"target val NDCG@10 = 0.99 x {best:.4f} = {target:.4f}. Training time to target: stacked "
             f"{_fmt(t_ts)} vs from scratch {_fmt(t_scratch)}: **ratio {ratio}** (issue target <= 0.6, paper ~0.57). "
             f"Total training time: stacked {ts['timeline'][-1]['train_seconds'] / 60:.1f} min, scratch "
@@ -179,7 +182,8 @@ def _stacked_lane(args, deep: int, stacks: list[int]) -> dict:
     if args.scenario in ("ts", "both"):
         out["ts"] = fit(f"bench-stackrec-ts-{args.start_blocks}-{deep}", args, f"model.num_blocks={args.start_blocks}",
                         "callbacks=stacking", f"callbacks.stacking.at_epochs=[{','.join(map(str, stacks))}]",
-                        f"trainer.max_epochs={args.epochs}")
+                        f"trainer.max_epochs={args.epochs}",
+                        *(["callbacks.stacking.optimizer_state=keep_moments"] if args.keep_moments else []))
     if args.scenario in ("cl", "both"):
         out["cl_pre"] = fit(f"bench-stackrec-cl-pre-{args.cl_blocks}", args, f"model.num_blocks={args.cl_blocks}",
                             f"data.fraction={args.cl_fraction}", f"trainer.max_epochs={args.cl_pre_epochs}",
