@@ -127,10 +127,10 @@ def main() -> None:
     verdict: dict[str, list[str]] = {"test": [], "val": [], "last": []}
     for name, r in res.items():
         per_seq = r["comm"] / (seqs * args.epochs) if seqs else float("nan")
-        rel = r["test"] / ddp["test"] - 1 if ddp else float("nan")
-        rel_val = max(r["val"]) / max(ddp["val"]) - 1 if ddp else float("nan")
-        # the last validation comes after exactly the same number of samples in every run
-        rel_last = r["val"][-1] / ddp["val"][-1] - 1 if ddp else float("nan")
+        # relative to DDP: test of the best checkpoint, best validation, and the last validation,
+        # which comes after exactly the same number of samples in every run
+        rel, rel_val, rel_last = (x(r) / x(ddp) - 1 if ddp else float("nan") for x in
+                                  (lambda q: q["test"], lambda q: max(q["val"]), lambda q: q["val"][-1]))
         cratio = r["comm"] / ddp["comm"] if ddp and ddp["comm"] else float("nan")
         noisy = (f"{sum(3 in x['chosen'] for x in r['rounds'])}/{len(r['rounds'])}" if name.startswith("noisy")
                  else "")
