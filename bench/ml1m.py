@@ -3,6 +3,7 @@
     python bench/ml1m.py --model sasrec            # SASRec d=64, 2 blocks, 1 head, L=200, dropout 0.2, full CE
     python bench/ml1m.py --model nextitnet         # NextItNet d=64, 8 blocks
     python bench/ml1m.py --model sasrec --resume   # continue the latest run from its last.ckpt
+    python bench/ml1m.py --name sasrec-d01 model.dropout=0.1   # a named variant (resume with the same --name)
 
 Targets (issue #2): SASRec test NDCG@10 >= 0.180 and HR@10 >= 0.31 (published 0.1821 / 0.3152);
 NextItNet NDCG@10 >= 0.170. Runs go to $LIGHTNING_REC_BENCH_RUNS (default ~/.cache/lightning_rec/bench-runs,
@@ -29,6 +30,7 @@ def main() -> None:
     ap.add_argument("--max-epochs", type=int, default=200)
     ap.add_argument("--resume", action="store_true", help="continue the latest run of this model")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--name", default=None, help="run name (default bench-ml1m-<model>); --resume continues its latest run")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides")
     args = ap.parse_args()
     import torch
@@ -37,7 +39,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     from lightning_rec.cli import run
 
-    name = f"bench-ml1m-{args.model}"
+    name = args.name or f"bench-ml1m-{args.model}"
     overrides = [
         f"experiment=ml1m_{args.model}", f"data.path={args.data}", f"name={name}",
         f"runs_dir={RUNS}", f"trainer.max_epochs={args.max_epochs}",
