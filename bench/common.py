@@ -12,6 +12,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
 
 
+def run_main(main) -> None:
+    """Run a benchmark's ``main``; this project's errors (bad option, missing data file) end in one line, exit 2."""
+    try:
+        from lightning_rec.errors import LightningRecError
+    except ImportError:  # e.g. the RecBole side runs in its own environment
+        LightningRecError = ()  # noqa: N806
+    try:
+        main()
+    except LightningRecError as e:
+        hint = ""
+        if SHARED_DATA in str(e) and not os.path.isdir(SHARED_DATA):
+            hint = f" (the default data folder {SHARED_DATA} is missing: pass --data PATH)"
+        print(f"error: {e}{hint}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
 def machine() -> str:
     import torch
 

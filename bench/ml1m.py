@@ -17,7 +17,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import SHARED_DATA, append  # noqa: E402
+from common import SHARED_DATA, append, run_main  # noqa: E402
 
 RUNS = os.environ.get("LIGHTNING_REC_BENCH_RUNS", os.path.expanduser("~/.cache/lightning_rec/bench-runs"))
 TARGETS = {"sasrec": {"test/ndcg@10": 0.180, "test/hr@10": 0.31}, "nextitnet": {"test/ndcg@10": 0.170}}
@@ -62,4 +62,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

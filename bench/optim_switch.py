@@ -26,7 +26,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import ROOT, SHARED_DATA, append, finish_ndcg_plot  # noqa: E402
+from common import ROOT, SHARED_DATA, append, finish_ndcg_plot, run_main  # noqa: E402
 
 RUNS = os.environ.get("LIGHTNING_REC_BENCH_RUNS", os.path.expanduser("~/.cache/lightning_rec/bench-runs"))
 ORDER = ["adam", "adashift", "adam_sgd_auto", "adam_sgd_sched", "adashift_sgd_auto", "adashift_row",
@@ -144,4 +144,4 @@ def plot(path, res, target, title, ref="adam"):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -19,7 +19,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import ROOT, SHARED_DATA, append, finish_ndcg_plot  # noqa: E402
+from common import ROOT, SHARED_DATA, append, finish_ndcg_plot, run_main  # noqa: E402
 
 RUNS = os.environ.get("LIGHTNING_REC_BENCH_RUNS", os.path.expanduser("~/.cache/lightning_rec/bench-runs"))
 
@@ -237,4 +237,4 @@ def _fmt(t: float | None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -43,7 +43,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import ROOT, SHARED_DATA, append  # noqa: E402
+from common import ROOT, SHARED_DATA, append, run_main  # noqa: E402
 
 VENV_PY = os.path.join(ROOT, ".venv-recbole", "bin", "python")
 RECBOLE_OUT = os.path.join(ROOT, "bench", "out", "recbole")
@@ -284,4 +284,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
