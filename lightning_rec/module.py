@@ -69,8 +69,10 @@ class SeqRecModule(pl.LightningModule):
         num_items: catalogue size (from the DataModule).
         arch: ``sasrec`` or ``nextitnet``.
         d_model, num_blocks, num_heads, attention_m, ffn_dim, max_len, dropout, norm_first, layout,
-        positions, residual_alpha, kernel_size, dilations, block_dilations: encoder hyperparameters
-            (see the encoders); ``num_blocks``/``block_dilations`` change when StackRec stacks.
+        positions, attn_out_dropout, residual_alpha, kernel_size, dilations, block_dilations: encoder
+            hyperparameters (see the encoders); ``num_blocks``/``block_dilations`` change when StackRec stacks.
+        init_std: None keeps the encoders' own initialisation; e.g. 0.02 draws every weight from
+            N(0, 0.02) as RecBole does (:func:`~lightning_rec.models.normal_init_`).
         tied_embeddings: score items with the input embedding table (else a separate one).
         loss: ``ce`` (full softmax), ``sampled_softmax`` (``num_negatives``) or ``bce``.
         optimizer: ``{name: adam|adamw|sgd, lr, weight_decay, betas | momentum}``.
@@ -96,6 +98,8 @@ class SeqRecModule(pl.LightningModule):
         norm_first: bool = True,
         layout: str | None = None,
         positions: str = "right",
+        attn_out_dropout: bool = True,
+        init_std: float | None = None,
         residual_alpha: bool = True,
         kernel_size: int = 3,
         dilations: list[int] | None = None,
@@ -130,12 +134,14 @@ class SeqRecModule(pl.LightningModule):
         self.encoder = build_encoder(
             arch, num_items, d_model=d_model, num_blocks=num_blocks, num_heads=num_heads, attention_m=attention_m, ffn_dim=ffn_dim,
             max_len=max_len, dropout=dropout, norm_first=norm_first, layout=layout, positions=positions,
-            residual_alpha=residual_alpha, kernel_size=kernel_size, dilations=dilations, block_dilations=block_dilations,
+            attn_out_dropout=attn_out_dropout, init_std=init_std, residual_alpha=residual_alpha, kernel_size=kernel_size, dilations=dilations, block_dilations=block_dilations,
         )
         self.output = None
         if not tied_embeddings:
             self.output = nn.Embedding(num_items + 1, d_model, padding_idx=0)
-            nn.init.normal_(self.output.weight, std=d_model**-0.5)
+            nn.init.normal_(self.output.weight, std=init_std or d_model**-0.5)
+            with torch.no_grad():
+                self.output.weight[0].zero_()
         prefix = "sampled_" if eval_protocol == "sampled" else ""
         self.metric_names = [f"{prefix}{m}@{k}" for k in hp.eval_ks for m in ("hr", "ndcg", "mrr")]
         self.val_metrics = nn.ModuleDict({n.replace("@", "_at_"): MeanMetric() for n in self.metric_names})

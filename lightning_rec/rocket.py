@@ -24,7 +24,7 @@ from .module import SeqRecModule, check_training_options
 
 NETS = ("light", "booster")
 NET_KEYS = ("arch", "d_model", "num_blocks", "num_heads", "attention_m", "ffn_dim", "dropout", "norm_first", "layout", "positions", "residual_alpha",
-            "kernel_size", "dilations")
+            "kernel_size", "dilations", "attn_out_dropout", "init_std")
 
 
 class ProjectedEmbedding(nn.Module):

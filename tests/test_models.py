@@ -175,3 +175,44 @@ def test_left_positions_count_from_the_oldest_item():
         SASRec(30, positions="middle")
     with pytest.raises(ConfigError, match="model.layout"):
         SASRec(30, layout="sandwich")
+
+
+@pytest.mark.parametrize("attn_out_dropout", [True, False])
+def test_attention_output_dropout_switch(attn_out_dropout):
+    """attn_out_dropout=False drops attention weights only (SASRec): no single output coordinate is zeroed."""
+    from lightning_rec.models.sasrec import SASRecBlock
+
+    torch.manual_seed(0)
+    blk = SASRecBlock(16, 2, 16, 0.5, True, False, layout="pmixer", attn_out_dropout=attn_out_dropout).train()
+    T = 12
+    mask = torch.zeros(1, 1, T, T).masked_fill_(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+    y = blk.attend(torch.randn(64, T, 16), mask)  # (B, T, d): the branch before the residual
+    zero = y == 0
+    partial = zero & ~zero.all(-1, keepdim=True)  # zeros in rows that are not entirely zero
+    frac = partial.float().mean().item()
+    if attn_out_dropout:
+        assert 0.35 < frac < 0.65  # about half the coordinates, as Dropout(0.5) on the output does
+    else:
+        assert frac == 0.0
+
+
+def test_init_std_reinitialises_every_weight():
+    torch.manual_seed(0)
+    for arch, kw in [("sasrec", dict(num_blocks=2, d_model=64, max_len=50)), ("nextitnet", dict(num_blocks=2, d_model=64))]:
+        m = build_encoder(arch, 3000, init_std=0.02, **kw)
+        for name, p in m.named_parameters():
+            if "alpha" in name:
+                assert float(p.abs().max()) == 0.0, name  # zero-initialised residual weights stay 0
+            elif name.endswith("bias"):
+                assert float(p.abs().max()) == 0.0, name
+            elif p.dim() >= 2:
+                w = (p[1:] if name.startswith("item_embedding") else p).detach()
+                assert abs(float(w.std()) - 0.02) < 0.003, (name, float(w.std()))
+            else:  # LayerNorm weights
+                assert torch.equal(p, torch.ones_like(p)), name
+        assert float(m.item_embedding.weight[0].abs().max()) == 0.0  # padding row
+    default = build_encoder("sasrec", 3000, d_model=64, max_len=50)
+    assert abs(float(default.item_embedding.weight[1:].std()) - 64**-0.5) < 0.01
+    for bad in (-1.0, 0, "0.02", True):
+        with pytest.raises(ConfigError, match="model.init_std"):
+            build_encoder("sasrec", 10, init_std=bad)

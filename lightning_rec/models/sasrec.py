@@ -28,7 +28,7 @@ class SASRecBlock(nn.Module):
     """
 
     def __init__(self, d: int, num_heads: int, ffn_dim: int, dropout: float, norm_first: bool, residual_alpha: bool,
-                 attention_m: int = 1, layout: str | None = None):
+                 attention_m: int = 1, layout: str | None = None, attn_out_dropout: bool = True):
         super().__init__()
         layout = layout or ("pre" if norm_first else "post")
         if layout not in LAYOUTS:
@@ -48,6 +48,9 @@ class SASRecBlock(nn.Module):
         self.ln_ffn = nn.LayerNorm(d, eps=1e-8)
         self.ffn = nn.Sequential(nn.Linear(d, ffn_dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(ffn_dim, d))
         self.dropout = nn.Dropout(dropout)
+        # Dropout on the attention branch's output, besides the one on its weights. SASRec and
+        # SASRec.pytorch have only the latter (attn_out_dropout=False).
+        self.attn_out_dropout = nn.Dropout(dropout) if attn_out_dropout else nn.Identity()
         self.alpha_att = nn.Parameter(torch.zeros(1)) if residual_alpha else None
         self.alpha_ffn = nn.Parameter(torch.zeros(1)) if residual_alpha else None
 
@@ -68,7 +71,7 @@ class SASRecBlock(nn.Module):
             q, mask = q[:, :, -1:], mask[:, :, -1:]
         p = self.dropout_p if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, h, Tq, dh)
-        return self.dropout(self.out(y.transpose(1, 2).reshape(B, q.shape[2], d)))
+        return self.attn_out_dropout(self.out(y.transpose(1, 2).reshape(B, q.shape[2], d)))
 
     def _attend_averaged(self, x: torch.Tensor, mask: torch.Tensor, last_only: bool,
                          query: torch.Tensor | None = None) -> torch.Tensor:
@@ -87,7 +90,7 @@ class SASRecBlock(nn.Module):
         # mean over j of (A_j v) = (mean over j of A_j) v: the averaged attention map applied to v
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, h*m, Tq, dh)
         y = y.view(B, h, m, q.shape[2], dh).mean(2)
-        return self.dropout(self.out(y.transpose(1, 2).reshape(B, q.shape[2], d)))
+        return self.attn_out_dropout(self.out(y.transpose(1, 2).reshape(B, q.shape[2], d)))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """x (B, T, d), additive mask (B, 1, T, T) -> (B, T, d), or (B, 1, d) with ``last_only``."""
@@ -130,6 +133,8 @@ class SASRec(nn.Module):
         norm_first: pre-LN (True) or post-LN (False) blocks; ``layout`` overrides it.
         layout: ``pre``, ``post`` or ``pmixer`` (see :class:`SASRecBlock`); None = from ``norm_first``.
         positions: ``right`` (count from the most recent item) or ``left`` (from the oldest).
+        attn_out_dropout: dropout on the attention branch's output as well as on its weights
+            (False: on the weights only, as SASRec and SASRec.pytorch).
         residual_alpha: zero-initialised alphas on both branches (StackRec).
         attention_m: attention maps averaged per head (1 = SASRec; 32 = the attentive encoder).
     """
@@ -150,6 +155,7 @@ class SASRec(nn.Module):
         attention_m: int = 1,
         layout: str | None = None,
         positions: str = "right",
+        attn_out_dropout: bool = True,
         **_: object,
     ):
         super().__init__()
@@ -162,7 +168,7 @@ class SASRec(nn.Module):
         norm_first = layout == "pre"
         self.d_model, self.num_heads, self.ffn_dim = d_model, num_heads, ffn_dim or d_model
         self.max_len, self.dropout_p, self.norm_first, self.residual_alpha = max_len, dropout, norm_first, residual_alpha
-        self.attention_m = attention_m
+        self.attention_m, self.attn_out_dropout = attention_m, bool(attn_out_dropout)
         self.item_embedding = nn.Embedding(num_items + 1, d_model, padding_idx=0)
         self.position_embedding = nn.Embedding(max_len, d_model)
         nn.init.normal_(self.item_embedding.weight, std=d_model**-0.5)
@@ -176,7 +182,7 @@ class SASRec(nn.Module):
     def make_block(self, index: int, dilation: int | None = None) -> SASRecBlock:
         """A freshly initialised block (``index``/``dilation`` unused; one interface with NextItNet)."""
         return SASRecBlock(self.d_model, self.num_heads, self.ffn_dim, self.dropout_p, self.norm_first, self.residual_alpha,
-                           self.attention_m, self.layout)
+                           self.attention_m, self.layout, self.attn_out_dropout)
 
     def embed(self, items: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, d)
         T = items.shape[1]
