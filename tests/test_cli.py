@@ -253,3 +253,21 @@ def test_a_failed_fit_does_not_leave_its_run_folder_to_the_next_command(tmp_path
     with pytest.raises(ConfigError):
         fit(tmp_path, "model=nextitnet", "optimizer.name=nope", epochs=1)
     assert runs.RUN_DIR_ENV not in os.environ
+
+
+def test_every_experiment_config_runs(tmp_path, sasrec_file):
+    """Each conf/experiment/*.yaml composes, builds and trains one epoch (shrunk by the overrides);
+    the transfer experiment starts from the TS experiment's checkpoint, as its header says."""
+    conf_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf", "experiment")
+    names = sorted(f[:-5] for f in os.listdir(conf_dir) if f.endswith(".yaml"))
+    assert {"ml1m_sasrec", "ml1m_sasrec_ref", "ml1m_nextitnet", "stackrec_ts_ml1m", "stackrec_tf_ml1m"} <= set(names)
+    last = {}
+    for name in [n for n in names if n != "stackrec_tf_ml1m"] + ["stackrec_tf_ml1m"]:
+        extra = [f"init_from={last['stackrec_ts_ml1m']}"] if name == "stackrec_tf_ml1m" else []
+        shrink = [o for o in tiny(tmp_path, epochs=1) if not o.startswith("data.synthetic.")]
+        out = run(["fit", f"experiment={name}", f"data.path={sasrec_file}", *shrink, *extra])
+        assert out["test"]["test/ndcg@10"] >= 0.0, name
+        last[name] = os.path.join(out["run_dir"], "checkpoints", "last.ckpt")
+        assert os.path.exists(last[name]), name
+    hp = torch.load(last["ml1m_sasrec_ref"], map_location="cpu", weights_only=True)["hyper_parameters"]
+    assert (hp["layout"], hp["positions"], hp["attn_out_dropout"], hp["init_std"], hp["dropout"]) == ("pmixer", "left", False, 0.02, 0.1)
