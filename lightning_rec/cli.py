@@ -1,7 +1,7 @@
 """``python -m lightning_rec {fit,test,predict,stack} [key=value ...]`` (also ``lightning-rec``).
 
 fit      train a model, checkpoint the best and last epochs, then test the best one
-test     evaluate a checkpoint on the test split:      test ckpt_path=<file>
+test     evaluate a checkpoint on the test split:      test ckpt_path=<file>  (or ckpt=<file>)
 predict  write top-K recommendations per user (original ids): predict ckpt_path=<file> predict.k=10
 stack    write a model twice as deep from a trained one: stack ckpt=<file> mode=adjacent|cross out=<file>
          (start training from it with: fit init_from=<file>)
@@ -558,6 +558,8 @@ def run(argv: list[str]) -> Any:
         overrides = [f"stack.{o}" if o.split("=", 1)[0] in STACK_ALIASES else o for o in overrides]
     if command == "export":
         overrides = [f"export.{o}" if o.split("=", 1)[0] in EXPORT_ALIASES else o for o in overrides]
+    if command in ("test", "predict"):  # `ckpt=` as in stack and export
+        overrides = ["ckpt_path=" + o.split("=", 1)[1] if o.split("=", 1)[0] == "ckpt" else o for o in overrides]
     cfg = load_config(overrides)
     if show_cfg:
         print(OmegaConf.to_yaml(cfg))

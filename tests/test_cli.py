@@ -80,6 +80,9 @@ def test_checkpoint_loads_weights_only_and_rebuilds_the_model(tmp_path):
     res = run(["test", f"ckpt_path={path}", "trainer.enable_progress_bar=false", f"runs_dir={tmp_path / 'runs'}",
                "data.synthetic.num_users=200", "data.synthetic.num_items=50"])
     assert res == pytest.approx(out["test"], abs=1e-6)
+    again = run(["test", f"ckpt={path}", "trainer.enable_progress_bar=false", f"runs_dir={tmp_path / 'runs'}",
+                 "data.synthetic.num_users=200", "data.synthetic.num_items=50"])  # ckpt= as in stack and export
+    assert again == res
 
 
 def test_predict_writes_original_ids_and_excludes_seen(tmp_path):
