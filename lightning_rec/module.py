@@ -18,7 +18,7 @@ from torchmetrics import MeanMetric
 from .errors import ConfigError
 from .losses import LOSSES, bce_one_negative, full_ce, sampled_softmax
 from .metrics import full_ranks, metrics_from_ranks, sampled_ranks, topk_items
-from .models import ENCODERS, build_encoder
+from .models import ENCODERS, build_encoder, normal_init_
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "adashift")
 SCHEDULERS = ("none", "cosine", "step", "linear_warmup")
@@ -139,9 +139,9 @@ class SeqRecModule(pl.LightningModule):
         self.output = None
         if not tied_embeddings:
             self.output = nn.Embedding(num_items + 1, d_model, padding_idx=0)
-            nn.init.normal_(self.output.weight, std=init_std or d_model**-0.5)
-            with torch.no_grad():
-                self.output.weight[0].zero_()
+            nn.init.normal_(self.output.weight, std=d_model**-0.5)
+            if init_std is not None:  # validated by build_encoder above
+                normal_init_(self.output, init_std)
         prefix = "sampled_" if eval_protocol == "sampled" else ""
         self.metric_names = [f"{prefix}{m}@{k}" for k in hp.eval_ks for m in ("hr", "ndcg", "mrr")]
         self.val_metrics = nn.ModuleDict({n.replace("@", "_at_"): MeanMetric() for n in self.metric_names})

@@ -216,3 +216,14 @@ def test_init_std_reinitialises_every_weight():
     for bad in (-1.0, 0, "0.02", True):
         with pytest.raises(ConfigError, match="model.init_std"):
             build_encoder("sasrec", 10, init_std=bad)
+
+
+def test_init_std_covers_the_untied_output_table():
+    from lightning_rec import SeqRecModule
+
+    torch.manual_seed(0)
+    m = SeqRecModule(num_items=3000, d_model=64, tied_embeddings=False, init_std=0.02)
+    w = m.output.weight.detach()
+    assert abs(float(w[1:].std()) - 0.02) < 0.003 and float(w[0].abs().max()) == 0.0
+    default = SeqRecModule(num_items=3000, d_model=64, tied_embeddings=False)
+    assert abs(float(default.output.weight.detach().std()) - 64**-0.5) < 0.01
