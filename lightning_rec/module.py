@@ -16,7 +16,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from .errors import ConfigError
-from .losses import LOSSES, bce_one_negative, full_ce, sampled_softmax
+from .losses import LOSSES, NEG_SAMPLERS, bce_one_negative, full_ce, popularity_log_q, sampled_softmax
 from .metrics import full_ranks, metrics_from_ranks, sampled_ranks, topk_items
 from .models import ENCODERS, build_encoder, normal_init_
 
@@ -75,6 +75,10 @@ class SeqRecModule(pl.LightningModule):
             N(0, 0.02) as RecBole does (:func:`~lightning_rec.models.normal_init_`).
         tied_embeddings: score items with the input embedding table (else a separate one).
         loss: ``ce`` (full softmax), ``sampled_softmax`` (``num_negatives``) or ``bce``.
+        neg_sampler: negatives of ``sampled_softmax``: ``uniform`` or ``popularity`` (drawn in
+            proportion to ``(training count + 1) ** neg_power``, counts from the DataModule).
+        logq_correction: with ``popularity``, subtract log q from every candidate's logit, so the
+            sampled loss estimates the full softmax (false: popularity negatives as hard negatives).
         optimizer: ``{name: adam|adamw|sgd, lr, weight_decay, betas | momentum}``.
         scheduler: ``{name: none|cosine|step|linear_warmup, warmup_steps, ...}``, per step.
         eval_ks: cut-offs of HR/NDCG/MRR.
@@ -107,6 +111,9 @@ class SeqRecModule(pl.LightningModule):
         tied_embeddings: bool = True,
         loss: str = "ce",
         num_negatives: int = 256,
+        neg_sampler: str = "uniform",
+        neg_power: float = 1.0,
+        logq_correction: bool = True,
         optimizer: dict[str, Any] | None = None,
         scheduler: dict[str, Any] | None = None,
         eval_ks: list[int] | None = None,
@@ -124,6 +131,10 @@ class SeqRecModule(pl.LightningModule):
             raise ConfigError(f"model.arch: unknown model '{arch}'; expected one of {', '.join(ENCODERS)}")
         if loss not in LOSSES:
             raise ConfigError(f"model.loss: unknown loss '{loss}'; expected one of {', '.join(LOSSES)}")
+        if neg_sampler not in NEG_SAMPLERS:
+            raise ConfigError(f"model.neg_sampler: unknown sampler '{neg_sampler}'; expected one of {', '.join(NEG_SAMPLERS)}")
+        if not isinstance(num_negatives, int) or num_negatives < 1:
+            raise ConfigError(f"model.num_negatives: expected a positive integer, got {num_negatives!r}")
         check_training_options(optimizer, scheduler, eval_protocol)
         if num_items < 1:
             raise ConfigError(f"num_items: expected a positive catalogue size, got {num_items}")
@@ -147,6 +158,7 @@ class SeqRecModule(pl.LightningModule):
         self.val_metrics = nn.ModuleDict({n.replace("@", "_at_"): MeanMetric() for n in self.metric_names})
         self.test_metrics = nn.ModuleDict({n.replace("@", "_at_"): MeanMetric() for n in self.metric_names})
         self._compiled = None
+        self._neg_log_q = None  # log q of popularity negatives, from the DataModule at the first loss
 
     # ------------------------------------------------------------------ model
     @property
@@ -224,8 +236,28 @@ class SeqRecModule(pl.LightningModule):
         if self.hparams.loss == "ce":
             return full_ce(hidden, w, targets)
         if self.hparams.loss == "sampled_softmax":
-            return sampled_softmax(hidden, w, targets, self.hparams.num_negatives)
+            return sampled_softmax(hidden, w, targets, self.hparams.num_negatives, self.negative_log_q(),
+                                   self.hparams.logq_correction)
         return bce_one_negative(hidden, w, targets)
+
+    def negative_log_q(self) -> torch.Tensor | None:
+        """log q of the sampled-softmax negatives (None: uniform), from the DataModule's training counts."""
+        if self.hparams.get("neg_sampler", "uniform") == "uniform":
+            return None
+        if self._neg_log_q is None:
+            dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+            counts = getattr(dm, "popularity", None)
+            if counts is None:
+                raise ConfigError("model.neg_sampler=popularity: needs item counts from a DataModule "
+                                  "(its `popularity`, set up by lightning_rec's SeqDataModule); use neg_sampler=uniform")
+            if counts.numel() != self.num_items + 1:
+                raise ConfigError(f"model.neg_sampler=popularity: the DataModule counts {counts.numel() - 1} items, "
+                                  f"the model has {self.num_items}")
+            self._neg_log_q = popularity_log_q(counts, self.hparams.neg_power).to(self.output_weight().device)
+        return self._neg_log_q
+
+    def on_fit_start(self) -> None:
+        self._neg_log_q = None  # recomputed from this fit's data
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self.train_loss(batch, log=True)
@@ -282,6 +314,9 @@ class SeqRecModule(pl.LightningModule):
 
         if self.hparams.loss == "bce":
             raise ConfigError("model.loss=bce: distillation compares logits over a candidate set; use ce or sampled_softmax")
+        if self.hparams.loss == "sampled_softmax" and self.hparams.get("neg_sampler", "uniform") != "uniform":
+            raise ConfigError("model.neg_sampler=popularity: not supported with a distillation teacher yet; "
+                              "use neg_sampler=uniform or loss=ce")
         ht, wt = hint_cb.teacher_hidden(inputs)
         negatives = None
         if self.hparams.loss == "sampled_softmax":

@@ -128,9 +128,11 @@ def test_sampled_protocol_is_labelled(tmp_path):
     assert out["test"] and all(k.startswith("test/sampled_") for k in out["test"])
 
 
-@pytest.mark.parametrize("loss", ["ce", "sampled_softmax", "bce"])
+@pytest.mark.parametrize("loss", ["ce", "sampled_softmax", "sampled_softmax,popularity", "bce"])
 def test_every_loss_learns(tmp_path, loss):
-    out = fit(tmp_path, f"model.loss={loss}", "model.num_negatives=10", "optimizer.lr=0.005", epochs=4)
+    loss, _, sampler = loss.partition(",")
+    extra = [f"model.neg_sampler={sampler}"] if sampler else []
+    out = fit(tmp_path, f"model.loss={loss}", "model.num_negatives=10", "optimizer.lr=0.005", *extra, epochs=4)
     rows = list(csv.DictReader(open(os.path.join(out["run_dir"], "csv", "version_0", "metrics.csv"))))
     losses = [float(r["train/loss_epoch"]) for r in rows if r.get("train/loss_epoch")]
     assert losses[-1] < losses[0]
