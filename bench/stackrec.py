@@ -115,7 +115,11 @@ def main() -> None:
     args = ap.parse_args()
     stacks = [int(e) for e in args.stack_epochs.split(",") if e]
     deep = args.start_blocks * 2 ** len(stacks)
-    loss = "full-softmax CE" if args.loss == "ce" else "sampled softmax (256 uniform negatives)"
+    ov = dict(o.split("=", 1) for o in args.overrides if "=" in o)
+    sampler = ov.get("model.neg_sampler", "uniform")
+    loss = ("full-softmax CE" if args.loss == "ce" else
+            f"sampled softmax ({ov.get('model.num_negatives', '256')} {sampler} negatives"
+            f"{', log q corrected' if sampler == 'popularity' and ov.get('model.logq_correction', 'true') == 'true' else ''})")
     setting = (f"{args.arch}, d={args.d_model}, max_len={args.max_len}, batch {args.batch_size}, dropout {args.dropout}, "
                f"{loss}, Adam 1e-3, {args.epochs} epochs, `{os.path.basename(args.data)}`, seed {args.seed}")
     if args.side_by_side:
