@@ -9,6 +9,8 @@ Runs (SASRec, same data, seed, per-rank batch and number of epochs, so the same 
   h{8,32}_k{2,3,4}   top-k averaging: h local steps per round, the k of 4 models closest to the global one
   h32_k4_outer   (any h/k with the suffix _outer) the same with the outer optimizer of DiLoCo:
                  Nesterov momentum --outer-momentum (0.9) and step --outer-lr (0.7) on w - mean
+  h32_k4_svrg    (any h/k with the suffix _svrg) local steps corrected with the snapshot gradient
+                 (trainer.strategy.svrg=true; its all-reduce is counted in the bytes)
   noisy_h32_k3, noisy_h32_k4   rank 3 is noisy (NoisyRankCallback; --noise shuffle_targets: its labels
                  are shuffled, lr_scale: its learning rate is 10x): top-k (k=3) against plain averaging (k=4)
 For each: best and last-epoch validation NDCG@10 (full ranking; the last comes after the same number
@@ -43,13 +45,13 @@ NOISE = {"shuffle_targets": ["+callbacks.noisy_rank.mode=shuffle_targets"],
 def overrides_for(name: str, noise: str = "shuffle_targets", outer: tuple[float, float] = (0.7, 0.9)) -> list[str]:
     if name == "ddp":
         return ["trainer=ddp"]
-    m = re.fullmatch(r"(noisy_)?h(\d+)_k(\d+)(_outer)?", name)
+    m = re.fullmatch(r"(noisy_)?h(\d+)_k(\d+)(_outer)?(_svrg)?", name)
     if not m:
-        raise SystemExit(f"--only: unknown run {name}; expected ddp or [noisy_]h<H>_k<K>[_outer]")
+        raise SystemExit(f"--only: unknown run {name}; expected ddp or [noisy_]h<H>_k<K>[_outer][_svrg]")
     outer_step = [f"trainer.strategy.outer_lr={outer[0]}", f"trainer.strategy.outer_momentum={outer[1]}"]
     return ["trainer=topk", f"trainer.strategy.h={m[2]}", f"trainer.strategy.k={m[3]}",
             "trainer.strategy.log_every_rounds=1000", *((NOISY + NOISE[noise]) if m[1] else []),
-            *(outer_step if m[4] else [])]
+            *(outer_step if m[4] else []), *(["trainer.strategy.svrg=true"] if m[5] else [])]
 
 
 def read_metrics(run_dir: str) -> list[dict[str, str]]:
@@ -73,9 +75,18 @@ def main() -> None:
                     help="how the noisy rank is noisy: shuffled labels, or a 10x learning rate")
     ap.add_argument("--outer-lr", type=float, default=0.7, help="outer step of the *_outer runs (DiLoCo: 0.7)")
     ap.add_argument("--outer-momentum", type=float, default=0.9, help="outer Nesterov momentum of the *_outer runs")
+    ap.add_argument("--reuse", default="", metavar="NAME=RUN_DIR,...",
+                    help="take these runs from finished run folders of the same setting instead of training them "
+                         "(wall time from the run's result.json)")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = ap.parse_args()
     chosen = [r for r in args.only.split(",") if r]
+    reuse = dict(x.split("=", 1) for x in args.reuse.split(",") if x)
+    for name, d in reuse.items():
+        if name not in chosen:
+            raise SystemExit(f"--reuse {name}: not among the --only runs")
+        if not glob.glob(os.path.join(d, "csv", "version_*", "metrics.csv")) or not os.path.exists(os.path.join(d, "result.json")):
+            raise SystemExit(f"--reuse {name}={d}: expected a finished run folder (csv/version_*/metrics.csv, result.json)")
     for r in chosen:
         overrides_for(r)
     common = [
@@ -94,15 +105,24 @@ def main() -> None:
         out_json = os.path.join(RUNS, f"dist-{name}-{time.time_ns()}.json")
         cmd = [sys.executable, "-m", "lightning_rec", "fit", *common, f"name=bench-dist-{name}",
                *overrides_for(name, args.noise, (args.outer_lr, args.outer_momentum)), f"metrics_out={out_json}", *args.overrides]
-        print(f"== {name}: {' '.join(cmd[3:])}", flush=True)
-        t0 = time.perf_counter()
-        p = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        wall = time.perf_counter() - t0
-        log = p.stdout + p.stderr
-        if p.returncode != 0:
-            print(log[-3000:])
-            raise SystemExit(f"{name} failed")
-        run_dir = re.findall(r"run folder: (\S+)", log)[-1]
+        if name in reuse:
+            run_dir = reuse[name]
+            print(f"== {name}: reused from {run_dir}", flush=True)
+            with open(os.path.join(run_dir, "result.json")) as f:
+                done = json.load(f)
+            wall = float(done.get("fit_seconds", float("nan")))
+            with open(out_json, "w") as f:
+                json.dump(done.get("test", {}), f)
+        else:
+            print(f"== {name}: {' '.join(cmd[3:])}", flush=True)
+            t0 = time.perf_counter()
+            p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            wall = time.perf_counter() - t0
+            log = p.stdout + p.stderr
+            if p.returncode != 0:
+                print(log[-3000:])
+                raise SystemExit(f"{name} failed")
+            run_dir = re.findall(r"run folder: (\S+)", log)[-1]
         rows = read_metrics(run_dir)
         vals = [float(r["val/ndcg@10"]) for r in rows if r.get("val/ndcg@10")]
         comm = max((float(r["comm/bytes"]) for r in rows if r.get("comm/bytes")), default=0.0)
