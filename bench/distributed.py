@@ -111,8 +111,7 @@ def main() -> None:
             with open(os.path.join(run_dir, "result.json")) as f:
                 done = json.load(f)
             wall = float(done.get("fit_seconds", float("nan")))
-            with open(out_json, "w") as f:
-                json.dump(done.get("test", {}), f)
+            test = done.get("test", {})
         else:
             print(f"== {name}: {' '.join(cmd[3:])}", flush=True)
             t0 = time.perf_counter()
@@ -123,12 +122,12 @@ def main() -> None:
                 print(log[-3000:])
                 raise SystemExit(f"{name} failed")
             run_dir = re.findall(r"run folder: (\S+)", log)[-1]
+            with open(out_json) as f:
+                test = json.load(f)
         rows = read_metrics(run_dir)
         vals = [float(r["val/ndcg@10"]) for r in rows if r.get("val/ndcg@10")]
         comm = max((float(r["comm/bytes"]) for r in rows if r.get("comm/bytes")), default=0.0)
         targets = sum(float(r["train/targets"]) for r in rows if r.get("train/targets"))  # all ranks, all epochs
-        with open(out_json) as f:
-            test = json.load(f)
         rounds_file = os.path.join(run_dir, "topk_rounds.jsonl")
         rounds = []
         if os.path.exists(rounds_file):

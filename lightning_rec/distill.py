@@ -19,30 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .losses import candidate_logits, masked_ce  # noqa: F401  (re-exported: the pieces live with the losses)
+
 HINT_KINDS = ("mse", "kl", "kl_l2", "mse+kl")
-
-
-def candidate_logits(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor | None):
-    """Logits over the candidate set, the index of each row's target in it, and a validity mask.
-
-    h (m, d), w (N+1, d), targets (m,) in 1..N. Full catalogue when ``negatives`` is None: logits
-    (m, N), target index ``targets - 1``, no mask. Sampled: column 0 is the target, then the shared
-    negatives (K,); a negative equal to the row's target is invalid (mask False).
-    """
-    if negatives is None:
-        return h @ w[1:].T, targets - 1, None
-    pos = (h * w[targets]).sum(-1, keepdim=True)
-    logits = torch.cat([pos, h @ w[negatives].T], 1)
-    valid = torch.cat([torch.ones_like(targets, dtype=torch.bool)[:, None], negatives[None, :] != targets[:, None]], 1)
-    return logits, torch.zeros_like(targets), valid
-
-
-def masked_ce(logits: torch.Tensor, target_idx: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-    """Per-row softmax cross-entropy (m,), invalid candidates excluded."""
-    logits = logits.float()
-    if valid is not None:
-        logits = logits.masked_fill(~valid, float("-inf"))
-    return F.cross_entropy(logits, target_idx, reduction="none")
 
 
 def hint_mse(zs: torch.Tensor, zt: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
@@ -85,21 +64,23 @@ def joint_losses(
     teacher_ce: bool = False,
     hint: HintSpec | None = None,
     chunk_rows: int | None = None,
+    log_q: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Mean student CE, teacher CE (when ``teacher_ce``) and hint over the rows, in chunks.
 
     hs/ht (m, d): student/teacher hidden states at the positions with a target; ws/wt (N+1, d)
-    their scoring tables. With ``hint.block`` the hint sees ``stopgrad(teacher logits)``, so
+    their scoring tables; ``log_q`` log-q-corrects sampled candidates for both nets (see
+    :func:`~lightning_rec.losses.candidate_logits`). With ``hint.block`` the hint sees ``stopgrad(teacher logits)``, so
     parameters only the teacher uses get no gradient from it.
     """
     m = hs.shape[0]
     use_teacher = ht is not None and (teacher_ce or hint is not None)
 
     def piece(hs_c, ht_c, tg_c, ws_, wt_):
-        zs, idx, valid = candidate_logits(hs_c, ws_, tg_c, negatives)
+        zs, idx, valid = candidate_logits(hs_c, ws_, tg_c, negatives, log_q)
         out = [masked_ce(zs, idx, valid).sum()]
         if use_teacher:
-            zt, _, _ = candidate_logits(ht_c, wt_, tg_c, negatives)
+            zt, _, _ = candidate_logits(ht_c, wt_, tg_c, negatives, log_q)
             out.append(masked_ce(zt, idx, valid).sum() if teacher_ce else zs.new_zeros(()))
             if hint is not None:
                 out.append(hint.fn(zs, zt.detach() if hint.block else zt, valid).sum())

@@ -33,29 +33,51 @@ def draw_negatives(n_items: int, num: int, device, log_q: torch.Tensor | None = 
     return torch.multinomial(log_q.exp(), num, replacement=True).to(device)
 
 
+def candidate_logits(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor | None,
+                     log_q: torch.Tensor | None = None):
+    """Logits over the candidate set, the index of each row's target in it, and a validity mask.
+
+    h (m, d), w (N+1, d), targets (m,) in 1..N. Full catalogue when ``negatives`` is None: logits
+    (m, N), target index ``targets - 1``, no mask. Sampled: column 0 is the target, then the shared
+    negatives (K,); a negative equal to the row's target is invalid (mask False). With ``log_q``
+    (N + 1,), log q of each sampled candidate, target included, is subtracted from its logit (the
+    sampled-softmax correction of Jean et al. 2015 / "logQ correction" of Yi et al. 2019), so the
+    softmax over the candidates estimates the full one instead of a popularity-discounted one.
+    """
+    if negatives is None:
+        return h @ w[1:].T, targets - 1, None
+    pos = (h * w[targets]).sum(-1, keepdim=True)
+    neg = h @ w[negatives].T
+    if log_q is not None:
+        lq = log_q.to(h.device)
+        pos = pos - lq[targets][:, None].to(pos.dtype)
+        neg = neg - lq[negatives][None, :].to(neg.dtype)
+    logits = torch.cat([pos, neg], 1)
+    valid = torch.cat([torch.ones_like(targets, dtype=torch.bool)[:, None], negatives[None, :] != targets[:, None]], 1)
+    return logits, torch.zeros_like(targets), valid
+
+
+def masked_ce(logits: torch.Tensor, target_idx: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Per-row softmax cross-entropy (m,), invalid candidates excluded."""
+    logits = logits.float()
+    if valid is not None:
+        logits = logits.masked_fill(~valid, float("-inf"))
+    return F.cross_entropy(logits, target_idx, reduction="none")
+
+
 def sampled_softmax(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, num_negatives: int,
     log_q: torch.Tensor | None = None, correct: bool = True,
 ) -> torch.Tensor:
     """Softmax over the target and ``num_negatives`` negatives shared by the batch.
 
-    Negatives are uniform, or drawn from ``exp(log_q)`` (N + 1,) when given; with ``correct``,
-    log q of each candidate (target included) is subtracted from its logit (the sampled-softmax
-    correction of Jean et al. 2015 / "logQ correction" of Yi et al. 2019), so that the loss
-    estimates the full softmax instead of a popularity-discounted one. A negative that equals a
-    row's target is masked out for that row.
+    Negatives are uniform, or drawn from ``exp(log_q)`` (N + 1,) when given; with ``correct`` the
+    logits are log q corrected (see :func:`candidate_logits`). A negative that equals a row's
+    target is masked out for that row.
     """
-    n_items = weight.shape[0] - 1
-    negs = draw_negatives(n_items, num_negatives, hidden.device, log_q)  # (K,)
-    pos = (hidden * weight[targets]).sum(-1, keepdim=True)  # (M, 1)
-    neg = hidden @ weight[negs].T  # (M, K)
-    if log_q is not None and correct:
-        lq = log_q.to(hidden.device)
-        pos = pos - lq[targets][:, None].to(pos.dtype)
-        neg = neg - lq[negs][None, :].to(neg.dtype)
-    neg = neg.masked_fill(negs[None, :] == targets[:, None], float("-inf"))
-    logits = torch.cat([pos, neg], 1).float()
-    return F.cross_entropy(logits, torch.zeros_like(targets))
+    negs = draw_negatives(weight.shape[0] - 1, num_negatives, hidden.device, log_q)  # (K,)
+    logits, idx, valid = candidate_logits(hidden, weight, targets, negs, log_q if correct else None)
+    return masked_ce(logits, idx, valid).mean()
 
 
 def bce_one_negative(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

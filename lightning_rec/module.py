@@ -16,7 +16,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from .errors import ConfigError
-from .losses import LOSSES, NEG_SAMPLERS, bce_one_negative, full_ce, popularity_log_q, sampled_softmax
+from .losses import LOSSES, NEG_SAMPLERS, bce_one_negative, draw_negatives, full_ce, popularity_log_q, sampled_softmax
 from .metrics import full_ranks, metrics_from_ranks, sampled_ranks, topk_items
 from .models import ENCODERS, build_encoder, normal_init_
 
@@ -242,7 +242,7 @@ class SeqRecModule(pl.LightningModule):
 
     def negative_log_q(self) -> torch.Tensor | None:
         """log q of the sampled-softmax negatives (None: uniform), from the DataModule's training counts."""
-        if self.hparams.get("neg_sampler", "uniform") == "uniform":
+        if self.hparams.neg_sampler == "uniform":
             return None
         if self._neg_log_q is None:
             dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
@@ -314,15 +314,14 @@ class SeqRecModule(pl.LightningModule):
 
         if self.hparams.loss == "bce":
             raise ConfigError("model.loss=bce: distillation compares logits over a candidate set; use ce or sampled_softmax")
-        if self.hparams.loss == "sampled_softmax" and self.hparams.get("neg_sampler", "uniform") != "uniform":
-            raise ConfigError("model.neg_sampler=popularity: not supported with a distillation teacher yet; "
-                              "use neg_sampler=uniform or loss=ce")
         ht, wt = hint_cb.teacher_hidden(inputs)
-        negatives = None
+        negatives = log_q = None
         if self.hparams.loss == "sampled_softmax":
-            negatives = torch.randint(1, self.num_items + 1, (self.hparams.num_negatives,), device=targets.device)
+            log_q = self.negative_log_q()
+            negatives = draw_negatives(self.num_items, self.hparams.num_negatives, targets.device, log_q)
+            log_q = log_q if self.hparams.logq_correction else None
         spec = hint_cb.spec(self.trainer)
-        parts = joint_losses(hidden, self.output_weight(), targets, negatives, ht[mask], wt, hint=spec)
+        parts = joint_losses(hidden, self.output_weight(), targets, negatives, ht[mask], wt, hint=spec, log_q=log_q)
         n = int(targets.numel())
         if log:
             self.log("train/hint", parts["hint"], on_step=True, on_epoch=True, batch_size=n)

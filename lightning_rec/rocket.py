@@ -18,6 +18,7 @@ from torchmetrics import MeanMetric
 
 from .distill import joint_losses
 from .errors import ConfigError
+from .losses import draw_negatives
 from .metrics import metrics_from_ranks
 from .models import ENCODERS, build_encoder
 from .module import SeqRecModule, check_training_options
@@ -210,7 +211,7 @@ class RocketModule(SeqRecModule):
         _, wb = self.net("booster")
         negatives = None
         if self.hparams.loss == "sampled_softmax":
-            negatives = torch.randint(1, self.num_items + 1, (self.hparams.num_negatives,), device=targets.device)
+            negatives = draw_negatives(self.num_items, self.hparams.num_negatives, targets.device)
         return joint_losses(hl, wl, targets, negatives, hb, wb, teacher_ce=teacher_ce, hint=spec,
                             chunk_rows=self.hparams.loss_chunk_rows)
 

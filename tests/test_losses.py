@@ -92,3 +92,22 @@ def test_popularity_sampler_options_are_checked():
     with pytest.raises(ConfigError, match="needs item counts from a DataModule"):
         m.loss(torch.randn(3, 64), torch.tensor([1, 2, 3]))
     assert SeqRecModule(num_items=10, loss="sampled_softmax").negative_log_q() is None
+
+
+def test_distillation_pieces_apply_the_same_log_q_correction():
+    """joint_losses (Rocket, teacher distillation) and sampled_softmax share candidate_logits: with the
+    same popularity negatives and log q, the student CE is the sampled-softmax loss."""
+    from lightning_rec.distill import joint_losses
+
+    torch.manual_seed(3)
+    h, w = torch.randn(6, 8), torch.randn(41, 8)
+    targets = torch.tensor([1, 2, 5, 9, 1, 30])
+    log_q = popularity_log_q(skewed_counts())
+    torch.manual_seed(11)
+    negs = draw_negatives(40, 16, "cpu", log_q)
+    torch.manual_seed(11)
+    want = sampled_softmax(h, w, targets, 16, log_q, True)
+    got = joint_losses(h, w, targets, negs, log_q=log_q)["student_ce"]
+    torch.testing.assert_close(got, want)
+    uncorrected = joint_losses(h, w, targets, negs)["student_ce"]
+    assert abs(float(uncorrected - want)) > 1e-3  # the correction changes the loss
