@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .losses import candidate_logits, masked_ce  # noqa: F401  (re-exported: the pieces live with the losses)
+from .losses import candidate_logits, masked_ce
 
 HINT_KINDS = ("mse", "kl", "kl_l2", "mse+kl")
 

@@ -11,8 +11,9 @@ from lightning_rec.callbacks import HintLossCallback
 
 from lightning_rec import RocketModule, SeqRecModule
 from lightning_rec.cli import run
-from lightning_rec.distill import HintSpec, candidate_logits, hint_kl, hint_mse, joint_losses, masked_ce
+from lightning_rec.distill import HintSpec, hint_kl, hint_mse, joint_losses
 from lightning_rec.errors import ConfigError
+from lightning_rec.losses import candidate_logits, masked_ce
 from lightning_rec.metrics import full_ranks
 
 N = 30
