@@ -16,7 +16,15 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from .errors import ConfigError
-from .losses import LOSSES, NEG_SAMPLERS, bce_one_negative, draw_negatives, full_ce, popularity_log_q, sampled_softmax
+from .losses import (
+    LOSSES,
+    NEG_SAMPLERS,
+    bce_one_negative,
+    draw_negatives,
+    full_ce,
+    popularity_log_q,
+    sampled_softmax,
+)
 from .metrics import full_ranks, metrics_from_ranks, sampled_ranks, topk_items
 from .models import ENCODERS, build_encoder, normal_init_
 
