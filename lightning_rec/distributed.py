@@ -21,6 +21,11 @@ Outer optimizer (``outer_lr``, ``outer_momentum``; defaults 1 and 0 are the plai
 outer lr 0.7, Nesterov momentum 0.9); every rank computes it from the same all-reduced mean, so it
 costs no communication. The buffer is kept in checkpoints.
 
+Optimizer state (``average_state``, e.g. ``[exp_avg_sq]``): the named per-parameter state tensors of
+the optimizer (Adam's ``exp_avg`` / ``exp_avg_sq``) are averaged over the chosen ranks in the same round,
+one more all-reduce of that many numbers (counted in ``comm/bytes``). Off by default: the SPEC's
+method keeps optimizer state local.
+
 SVRG (``svrg=true``): at the start of each round the snapshot ``w~ = w`` and its gradient ``mu``,
 averaged over ``svrg_batches`` batches sampled from each rank's shard and all-reduced over ranks,
 are computed; every local step then follows ``g_i(w) - g_i(w~) + mu`` (the snapshot gradient on
@@ -138,6 +143,8 @@ class TopKAveragingStrategy(DDPStrategy):
         outer_lr: step size of the outer update along ``w - mean`` (1 with no momentum: the mean).
         outer_momentum: momentum of the outer update in [0, 1) (0: none).
         outer_nesterov: Nesterov (True) or heavy-ball momentum.
+        average_state: names of per-parameter optimizer state tensors (Adam: ``exp_avg``,
+            ``exp_avg_sq``) averaged over the chosen ranks each round; empty: state stays local.
         **kwargs: passed to Lightning's :class:`DDPStrategy` (``process_group_backend``, ``timeout``...).
     """
 
@@ -145,7 +152,8 @@ class TopKAveragingStrategy(DDPStrategy):
 
     def __init__(self, k: int | float = 0.8, h: int = 32, distance_params: list[str] | None = None,
                  svrg: bool = False, svrg_batches: int = 4, log_every_rounds: int = 10, outer_lr: float = 1.0,
-                 outer_momentum: float = 0.0, outer_nesterov: bool = True, **kwargs: Any) -> None:
+                 outer_momentum: float = 0.0, outer_nesterov: bool = True, average_state: list[str] | None = None,
+                 **kwargs: Any) -> None:
         if not isinstance(h, int) or isinstance(h, bool) or h < 1:
             raise ConfigError(f"trainer.strategy.h={h!r}: expected a positive number of local steps")
         if isinstance(outer_lr, bool) or not isinstance(outer_lr, (int, float)) or not outer_lr > 0:
@@ -156,6 +164,10 @@ class TopKAveragingStrategy(DDPStrategy):
         if not isinstance(svrg_batches, int) or svrg_batches < 1:
             raise ConfigError(f"trainer.strategy.svrg_batches={svrg_batches!r}: expected a positive integer")
         resolve_k(k, 1)  # type and range check now; the count needs the world size
+        if average_state is not None and (isinstance(average_state, str) or not all(
+                isinstance(x, str) for x in average_state)):
+            raise ConfigError(f"trainer.strategy.average_state={average_state!r}: expected a list of optimizer state "
+                              "names, e.g. [exp_avg_sq] or [exp_avg,exp_avg_sq] for Adam")
         super().__init__(**kwargs)
         self.k, self.h = k, h
         self.distance_params = list(distance_params) if distance_params else None
@@ -163,6 +175,7 @@ class TopKAveragingStrategy(DDPStrategy):
         self.log_every_rounds = max(1, int(log_every_rounds))
         self.outer_lr, self.outer_momentum = float(outer_lr), float(outer_momentum)
         self.outer_nesterov = bool(outer_nesterov)
+        self.average_state = list(average_state) if average_state else []
         self._outer_buf: list[torch.Tensor] | None = None   # outer momentum, same on every rank
         self.round = 0                # completed rounds
         self.steps_in_round = 0       # local optimizer steps since the last exchange
@@ -254,10 +267,47 @@ class TopKAveragingStrategy(DDPStrategy):
                 g.copy_(self._outer_step(i, g, flat[offset:offset + n].view_as(p)))
                 p.data.copy_(g)
                 offset += n
+            if self.average_state:
+                self._average_optimizer_state(chosen)
         self.round += 1
         self.steps_in_round = 0
         self._mu = None
         self._record(chosen, dists, reason, step)
+
+    def _average_optimizer_state(self, chosen: list[int]) -> None:
+        """Average the ``average_state`` tensors of every optimizer over the chosen ranks (in place)."""
+        tensors: list[torch.Tensor] = []
+        present: set[str] = set()
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                for p in group["params"]:  # the same order on every rank
+                    state = opt.state.get(p) or {}
+                    present.update(k for k, v in state.items() if isinstance(v, torch.Tensor) and v.shape == p.shape)
+                    tensors += [state[k] for k in self.average_state
+                                 if isinstance(state.get(k), torch.Tensor) and state[k].shape == p.shape]
+        missing = sorted(set(self.average_state) - present)
+        if present and missing:  # the optimizer has state, not by these names
+            raise ConfigError(f"trainer.strategy.average_state={self.average_state}: no optimizer state {missing}; "
+                              f"this optimizer keeps {sorted(present)}")
+        if not tensors:
+            return  # no step taken yet
+        flat = torch.cat([t.detach().reshape(-1).float() for t in tensors])
+        if self.world_size > 1:
+            sizes = [torch.zeros(1, dtype=torch.int64, device=flat.device) for _ in range(self.world_size)]
+            dist.all_gather(sizes, torch.tensor([flat.numel()], dtype=torch.int64, device=flat.device))
+            self.comm_bytes += 8
+            if len({int(x) for x in sizes}) != 1:
+                raise RuntimeError(f"top-k averaging: ranks hold different optimizer state sizes {[int(x) for x in sizes]}")
+            if self.global_rank not in chosen:
+                flat.zero_()
+            dist.all_reduce(flat)
+            self.comm_bytes += flat.numel() * flat.element_size()
+            flat /= len(chosen)
+        offset = 0
+        with torch.no_grad():
+            for t in tensors:
+                t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                offset += t.numel()
 
     def _outer_step(self, i: int, w: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
         """The new global value of parameter ``i`` from the old ``w`` and the chosen models' mean."""

@@ -122,6 +122,72 @@ def test_one_exchange_averages_exactly_the_k_closest_models(tmp_path):
         assert r["bytes"] == 3 * 4 + 8  # one all-reduce of 3 float32 parameters + this rank's distance (float64)
 
 
+def _gloo_state_worker(rank, world, port, out):
+    """One rank of a hand example for ``average_state``: Adam state with known values, one exchange."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+
+    class Fixed(TopKAveragingStrategy):
+        world_size = property(lambda self: world)
+        global_rank = property(lambda self: rank)
+        is_global_zero = property(lambda self: rank == 0)
+        root_device = property(lambda self: torch.device("cpu"))
+
+    net = torch.nn.Linear(2, 1)
+    opt = torch.optim.Adam(net.parameters(), lr=0.1)
+    net(torch.ones(1, 2)).sum().backward()
+    opt.step()  # creates exp_avg / exp_avg_sq
+    s = Fixed(k=3, h=1, average_state=["exp_avg_sq"])
+    s._lightning_module, s._optimizers = net, [opt]
+    net.trainer = None
+    s._global = [p.detach().clone() for p in net.parameters()]
+    v = 100.0 if rank == 3 else float(rank + 1)  # rank 3 is the outlier, in weights and in state
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(v)
+            opt.state[p]["exp_avg_sq"].fill_(v * 10)
+            opt.state[p]["exp_avg"].fill_(v)
+    s._exchange()
+    state = {n: {k: opt.state[p][k].clone() for k in ("exp_avg", "exp_avg_sq")} for n, p in net.named_parameters()}
+    torch.save({"state": state, "bytes": s.comm_bytes, "chosen": s.history[-1]["chosen"]}, os.path.join(out, f"r{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_average_state_averages_the_named_optimizer_state_over_the_chosen_ranks(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_gloo_state_worker, args=(4, port, str(tmp_path)), nprocs=4, join=True)
+    for rank in range(4):
+        r = torch.load(tmp_path / f"r{rank}.pt", weights_only=False)
+        assert r["chosen"] == [0, 1, 2]
+        for st in r["state"].values():
+            assert torch.allclose(st["exp_avg_sq"], torch.full_like(st["exp_avg_sq"], 20.0))  # mean of 10, 20, 30
+            local = 100.0 if rank == 3 else float(rank + 1)
+            assert torch.allclose(st["exp_avg"], torch.full_like(st["exp_avg"], local))  # not named: stays local
+        # weights (3 float32) + distance (float64) + state size (int64) + exp_avg_sq (3 float32)
+        assert r["bytes"] == 3 * 4 + 8 + 8 + 3 * 4
+
+
+def test_average_state_names_are_checked():
+    with pytest.raises(ConfigError, match="trainer.strategy.average_state="):
+        TopKAveragingStrategy(average_state="exp_avg_sq")
+    net = torch.nn.Linear(2, 1)
+    opt = torch.optim.Adam(net.parameters())
+    net(torch.ones(1, 2)).sum().backward()
+    opt.step()
+    s = TopKAveragingStrategy(k=1, h=1, average_state=["exp_avg", "momentum_buffer"])
+    s._lightning_module, s._optimizers = net, [opt]
+    with pytest.raises(ConfigError, match=r"no optimizer state \['momentum_buffer'\]; this optimizer keeps"):
+        s._average_optimizer_state([0])
+
+
 # ---------------------------------------------------------------------- outer step (no processes)
 def _one_rank_exchange(s, net, local_value):
     with torch.no_grad():
