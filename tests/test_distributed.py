@@ -73,8 +73,8 @@ def test_k_as_count_or_fraction():
         TopKAveragingStrategy(h=0)
 
 
-def _gloo_worker(rank, world, port, out):
-    """One rank of a hand example: parameters filled with known values, one exchange."""
+def _hand_strategy(rank, world, port, **kwargs):
+    """Join a gloo group and return a strategy that believes it is ``rank`` of ``world`` on the CPU."""
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -86,8 +86,27 @@ def _gloo_worker(rank, world, port, out):
         is_global_zero = property(lambda self: rank == 0)
         root_device = property(lambda self: torch.device("cpu"))
 
+    return Fixed(**kwargs)
+
+
+def _spawn4(worker, tmp_path):
+    """Run ``worker(rank, 4, port, tmp_path)`` in 4 processes on a free local port."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(worker, args=(4, port, str(tmp_path)), nprocs=4, join=True)
+
+
+def _gloo_worker(rank, world, port, out):
+    """One rank of a hand example: parameters filled with known values, one exchange."""
+    import torch.distributed as dist
+
     net = torch.nn.Linear(2, 1)
-    s = Fixed(k=3, h=1)
+    s = _hand_strategy(rank, world, port, k=3, h=1)
     s._lightning_module = net
     net.trainer = None
     with torch.no_grad():
@@ -105,14 +124,7 @@ def _gloo_worker(rank, world, port, out):
 
 
 def test_one_exchange_averages_exactly_the_k_closest_models(tmp_path):
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_gloo_worker, args=(4, port, str(tmp_path)), nprocs=4, join=True)
+    _spawn4(_gloo_worker, tmp_path)
     res = [torch.load(tmp_path / f"r{r}.pt", weights_only=False) for r in range(4)]
     for r in res:  # mean of ranks 0, 1, 2 (values 1, 2, 3); the outlier (100) is left out
         assert torch.allclose(r["w"], torch.full((1, 2), 2.0)) and torch.allclose(r["b"], torch.full((1,), 2.0))
@@ -126,20 +138,11 @@ def _gloo_state_worker(rank, world, port, out):
     """One rank of a hand example for ``average_state``: Adam state with known values, one exchange."""
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-
-    class Fixed(TopKAveragingStrategy):
-        world_size = property(lambda self: world)
-        global_rank = property(lambda self: rank)
-        is_global_zero = property(lambda self: rank == 0)
-        root_device = property(lambda self: torch.device("cpu"))
-
+    s = _hand_strategy(rank, world, port, k=3, h=1, average_state=["exp_avg_sq"])
     net = torch.nn.Linear(2, 1)
     opt = torch.optim.Adam(net.parameters(), lr=0.1)
     net(torch.ones(1, 2)).sum().backward()
     opt.step()  # creates exp_avg / exp_avg_sq
-    s = Fixed(k=3, h=1, average_state=["exp_avg_sq"])
     s._lightning_module, s._optimizers = net, [opt]
     net.trainer = None
     s._global = [p.detach().clone() for p in net.parameters()]
@@ -156,14 +159,7 @@ def _gloo_state_worker(rank, world, port, out):
 
 
 def test_average_state_averages_the_named_optimizer_state_over_the_chosen_ranks(tmp_path):
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_gloo_state_worker, args=(4, port, str(tmp_path)), nprocs=4, join=True)
+    _spawn4(_gloo_state_worker, tmp_path)
     for rank in range(4):
         r = torch.load(tmp_path / f"r{rank}.pt", weights_only=False)
         assert r["chosen"] == [0, 1, 2]
