@@ -254,13 +254,7 @@ class TopKAveragingStrategy(DDPStrategy):
             else:
                 dists[0] = sq.sqrt()
             chosen = select_topk(dists, k)
-            flat = torch.cat([p.detach().reshape(-1) for p in params])
-            if self.global_rank not in chosen:
-                flat.zero_()
-            if world > 1:
-                dist.all_reduce(flat)
-                self.comm_bytes += flat.numel() * flat.element_size()
-            flat /= len(chosen)
+            flat = self._chosen_mean(params, chosen)
             offset = 0
             for i, (p, g) in enumerate(zip(params, self._global)):
                 n = p.numel()
@@ -291,23 +285,25 @@ class TopKAveragingStrategy(DDPStrategy):
                               f"this optimizer keeps {sorted(present)}")
         if not tensors:
             return  # no step taken yet
-        flat = torch.cat([t.detach().reshape(-1).float() for t in tensors])
+        if self.world_size == 1:
+            return  # the mean of one rank is its own state
+        n = torch.tensor([sum(t.numel() for t in tensors)], dtype=torch.int64, device=tensors[0].device)
+        sizes = [torch.zeros_like(n) for _ in range(self.world_size)]
+        dist.all_gather(sizes, n)  # a layout that differs between ranks would corrupt the all-reduce
+        self.comm_bytes += n.element_size()
+        if len({int(x) for x in sizes}) != 1:
+            raise RuntimeError(f"top-k averaging: ranks hold different optimizer state sizes {[int(x) for x in sizes]}")
+        _unflatten_into(self._chosen_mean(tensors, chosen), tensors)
+
+    def _chosen_mean(self, tensors: list[torch.Tensor], chosen: list[int]) -> torch.Tensor:
+        """Mean over the ``chosen`` ranks of each rank's ``tensors``, flattened: one all-reduce, bytes counted."""
+        flat = torch.cat([t.detach().reshape(-1) for t in tensors])
         if self.world_size > 1:
-            sizes = [torch.zeros(1, dtype=torch.int64, device=flat.device) for _ in range(self.world_size)]
-            dist.all_gather(sizes, torch.tensor([flat.numel()], dtype=torch.int64, device=flat.device))
-            self.comm_bytes += 8
-            if len({int(x) for x in sizes}) != 1:
-                raise RuntimeError(f"top-k averaging: ranks hold different optimizer state sizes {[int(x) for x in sizes]}")
             if self.global_rank not in chosen:
                 flat.zero_()
             dist.all_reduce(flat)
             self.comm_bytes += flat.numel() * flat.element_size()
-            flat /= len(chosen)
-        offset = 0
-        with torch.no_grad():
-            for t in tensors:
-                t.copy_(flat[offset:offset + t.numel()].view_as(t))
-                offset += t.numel()
+        return flat.div_(len(chosen))
 
     def _outer_step(self, i: int, w: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
         """The new global value of parameter ``i`` from the old ``w`` and the chosen models' mean."""
@@ -381,14 +377,7 @@ class TopKAveragingStrategy(DDPStrategy):
                                                  for a, b in zip(total, grads)]
         mu = [torch.zeros_like(p) if t is None else t / self.svrg_batches for p, t in zip(self._params(), total)]
         if self.world_size > 1:
-            flat = torch.cat([m.reshape(-1) for m in mu])
-            dist.all_reduce(flat)
-            self.comm_bytes += flat.numel() * flat.element_size()
-            flat /= self.world_size
-            offset = 0
-            for m in mu:
-                m.copy_(flat[offset:offset + m.numel()].view_as(m))
-                offset += m.numel()
+            _unflatten_into(self._chosen_mean(mu, list(range(self.world_size))), mu)
         self._mu = mu
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -517,6 +506,15 @@ class TopKAveragingStrategy(DDPStrategy):
         else:
             self.steps_in_round = 0
         self._restored = None
+
+
+def _unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+    """Copy consecutive slices of ``flat`` into ``tensors`` (the inverse of concatenating them)."""
+    offset = 0
+    with torch.no_grad():
+        for t in tensors:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
 
 
 def _to_cpu(obj: Any) -> Any:
