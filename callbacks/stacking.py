@@ -2,24 +2,26 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_rec.errors import ConfigError
-from lightning_rec.stacking import PRESETS, index_map, options
+from lightning_rec.stacking import PRESETS, check_stackable, index_map, options, preservation_caveat
 
 
 class StackingCallback(pl.Callback):
     """Doubles the number of blocks of NextItNet or SASRec during ``fit``.
 
     Stacks happen at the start of a listed epoch (``at_epochs``) or before a listed
-    optimizer step (``at_steps``). After each: the optimizer and scheduler are rebuilt
-    (fresh, as the authors do, or with Adam moments copied to the copies), DDP is
-    re-wrapped so new parameters are all-reduced, ``hparams.num_blocks`` is updated (every
-    later checkpoint rebuilds the deep model), and the event is logged.
+    optimizer step (``at_steps``). After each: the optimizer is rebuilt (fresh, as the
+    authors do, or with Adam moments copied to the copies), the learning-rate schedule
+    continues from the current step, DDP is re-wrapped so new parameters are all-reduced,
+    ``hparams.num_blocks`` is updated (every later checkpoint rebuilds the deep model), and
+    the event is logged.
 
     Args:
         at_epochs: epochs (0-based) at whose start to stack.
@@ -30,7 +32,8 @@ class StackingCallback(pl.Callback):
         copy_layernorm, copy_alpha, zero_new_alpha, keep_dilation, copy_head: see
             :class:`lightning_rec.stacking.StackOptions`.
         optimizer_state: ``fresh`` (new optimizer, moments reset) or ``keep_moments``
-            (copied weights inherit their source's optimizer state; the schedule continues).
+            (copied weights inherit their source's optimizer state). Either way the learning
+            rate schedule goes on where it was; it does not restart.
         max_blocks: never grow beyond this depth.
     """
 
@@ -67,6 +70,14 @@ class StackingCallback(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.validate_trainer(trainer)
+        encoder = getattr(pl_module, "encoder", None)
+        if not getattr(pl_module, "stackable", True) or encoder is None or not hasattr(encoder, "blocks"):
+            raise ConfigError(f"callbacks.stacking: applies to a single NextItNet or SASRec model, not to "
+                              f"{type(pl_module).__name__} (model=rocket: stack one net after export)")
+        check_stackable(encoder, self.opts)
+        caveat = preservation_caveat(encoder, self.opts)
+        if caveat:
+            rank_zero_warn(caveat)
 
     @staticmethod
     def validate_trainer(trainer: pl.Trainer) -> None:
@@ -98,14 +109,13 @@ class StackingCallback(pl.Callback):
             self.done.append(event)
             return
         old_state = self._param_states(trainer, pl_module) if self.optimizer_state == "keep_moments" else None
-        old_sched = [c.scheduler.state_dict() for c in trainer.lr_scheduler_configs] if old_state is not None else None
+        old_sched = [c.scheduler.state_dict() for c in trainer.lr_scheduler_configs]
         mapping = pl_module.stack(self.opts)
         self._rewrap_ddp(trainer)
         trainer.strategy.setup_optimizers(trainer)
         if old_state is not None:
             self._restore_moments(trainer, pl_module, old_state, mapping, before)
-            for cfg, st in zip(trainer.lr_scheduler_configs, old_sched):
-                cfg.scheduler.load_state_dict(st)
+        self._continue_schedule(trainer, old_sched)
         n_params = sum(p.numel() for p in pl_module.parameters())
         after = len(pl_module.encoder.blocks)
         self.done.append(event)
@@ -131,13 +141,25 @@ class StackingCallback(pl.Callback):
             strategy.model_changed()  # top-k averaging: rank 0's grown model becomes everyone's global model
 
     @staticmethod
+    def _continue_schedule(trainer: pl.Trainer, old: list[dict[str, Any]]) -> None:
+        """Put the rebuilt schedulers where the old ones were, and their rates into the new optimizers
+        (a new scheduler has set the rate of step 0; StepLR would otherwise build on it for good)."""
+        configs = trainer.lr_scheduler_configs
+        if len(configs) != len(old):
+            return  # e.g. an SGD phase without a schedule after an optimizer switch
+        for cfg, st in zip(configs, old):
+            cfg.scheduler.load_state_dict(st)
+            for group, lr in zip(cfg.scheduler.optimizer.param_groups, cfg.scheduler.get_last_lr()):
+                group["lr"] = lr
+
+    @staticmethod
     def _param_states(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, dict[str, torch.Tensor]]:
         by_id = {id(p): n for n, p in pl_module.named_parameters()}
         out = {}
         for opt in trainer.optimizers:
             for p, st in opt.state.items():
                 if id(p) in by_id:
-                    out[by_id[id(p)]] = {k: v.clone() if torch.is_tensor(v) else v for k, v in st.items()}
+                    out[by_id[id(p)]] = copy.deepcopy(st)  # AdaShift keeps lists of tensors, not only tensors
         return out
 
     def _restore_moments(self, trainer, pl_module, old_state, mapping, before) -> None:
@@ -157,7 +179,7 @@ class StackingCallback(pl.Callback):
                 continue
             for opt in trainer.optimizers:
                 if any(p is q for g in opt.param_groups for q in g["params"]):
-                    opt.state[p] = {k: v.clone() if torch.is_tensor(v) else v for k, v in st.items()}
+                    opt.state[p] = copy.deepcopy(st)  # each copy gets its own state, never a shared list
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:

@@ -462,7 +462,7 @@ def stack(cfg: DictConfig, overrides: list[str]) -> str:
 
     from . import runs
     from .module import SeqRecModule
-    from .stacking import describe, options
+    from .stacking import check_stackable, describe, options, preservation_caveat
 
     sc = cfg.stack
     if not sc.ckpt or not sc.out:
@@ -477,6 +477,10 @@ def stack(cfg: DictConfig, overrides: list[str]) -> str:
     model = SeqRecModule.load_from_checkpoint(src, map_location="cpu", weights_only=True)
     opts = options(sc.mode, sc.preset, copy_layernorm=sc.copy_layernorm, copy_alpha=sc.copy_alpha,
                    zero_new_alpha=sc.zero_new_alpha, keep_dilation=sc.keep_dilation, copy_head=sc.copy_head)
+    check_stackable(model.encoder, opts, where="stack.")
+    caveat = preservation_caveat(model.encoder, opts)
+    if caveat:
+        print(caveat, flush=True)
     before = len(model.encoder.blocks)
     for _ in range(times):
         model.stack(opts)

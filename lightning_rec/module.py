@@ -200,13 +200,20 @@ class SeqRecModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # A checkpoint written after a stack holds more blocks than this module was built with
         # (e.g. a config-built model resumed from a deep checkpoint): grow before weights load.
+        # The same holds for a model of the right depth whose NextItNet dilations differ (adjacent
+        # stacking keeps each copy's source dilation): same shapes, different function.
+        from .stacking import block_dilations
+
         hp = checkpoint.get("hyper_parameters", {})
         n = hp.get("num_blocks", self.hparams.num_blocks)
-        if n != len(self.encoder.blocks):
-            dils = hp.get("block_dilations")
-            device = self.output_weight().device
+        dils = hp.get("block_dilations")
+        current = block_dilations(self.encoder)
+        wanted = None if current is None else [self.encoder.dilation_at(i) if dils is None else dils[i] for i in range(n)]
+        if n != len(self.encoder.blocks) or current != wanted:
+            like = self.output_weight()
             self.encoder.blocks = nn.ModuleList(
-                self.encoder.make_block(i, None if dils is None else dils[i]).to(device) for i in range(n)
+                self.encoder.make_block(i, None if dils is None else dils[i]).to(device=like.device, dtype=like.dtype)
+                for i in range(n)
             )
             self.hparams.num_blocks = n
             self.hparams.block_dilations = dils

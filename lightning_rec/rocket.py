@@ -181,6 +181,8 @@ class RocketModule(SeqRecModule):
             ps.update({id(p): p for p in self.light_head.parameters()})
         return list(ps.values())
 
+    stackable = False  # StackingCallback refuses it at setup, before any training
+
     def stack(self, opts) -> list[int]:
         raise ConfigError("StackRec stacking applies to a single model, not to the rocket module")
 

@@ -81,6 +81,28 @@ def is_copy(i: int, num_blocks: int, mode: str) -> bool:
     return i % 2 == 1 if mode == "adjacent" else i >= num_blocks
 
 
+def check_stackable(encoder: nn.Module, opts: StackOptions, where: str = "callbacks.stacking.") -> None:
+    """Refuse options the encoder cannot honour (called before training starts and at each stack);
+    ``where`` is the config prefix the error names."""
+    has_alpha = any(n.startswith("alpha") for blk in encoder.blocks for n, _ in blk.named_parameters())
+    if opts.zero_new_alpha and not has_alpha:
+        raise ConfigError(f"{where}zero_new_alpha=true: the model has no residual alpha (model.residual_alpha=false), "
+                          f"so the copies cannot start as identity blocks; train with model.residual_alpha=true, or "
+                          f"pass {where}zero_new_alpha=false to stack full residual copies")
+
+
+def preservation_caveat(encoder: nn.Module, opts: StackOptions) -> str | None:
+    """Why a stack meant to preserve the model's function will not, or ``None``."""
+    if not (opts.copy_layernorm and opts.copy_alpha and opts.zero_new_alpha and opts.keep_dilation and opts.copy_head):
+        return None
+    layout = getattr(encoder, "layout", "pre")
+    if getattr(encoder, "arch", None) == "sasrec" and layout != "pre":
+        return (f"stacking: SASRec with model.layout={layout} normalises after the residual, so a copy with alpha 0 "
+                f"is not an identity block and the output changes at the stack (function preservation holds for "
+                f"model.layout=pre)")
+    return None
+
+
 def _is_layernorm_param(name: str, block: nn.Module) -> bool:
     mod = block.get_submodule(name.rsplit(".", 1)[0]) if "." in name else block
     return isinstance(mod, nn.LayerNorm)
@@ -89,15 +111,16 @@ def _is_layernorm_param(name: str, block: nn.Module) -> bool:
 @torch.no_grad()
 def stack_encoder(encoder: nn.Module, opts: StackOptions) -> list[int]:
     """Double ``encoder.blocks`` in place; returns the index map (new block -> source block)."""
+    check_stackable(encoder, opts)
     old = list(encoder.blocks)
     L = len(old)
     mapping = index_map(L, opts.mode)
-    device = next(encoder.parameters()).device
     new_blocks = []
     for i, j in enumerate(mapping):
         src = old[j]
         dil = getattr(src, "dilation", None) if opts.keep_dilation else None
-        blk = encoder.make_block(i, dil).to(device)
+        like = next(src.parameters())  # the copy lives where its source does, in its dtype (e.g. bf16-true)
+        blk = encoder.make_block(i, dil).to(device=like.device, dtype=like.dtype)
         src_state = src.state_dict()
         for name, tensor in blk.state_dict().items():
             if name.startswith("alpha"):

@@ -38,3 +38,19 @@ class FinalWeights(pl.Callback):
                  "comm_bytes": getattr(s, "comm_bytes", None)}
         torch.save({"params": {n: p.detach().clone() for n, p in pl_module.named_parameters()}, **extra},
                    os.path.join(os.environ["PROBE_DIR"], f"weights{trainer.global_rank}.pt"))
+
+
+class TeacherProbe(pl.Callback):
+    """Checks the KD callback's in-memory teacher: frozen, in eval mode, and unchanged by the student's fit."""
+
+    def on_train_start(self, trainer, pl_module):
+        hint = next(c for c in trainer.callbacks if type(c).__name__ == "HintLossCallback")
+        self.before = {n: p.detach().clone() for n, p in hint.teacher.named_parameters()}
+
+    def on_train_end(self, trainer, pl_module):
+        hint = next(c for c in trainer.callbacks if type(c).__name__ == "HintLossCallback")
+        teacher = hint.teacher
+        with open(os.path.join(os.environ["PROBE_DIR"], "teacher.json"), "w") as f:
+            json.dump({"frozen": not any(p.requires_grad for p in teacher.parameters()),
+                       "eval": not teacher.training,
+                       "unchanged": all(torch.equal(self.before[n], p) for n, p in teacher.named_parameters())}, f)

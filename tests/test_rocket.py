@@ -1,5 +1,7 @@
 """Rocket Launching and distillation: loss terms, the gradient block, export, resume, KD from a teacher."""
 
+import csv
+import json
 import math
 import os
 
@@ -206,14 +208,26 @@ def test_rocket_resume_with_a_scheduled_hint_is_exact(tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
 
 
-def test_kd_from_a_frozen_teacher_checkpoint(tmp_path):
+def test_kd_from_a_frozen_teacher_checkpoint(tmp_path, monkeypatch):
     teacher = run(["fit", *tiny(tmp_path / "t", "model=sasrec", "model.num_blocks=2", epochs=2)])
-    before = torch.load(teacher["best_ckpt"], weights_only=True)["state_dict"]
-    student = run(["fit", *tiny(tmp_path / "s", "model=sasrec", "model.num_blocks=1", "callbacks=kd",
-                               f"callbacks.hint.teacher_ckpt={teacher['best_ckpt']}", epochs=2)])
-    rows = open(os.path.join(student["run_dir"], "csv", "version_0", "metrics.csv")).read()
-    assert "train/hint" in rows
-    after = torch.load(teacher["best_ckpt"], weights_only=True)["state_dict"]
-    assert all(torch.equal(before[k], after[k]) for k in before)
+    monkeypatch.setenv("PROBE_DIR", str(tmp_path))
+
+    def student(name, weight):
+        out = run(["fit", *tiny(tmp_path / name, "model=sasrec", "model.num_blocks=1", "callbacks=kd",
+                                f"callbacks.hint.teacher_ckpt={teacher['best_ckpt']}", f"callbacks.hint.weight={weight}",
+                                "trainer.deterministic=true", "+callbacks.probe._target_=ddp_probe.TeacherProbe",
+                                epochs=2)])
+        return torch.load(os.path.join(out["run_dir"], "checkpoints", "last.ckpt"), weights_only=True)["state_dict"], out
+
+    kd, out = student("s", 0.9)
+    # The in-memory teacher stayed frozen: no gradient, eval mode, the same weights after the student's fit.
+    assert json.load(open(tmp_path / "teacher.json")) == {"frozen": True, "eval": True, "unchanged": True}
+    rows = list(csv.DictReader(open(os.path.join(out["run_dir"], "csv", "version_0", "metrics.csv"))))
+    hints = [float(r["train/hint_epoch"]) for r in rows if r.get("train/hint_epoch")]
+    assert hints and all(h > 0 for h in hints)
+    # The KD term trains the student: the same run with its weight at 0 (everything else equal,
+    # the teacher loaded the same way) ends with other weights.
+    plain, _ = student("z", 0.0)
+    assert any(not torch.equal(kd[k], plain[k]) for k in kd if "metrics" not in k)
     with pytest.raises(ConfigError, match="needs callbacks.hint.teacher_ckpt"):
         run(["fit", *tiny(tmp_path / "x", "callbacks=kd", epochs=1)])

@@ -6,11 +6,13 @@ import subprocess
 import sys
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from conftest import tiny
 
 from lightning_rec import SeqRecModule
 from lightning_rec.cli import run
+from lightning_rec.errors import ConfigError
 from lightning_rec.stacking import index_map, is_copy, options
 
 ARCHS = [("nextitnet", {}), ("sasrec", {"norm_first": True, "num_heads": 2})]
@@ -272,3 +274,143 @@ def test_stacking_refuses_spawn_launchers(tmp_path):
     with pytest.raises(ConfigError, match="use trainer.strategy=ddp"):
         run(["fit", *tiny(tmp_path, "callbacks=stacking", "callbacks.stacking.at_epochs=[1]",
                           "trainer.strategy=ddp_spawn", "trainer.devices=2", epochs=1)])
+
+
+# ---------------------------------------------------------------------- review fixes (2026-11-24)
+class _Seqs(torch.utils.data.Dataset):
+    def __init__(self, n=64, T=10, N=40):
+        g = torch.Generator().manual_seed(0)
+        self.s = torch.randint(1, N + 1, (n, T + 1), generator=g)
+
+    def __len__(self):
+        return len(self.s)
+
+    def __getitem__(self, i):
+        return {"inputs": self.s[i, :-1], "targets": self.s[i, 1:]}
+
+
+class _LrProbe(pl.Callback):
+    """The learning rate each optimizer step actually used."""
+
+    def __init__(self):
+        self.lrs = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.lrs.append(optimizer.param_groups[0]["lr"])
+
+
+def _fit_steps(module, callbacks, steps, **kw):
+    t = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, callbacks=callbacks, logger=False,
+                   enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                   limit_val_batches=0, num_sanity_val_steps=0, **kw)
+    t.fit(module, torch.utils.data.DataLoader(_Seqs(), batch_size=8))
+    return t
+
+
+@pytest.mark.parametrize("optimizer_state", ["fresh", "keep_moments"])
+@pytest.mark.parametrize("scheduler", [{"name": "step", "step_size": 3, "gamma": 0.5},
+                                       {"name": "cosine", "warmup_steps": 2}])
+def test_the_learning_rate_schedule_continues_across_a_stack(optimizer_state, scheduler):
+    from lightning_rec.callbacks import StackingCallback
+
+    def lrs(stack):
+        torch.manual_seed(0)
+        m = SeqRecModule(num_items=40, arch="nextitnet", num_blocks=1, d_model=8, dropout=0.0,
+                         optimizer={"name": "adam", "lr": 0.01}, scheduler=scheduler)
+        probe = _LrProbe()
+        cbs = [probe] + ([StackingCallback(at_steps=[5], optimizer_state=optimizer_state)] if stack else [])
+        _fit_steps(m, cbs, 12)
+        return probe.lrs
+
+    plain, stacked = lrs(False), lrs(True)
+    assert len(plain) == len(stacked) == 12 and len(set(plain)) > 2
+    assert stacked == pytest.approx(plain, rel=1e-12)  # neither restarted nor stuck at the undecayed rate
+
+
+def test_keep_moments_gives_each_copy_its_own_adashift_state():
+    from lightning_rec.callbacks import StackingCallback
+    from lightning_rec.optim import AdaShift
+
+    m = model("nextitnet", 2).train()
+    opt = AdaShift(m.parameters(), lr=1e-2, n=3)
+    x = torch.randint(1, 41, (4, 12))
+    for _ in range(4):
+        opt.zero_grad()
+        m.loss(m(x)[:, :-1].reshape(-1, 16), x[:, 1:].reshape(-1)).backward()
+        opt.step()
+
+    class T:
+        optimizers = [opt]
+        lr_scheduler_configs = []
+
+    cb = StackingCallback(at_epochs=[1], mode="adjacent", optimizer_state="keep_moments")
+    state = cb._param_states(T, m)
+    mapping = m.stack(cb.opts)
+    new_opt = AdaShift(m.parameters(), lr=1e-2, n=3)
+    T.optimizers = [new_opt]
+    cb._restore_moments(T, m, state, mapping, 2)
+    a, b = (new_opt.state[m.encoder.blocks[i].conv1.weight] for i in (2, 3))
+    lists = [k for k, v in a.items() if isinstance(v, list)]
+    assert lists  # AdaShift's gradient window
+    for k in lists:
+        assert a[k] is not b[k] and all(u is not v for u, v in zip(a[k], b[k]))
+        assert all(torch.equal(u, v) for u, v in zip(a[k], b[k]))  # equal copies of the source's window
+    # One more step: each copy's window takes its own gradient, not its twin's.
+    new_opt.zero_grad()
+    m.loss(m(x)[:, :-1].reshape(-1, 16), x[:, 1:].reshape(-1)).backward()
+    new_opt.step()
+    k = lists[0]
+    assert len(a[k]) == len(state["encoder.blocks.1.conv1.weight"][k])
+
+
+@pytest.mark.parametrize("arch,kw", ARCHS)
+def test_stacking_under_bf16_true_precision(arch, kw):
+    from lightning_rec.callbacks import StackingCallback
+
+    torch.manual_seed(0)
+    m = SeqRecModule(num_items=40, arch=arch, num_blocks=1, d_model=8, dropout=0.0, max_len=10, **kw)
+    _fit_steps(m, [StackingCallback(at_steps=[2])], 4, precision="bf16-true")
+    assert len(m.encoder.blocks) == 2
+    assert {p.dtype for p in m.parameters()} == {torch.bfloat16}  # the new blocks too
+
+
+def test_zero_new_alpha_needs_residual_alphas():
+    import types
+
+    from lightning_rec.callbacks import StackingCallback
+
+    m = model("nextitnet", 2, residual_alpha=False)
+    with pytest.raises(ConfigError, match="zero_new_alpha=true: the model has no residual alpha"):
+        m.stack(options("adjacent", "function_preserving"))
+    trainer = types.SimpleNamespace(strategy=types.SimpleNamespace(launcher=None))
+    with pytest.raises(ConfigError, match="callbacks.stacking.zero_new_alpha=false"):  # at setup, before training
+        StackingCallback(at_epochs=[1]).setup(trainer, m, "fit")
+    m.stack(options("adjacent", "function_preserving", zero_new_alpha=False))  # full residual copies, on request
+    assert len(m.encoder.blocks) == 4
+    post = model("sasrec", 2, norm_first=False, num_heads=2)
+    with pytest.warns(UserWarning, match="model.layout=post"):
+        StackingCallback(at_epochs=[1]).setup(trainer, post, "fit")
+
+
+def test_a_config_built_model_takes_a_stacked_checkpoints_dilations():
+    m = model("nextitnet", 2)
+    m.stack(options("adjacent", "function_preserving"))  # copies keep their source's dilation
+    ckpt = {"state_dict": m.state_dict(), "hyper_parameters": dict(m.hparams)}
+    assert ckpt["hyper_parameters"]["block_dilations"] == [1, 1, 4, 4]
+    built = SeqRecModule(num_items=40, arch="nextitnet", num_blocks=4, d_model=16, max_len=12, dropout=0.0)
+    assert [b.dilation for b in built.encoder.blocks] == [1, 4, 1, 4]  # positional, from the config
+    built.on_load_checkpoint(ckpt)
+    built.load_state_dict(ckpt["state_dict"])
+    assert [b.dilation for b in built.encoder.blocks] == [1, 1, 4, 4]
+    assert built.hparams.block_dilations == [1, 1, 4, 4]
+    x = torch.randint(1, 41, (3, 12))
+    torch.testing.assert_close(built.eval()(x), m.eval()(x), rtol=0, atol=0)
+
+
+def test_stacking_a_rocket_module_is_refused_before_training(tmp_path):
+    args = [a for a in tiny(tmp_path, epochs=2) if a != "model.d_model=16"]
+    with pytest.raises(ConfigError, match="applies to a single NextItNet or SASRec model, not to RocketModule"):
+        run(["fit", *args, "model=rocket", "model.booster.d_model=16", "model.light.d_model=16", "callbacks=rocket",
+             "+callbacks.stacking._target_=lightning_rec.callbacks.StackingCallback",
+             "+callbacks.stacking.at_epochs=[1]"])
+    assert not list((tmp_path / "runs").rglob("*.ckpt"))  # nothing trained

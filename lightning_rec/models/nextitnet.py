@@ -87,9 +87,13 @@ class NextItNet(nn.Module):
             self.make_block(i, None if block_dilations is None else block_dilations[i]) for i in range(num_blocks)
         )
 
+    def dilation_at(self, index: int) -> int:
+        """The positional dilation of block ``index`` (the cycle ``dilations`` repeated)."""
+        return self.dilations[index % len(self.dilations)]
+
     def make_block(self, index: int, dilation: int | None = None) -> NextItNetBlock:
         """A freshly initialised block for position ``index`` (positional dilation unless given)."""
-        dil = dilation if dilation is not None else self.dilations[index % len(self.dilations)]
+        dil = dilation if dilation is not None else self.dilation_at(index)
         return NextItNetBlock(self.d_model, self.kernel_size, dil, self.residual_alpha, self.dropout_p)
 
     def embed(self, items: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, d)
