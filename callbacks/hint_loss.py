@@ -37,7 +37,8 @@ class HintLossCallback(pl.Callback):
             the mean squared logit difference; the federated-distillation objective) or ``mse+kl``
             (Rocket's hint plus ``kd_weight`` times the KD term).
         weight: lambda (0.03 in the Rocket authors' code).
-        schedule: ``constant``; ``warmup`` (linear from 0 over ``warmup_steps`` optimizer steps);
+        schedule: ``constant``; ``warmup`` (linear, ``weight * (step + 1) / warmup_steps`` up to ``weight``, so the first
+            step already has a small term, as the learning-rate warm-up does);
             ``start_epoch`` (0 before ``start_epoch``, then ``weight``).
         block_gradient: detach the teacher's logits in the hint (Rocket's gradient block): the hint
             never updates parameters only the booster uses. Default true.

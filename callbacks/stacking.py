@@ -10,7 +10,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_rec.errors import ConfigError
-from lightning_rec.stacking import PRESETS, check_stackable, index_map, options, preservation_caveat
+from lightning_rec.stacking import PRESETS, check_stackable, index_map, is_copy, options, preservation_caveat
 
 
 class StackingCallback(pl.Callback):
@@ -170,7 +170,9 @@ class StackingCallback(pl.Callback):
                 i, tail = rest.split(".", 1)
                 src = f"encoder.blocks.{mapping[int(i)]}.{tail}"
                 fresh_ln = not self.opts.copy_layernorm and (".ln" in f".{tail}" or tail.startswith("ln"))
-                if fresh_ln or tail.startswith("alpha"):
+                # An alpha reset to 0 starts with fresh moments; one that keeps its value keeps its state.
+                kept_alpha = self.opts.copy_alpha and not (self.opts.zero_new_alpha and is_copy(int(i), before, self.opts.mode))
+                if fresh_ln or (tail.startswith("alpha") and not kept_alpha):
                     continue
             if name.startswith("output.") and not self.opts.copy_head:
                 continue  # a re-initialised head starts with fresh moments

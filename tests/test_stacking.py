@@ -139,7 +139,9 @@ def test_keep_moments_copies_adam_state_to_the_copies(tmp_path):
     for i in (2, 3):
         p = m.encoder.blocks[i].conv1.weight
         torch.testing.assert_close(new_opt.state[p]["exp_avg"], src)
-    assert m.encoder.blocks[3].alpha not in new_opt.state  # alphas start fresh
+    assert m.encoder.blocks[3].alpha not in new_opt.state  # the copy's alpha restarts at 0 with fresh moments
+    torch.testing.assert_close(new_opt.state[m.encoder.blocks[2].alpha]["exp_avg"],  # its source keeps its value
+                               state["encoder.blocks.1.alpha"]["exp_avg"])           # and its moments
 
 
 @pytest.mark.parametrize("stop_at", [1, 3])
