@@ -113,8 +113,27 @@ class OptimizerSwitchCallback(pl.Callback):
         self._step_at_snapshot = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.phase != "adaptive" or self._before is None or trainer.global_step == self._step_at_snapshot:
+        if self.phase != "adaptive":
+            return
+        estimating = not (self.mode == "scheduled" and self.sgd_lr is not None)
+        converged = self._update_estimates(trainer, pl_module) if estimating else []
+        if converged is None:
             return  # no optimizer step since the snapshot (gradient accumulation)
+        step = trainer.global_step
+        if self.mode == "auto":
+            criterion = all(converged) and step >= self.min_steps
+            due = criterion or (self.deadline_step is not None and step >= int(self.deadline_step))
+            why = "SWATS criterion met" if criterion else f"deadline step {self.deadline_step}"
+        else:
+            due = self.at_step is not None and step >= int(self.at_step)
+            why = f"scheduled at step {self.at_step}"
+        if trainer.strategy.broadcast(bool(due or self._pending), src=0):  # every rank switches at the same step
+            self._switch(trainer, pl_module, why)
+
+    def _update_estimates(self, trainer, pl_module) -> list[bool] | None:
+        """Feed the last step to the SWATS estimates; per group, whether it has settled (None: no new step)."""
+        if self._before is None or trainer.global_step == self._step_at_snapshot:
+            return None
         opt = trainer.optimizers[0]
         if len(self.estimates) != len(opt.param_groups):
             self.estimates = [SwatsEstimate(self._beta2(pl_module), self.rtol) for _ in opt.param_groups]
@@ -131,18 +150,10 @@ class OptimizerSwitchCallback(pl.Callback):
         if lam is not None:
             pl_module.log("optim/swats_lr", float(lam), on_step=True, on_epoch=False, batch_size=1)
         pl_module.log("optim/phase", 0.0, on_step=True, on_epoch=False, batch_size=1)
-        step = trainer.global_step
-        if self.mode == "auto":
-            due = (all(converged) and step >= self.min_steps) or (
-                self.deadline_step is not None and step >= int(self.deadline_step))
-            why = "SWATS criterion met" if all(converged) else f"deadline step {self.deadline_step}"
-        else:
-            due = self.at_step is not None and step >= int(self.at_step)
-            why = f"scheduled at step {self.at_step}"
-        if trainer.strategy.broadcast(bool(due or self._pending), src=0):  # every rank switches at the same step
-            self._switch(trainer, pl_module, why)
+        return converged
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._epochs_run = trainer.current_epoch + 1
         if self.phase != "adaptive":
             return
         epoch = trainer.current_epoch
@@ -164,7 +175,8 @@ class OptimizerSwitchCallback(pl.Callback):
         else:
             when = f"step {self.at_step}" if self.at_step is not None else f"epoch {self.at_epoch}"
             rank_zero_info(f"optimizer switch (scheduled at {when}): not reached in {trainer.global_step} steps "
-                           f"({trainer.current_epoch + 1} epochs); the adaptive phase ran to the end")
+                           f"({getattr(self, '_epochs_run', trainer.current_epoch)} epochs); the adaptive phase ran "
+                           f"to the end")
 
     # ------------------------------------------------------------------ switch
     def _switch(self, trainer, pl_module, why: str) -> None:
@@ -174,20 +186,25 @@ class OptimizerSwitchCallback(pl.Callback):
         else:
             lrs = [e.value for e in self.estimates] if len(self.estimates) == n_groups else []
             if not lrs or any(v is None or not v > 0 for v in lrs):
-                if not self._pending:  # e.g. AdaShift's first n steps make no update, so no estimate yet
-                    rank_zero_info(f"optimizer switch due ({why}) at step {trainer.global_step}, but there is no positive "
-                                   f"SWATS estimate yet ({lrs}); switching at the first step that has one "
-                                   f"(or set callbacks.optimizer_switch.sgd_lr)")
-                self._pending = True
-                return
-            if self.lr_bounds is not None:
+                lrs = None  # e.g. AdaShift's first n steps make no update, so no estimate yet
+            elif self.lr_bounds is not None:
                 lo, hi = self.lr_bounds
                 clipped = [min(max(x, lo), hi) for x in lrs]
                 if clipped != lrs:
                     rank_zero_info(f"SWATS estimate {', '.join(f'{x:.4g}' for x in lrs)} is outside lr_bounds "
                                    f"[{lo:g}, {hi:g}]; using {', '.join(f'{x:.4g}' for x in clipped)}")
                 lrs = clipped
-        lrs = [float(x) for x in trainer.strategy.broadcast(lrs, src=0)]
+        # Rank 0 decides for every rank, switch now or wait: under top-k averaging each rank's estimate is
+        # its own, and a rank that stayed behind would miss this collective and hang the others.
+        lrs = trainer.strategy.broadcast(lrs, src=0)
+        if lrs is None:
+            if not self._pending:
+                rank_zero_info(f"optimizer switch due ({why}) at step {trainer.global_step}, but there is no positive "
+                               f"SWATS estimate yet; switching at the first step that has one "
+                               f"(or set callbacks.optimizer_switch.sgd_lr)")
+            self._pending = True
+            return
+        lrs = [float(x) for x in lrs]
         self.phase, self.lrs, self.switch_step = "sgd", lrs, int(trainer.global_step)
         self.switches += 1
         trainer.strategy.setup_optimizers(trainer)  # configure_optimizers now builds SGD

@@ -156,6 +156,28 @@ def _data_conf_from_checkpoint(ckpt: dict[str, Any], cfg: DictConfig, overrides:
     return saved
 
 
+def _eval_from_checkpoint(cfg: DictConfig, ckpt: dict[str, Any], overrides: list[str]) -> None:
+    """On resume, how a run is evaluated is part of the run: every ``eval.*`` setting not given on the
+    command line comes from the checkpoint (protocol, ks, seen-item rule, negatives, monitored metric)."""
+    from .config import set_value
+
+    given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    model_hp = ckpt.get("hyper_parameters") or {}
+    data_hp = ckpt.get("datamodule_hyper_parameters") or {}
+    sources = {"protocol": model_hp.get("eval_protocol"), "ks": model_hp.get("eval_ks"),
+               "exclude_seen": model_hp.get("exclude_seen"), "chunk_size": model_hp.get("eval_chunk_size"),
+               "num_negatives": data_hp.get("eval_negatives"), "negative_sampler": data_hp.get("eval_sampler")}
+    for key, value in sources.items():
+        if value is not None and f"eval.{key}" not in given:
+            set_value(cfg, f"eval.{key}", list(value) if key == "ks" else value)
+    if "eval.monitor" not in given:
+        for name, state in (ckpt.get("callbacks") or {}).items():
+            if name.startswith("ModelCheckpoint") and isinstance(state, dict) and state.get("monitor"):
+                set_value(cfg, "eval.monitor", state["monitor"])
+                break
+    _monitor(cfg)
+
+
 def _eval_overrides(cfg: DictConfig) -> dict[str, Any]:
     return {
         "eval_ks": list(cfg.eval.ks), "exclude_seen": bool(cfg.eval.exclude_seen),
@@ -197,6 +219,25 @@ def _positive_int(value, option: str) -> int:
     return v
 
 
+def _check_eval_options(cfg: DictConfig) -> None:
+    """``eval.*`` values that would otherwise fail deep inside the first validation."""
+    ks = cfg.eval.ks
+    if not isinstance(ks, (list, tuple)) and not OmegaConf.is_list(ks) or not ks or any(
+            isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
+        raise ConfigError(f"eval.ks={ks}: expected a list of positive integers, e.g. [5,10,20]")
+    for key in ("chunk_size", "num_negatives"):
+        v = cfg.eval[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"eval.{key}={v!r}: expected a positive integer")
+
+
+def _check_trainer_options(cfg: DictConfig) -> None:
+    for key, least in (("max_epochs", -1), ("max_steps", -1)):
+        v = cfg.trainer.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < least):
+            raise ConfigError(f"trainer.{key}={v!r}: expected an integer (-1: no limit)")
+
+
 def _monitor(cfg: DictConfig) -> None:
     if cfg.eval.protocol == "sampled" and cfg.eval.monitor.startswith("val/") and "sampled_" not in cfg.eval.monitor:
         cfg.eval.monitor = cfg.eval.monitor.replace("val/", "val/sampled_")
@@ -211,8 +252,20 @@ def fit(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     """
     from . import runs
 
+    given = os.environ.get(runs.RUN_DIR_ENV)
     try:
         return _fit(cfg, overrides)
+    except BaseException:
+        made = os.environ.get(runs.RUN_DIR_ENV)
+        if made and not given and os.path.isdir(made) and not any(files for _, _, files in os.walk(made)):
+            import shutil
+
+            shutil.rmtree(made, ignore_errors=True)  # a run that failed before writing anything leaves no folder
+            try:
+                os.rmdir(os.path.dirname(made))  # nor an empty <runs_dir>/<name>/
+            except OSError:
+                pass
+        raise
     finally:  # also after an error: a later command in this process (or its children) must not reuse the folder
         os.environ.pop(runs.RUN_DIR_ENV, None)
 
@@ -231,6 +284,8 @@ def _fit(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
 
     # before a run folder exists: a bad optimizer, scheduler or eval option leaves nothing behind
     check_training_options(to_plain(cfg.optimizer), to_plain(cfg.scheduler), str(cfg.eval.protocol))
+    _check_eval_options(cfg)
+    _check_trainer_options(cfg)
     resuming = cfg.ckpt_path is not None
     if resuming and cfg.get("init_from"):
         raise ConfigError("ckpt_path and init_from are exclusive: ckpt_path resumes a run, init_from starts a new one from weights")
@@ -249,6 +304,7 @@ def _fit(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
                               f"state to resume; start a new run from it with init_from={ckpt_path}")
         saved_model = ckpt.get("hyper_parameters")
         saved_data_state = ckpt.get("SeqDataModule")
+        _eval_from_checkpoint(cfg, ckpt, overrides)
         run_dir = os.environ.get(runs.RUN_DIR_ENV) or runs.run_dir_of(ckpt_path)
         if not run_dir:
             run_dir = (runs.launched_run_dir(cfg.runs_dir, cfg.name, None) if runs.external_launch()
@@ -357,6 +413,7 @@ def _load_for_eval(cfg: DictConfig, overrides: list[str]):
 
     if not cfg.ckpt_path:
         raise ConfigError("ckpt_path: required, e.g. ckpt_path=runs/.../checkpoints/last.ckpt (or ckpt_path=last)")
+    _check_eval_options(cfg)
     _monitor(cfg)
     path = runs.resolve_checkpoint(str(cfg.ckpt_path), cfg.runs_dir, None)
     ckpt = runs.load_checkpoint(path)
@@ -426,17 +483,20 @@ def predict(cfg: DictConfig, overrides: list[str]) -> str:
     users, items = maps["users"], maps["items"]
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp = out + ".tmp"
-    n = 0
+    n = short = 0
     with open(tmp, "w") as f:
         f.write("user\trank\titem\tscore\n")
         for b in batches:
             u, it, sc = b["user"].tolist(), b["items"].tolist(), b["scores"].to(torch.float32).tolist()
             for uu, row_i, row_s in zip(u, it, sc):
-                for r, (i, s) in enumerate(zip(row_i, row_s), start=1):
+                got = [(i, s) for i, s in zip(row_i, row_s) if i != 0]  # 0: fewer than k unseen items left
+                for r, (i, s) in enumerate(got, start=1):
                     f.write(f"{users[uu]}\t{r}\t{items[i]}\t{s:.6g}\n")
                 n += 1
+                short += len(got) < k
     os.replace(tmp, out)
-    print(f"wrote top-{k} recommendations for {n} users to {out}", flush=True)
+    note = f" ({short} of them have fewer than {k} unseen items, and get only those)" if short else ""
+    print(f"wrote top-{k} recommendations for {n} users to {out}{note}", flush=True)
     return out
 
 

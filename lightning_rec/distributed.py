@@ -27,7 +27,7 @@ one more all-reduce of that many numbers (counted in ``comm/bytes``). Off by def
 method keeps optimizer state local.
 
 SVRG (``svrg=true``): at the start of each round the snapshot ``w~ = w`` and its gradient ``mu``,
-averaged over ``svrg_batches`` batches sampled from each rank's shard and all-reduced over ranks,
+averaged over ``svrg_batches`` batches drawn at random from the training set on each rank (seeded by round and rank) and all-reduced over ranks,
 are computed; every local step then follows ``g_i(w) - g_i(w~) + mu`` (the snapshot gradient on
 the same batch, with the same dropout masks).
 """
@@ -186,6 +186,8 @@ class TopKAveragingStrategy(DDPStrategy):
         self._snapshot_batch: Any = None
         self._restored: dict[str, Any] | None = None
         self._gathered: dict[str, Any] = {}
+        self._state_names_seen = False  # average_state names found in the optimizer once
+        self._state_note_said = False
 
     # -- no DDP wrapper: no per-step gradient all-reduce
     def _setup_model(self, model):
@@ -196,7 +198,19 @@ class TopKAveragingStrategy(DDPStrategy):
 
     def configure_ddp(self) -> None:
         # Lightning restores checkpoint weights before this, so the global model is the resumed one.
+        self._check_svrg()
         self._sync_from_rank0()
+
+    def _check_svrg(self) -> None:
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if not self.svrg or trainer is None:
+            return
+        if int(getattr(trainer, "accumulate_grad_batches", 1)) > 1:
+            raise ConfigError("trainer.strategy.svrg=true: does not work with trainer.accumulate_grad_batches>1 (its "
+                              "correction is per optimizer step); use a larger data.batch_size instead")
+        if getattr(self.precision_plugin, "scaler", None) is not None:
+            raise ConfigError("trainer.strategy.svrg=true: does not work with trainer.precision=16-mixed (the loss "
+                              "scale would shrink its correction); use bf16-mixed or 32-true")
 
     # -- parameters
     def _params(self) -> list[torch.nn.Parameter]:
@@ -281,18 +295,26 @@ class TopKAveragingStrategy(DDPStrategy):
                                  if isinstance(state.get(k), torch.Tensor) and state[k].shape == p.shape]
         missing = sorted(set(self.average_state) - present)
         if present and missing:  # the optimizer has state, not by these names
-            raise ConfigError(f"trainer.strategy.average_state={self.average_state}: no optimizer state {missing}; "
-                              f"this optimizer keeps {sorted(present)}")
-        if not tensors:
-            return  # no step taken yet
+            if not self._state_names_seen:
+                raise ConfigError(f"trainer.strategy.average_state={self.average_state}: no optimizer state {missing}; "
+                                  f"this optimizer keeps {sorted(present)}")
+            if not self._state_note_said:  # the names were there before: the optimizer changed (a switch to SGD)
+                rank_zero_info(f"top-k averaging: the optimizer now keeps {sorted(present)}, not {missing}; "
+                               f"average_state averages only what is there")
+                self._state_note_said = True
+        elif present:
+            self._state_names_seen = True
         if self.world_size == 1:
             return  # the mean of one rank is its own state
-        n = torch.tensor([sum(t.numel() for t in tensors)], dtype=torch.int64, device=tensors[0].device)
+        # Every rank takes part, state or not, so a rank without any never leaves the others waiting.
+        n = torch.tensor([sum(t.numel() for t in tensors)], dtype=torch.int64, device=self.root_device)
         sizes = [torch.zeros_like(n) for _ in range(self.world_size)]
         dist.all_gather(sizes, n)  # a layout that differs between ranks would corrupt the all-reduce
         self.comm_bytes += n.element_size()
         if len({int(x) for x in sizes}) != 1:
             raise RuntimeError(f"top-k averaging: ranks hold different optimizer state sizes {[int(x) for x in sizes]}")
+        if not tensors:
+            return  # no step taken yet, on any rank
         _unflatten_into(self._chosen_mean(tensors, chosen), tensors)
 
     def _chosen_mean(self, tensors: list[torch.Tensor], chosen: list[int]) -> torch.Tensor:
@@ -352,11 +374,13 @@ class TopKAveragingStrategy(DDPStrategy):
             for p, g in zip(params, self._global):
                 p.data = g
             loss = module.train_loss(batch)
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            trainable = [p for p in params if p.requires_grad]  # a frozen parameter has no gradient to correct
+            grads = iter(torch.autograd.grad(loss, trainable, allow_unused=True))
         finally:
             for p, s in zip(params, saved):
                 p.data = s
-        return [None if g is None else g.detach() for g in grads]
+        out = [next(grads) if p.requires_grad else None for p in params]
+        return [None if g is None else g.detach() for g in out]
 
     def _compute_mu(self) -> None:
         trainer = self.lightning_module.trainer
@@ -432,6 +456,8 @@ class TopKAveragingStrategy(DDPStrategy):
                                  "history": self.history[-20:]}
         if self._outer_buf is not None:
             extra["outer_buffers"] = [b.detach().cpu().clone() for b in self._outer_buf]
+        if self._mu is not None and self.steps_in_round:
+            extra["svrg_mu"] = [m.detach().cpu().clone() for m in self._mu]  # the same on every rank
         if self._global is not None and self.steps_in_round:
             # mid-round: the file's weights are the global model; each rank's local model is kept too
             names = [n for n, _ in module.named_parameters()]
@@ -503,6 +529,9 @@ class TopKAveragingStrategy(DDPStrategy):
                     if n in own:
                         p.data.copy_(own[n].to(p.device))
             self.steps_in_round = int(extra.get("steps_in_round", 0))
+            mu = extra.get("svrg_mu")
+            if self.svrg and self.steps_in_round and mu is not None and len(mu) == len(self._global):
+                self._mu = [m.to(g.device, g.dtype) for m, g in zip(mu, self._global)]  # this round's snapshot gradient
         else:
             self.steps_in_round = 0
         self._restored = None

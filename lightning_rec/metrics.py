@@ -55,14 +55,16 @@ def full_ranks(
             s, kept = kept[1], None
         else:
             s = score_fn(c0, c1)
-        s = torch.nan_to_num(s.float(), nan=float("inf"))  # a NaN candidate counts as higher
+        s = torch.nan_to_num(s.float(), nan=float("inf"), posinf=float("inf"), neginf=float("-inf"))  # NaN: higher; infs stay
         if seen is not None:
             local = seen - c0
             m = (local >= 0) & (local < c1 - c0) & (seen != target[:, None]) & (seen != 0)
-            s[rows[:, None].expand_as(seen)[m], local[m]] = float("-inf")
+            # NaN compares false both ways: an excluded item is neither higher nor tied, whatever
+            # the target's score (-inf included).
+            s[rows[:, None].expand_as(seen)[m], local[m]] = float("nan")
         in_c = (target >= c0) & (target < c1)
         # The target never counts against itself.
-        s[rows[in_c], target[in_c] - c0] = float("-inf")
+        s[rows[in_c], target[in_c] - c0] = float("nan")
         higher += (s > t_score[:, None]).sum(1)
         ties += (s == t_score[:, None]).sum(1)
     # A diverged model (NaN target score) must not look perfect: worst possible rank.
@@ -72,7 +74,7 @@ def full_ranks(
 def sampled_ranks(target_score: torch.Tensor, negative_scores: torch.Tensor) -> torch.Tensor:
     """Rank of the target (B,) among its sampled negatives (B, K), same tie rule."""
     t = target_score[:, None]
-    neg = torch.nan_to_num(negative_scores.float(), nan=float("inf"))
+    neg = torch.nan_to_num(negative_scores.float(), nan=float("inf"), posinf=float("inf"), neginf=float("-inf"))
     r = (neg > t).sum(1) + 0.5 * (neg == t).sum(1)
     return torch.where(torch.isnan(target_score), torch.full_like(r, float(neg.shape[1])), r)
 
@@ -92,7 +94,11 @@ def metrics_from_ranks(ranks: torch.Tensor, ks: list[int]) -> dict[str, torch.Te
 def topk_items(
     score_fn: ScoreFn, num_items: int, k: int, seen: torch.Tensor | None = None, chunk_size: int = 65536
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-``k`` items (B, k) and scores over ``1..num_items``, excluding ``seen``, chunk by chunk."""
+    """Top-``k`` items (B, k) and scores over ``1..num_items``, excluding ``seen``, chunk by chunk.
+
+    A row with fewer than ``k`` items left after the exclusion is filled with item 0 (padding) and
+    score -inf; never with an excluded item.
+    """
     best_s = best_i = None
     for c0 in range(1, num_items + 1, chunk_size):
         c1 = min(c0 + chunk_size, num_items + 1)
@@ -109,4 +115,4 @@ def topk_items(
         kk = min(k, s.shape[1])
         best_s, pos = s.topk(kk, dim=1)
         best_i = ids.gather(1, pos)
-    return best_i, best_s
+    return best_i.masked_fill(torch.isneginf(best_s), 0), best_s

@@ -352,9 +352,11 @@ class SeqRecModule(pl.LightningModule):
         if w is None:
             w = self.output_weight()
         if "negatives" in batch and self.hparams.eval_protocol == "sampled":
-            t = (h * w[batch["target"]]).sum(-1)
-            neg = torch.einsum("bd,bkd->bk", h, w[batch["negatives"]])
-            return sampled_ranks(t, neg)
+            # One reduction, the same for every candidate, so equal scores stay exactly equal (tie rule);
+            # a batched matmul may treat its last columns differently and break ties.
+            cand = torch.cat([batch["target"][:, None], batch["negatives"]], 1)
+            s = (h[:, None, :] * w[cand]).sum(-1)
+            return sampled_ranks(s[:, 0], s[:, 1:])
         seen = batch["seen"] if self.hparams.exclude_seen else None
         return full_ranks(lambda c0, c1: h @ w[c0:c1].T, self.num_items, batch["target"], seen,
                           self.hparams.eval_chunk_size)

@@ -54,3 +54,22 @@ class TeacherProbe(pl.Callback):
             json.dump({"frozen": not any(p.requires_grad for p in teacher.parameters()),
                        "eval": not teacher.training,
                        "unchanged": all(torch.equal(self.before[n], p) for n, p in teacher.named_parameters())}, f)
+
+
+class SvrgProbe(pl.Callback):
+    """At the first optimizer step of a top-k SVRG run (w == w~) the corrected gradient must be mu exactly."""
+
+    def setup(self, trainer, pl_module, stage):
+        if os.environ.get("PROBE_FREEZE"):  # a frozen parameter: SVRG must leave it alone, not crash
+            pl_module.encoder.item_embedding.weight.requires_grad_(False)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if getattr(self, "done", False):
+            return
+        self.done = True
+        mu = trainer.strategy._mu
+        pairs = [(p.grad, m) for p, m in zip(pl_module.parameters(), mu) if p.grad is not None]
+        with open(os.path.join(os.environ["PROBE_DIR"], "svrg.json"), "w") as f:
+            json.dump({"max_diff": max(float((g - m).abs().max()) for g, m in pairs),
+                       "max_mu": max(float(m.abs().max()) for _, m in pairs), "n": len(pairs),
+                       "n_params": len(list(pl_module.parameters()))}, f)

@@ -276,3 +276,46 @@ def test_every_experiment_config_runs(tmp_path, sasrec_file):
         assert os.path.exists(last[name]), name
     hp = torch.load(last["ml1m_sasrec_ref"], map_location="cpu", weights_only=True)["hyper_parameters"]
     assert (hp["layout"], hp["positions"], hp["attn_out_dropout"], hp["init_std"], hp["dropout"]) == ("pmixer", "left", False, 0.02, 0.1)
+
+
+def test_resume_keeps_the_runs_evaluation_settings(tmp_path):
+    ev = ["eval.protocol=sampled", "eval.num_negatives=7", "eval.exclude_seen=false", "trainer.deterministic=true"]
+    full = fit(tmp_path / "a", *ev, epochs=2)
+    fit(tmp_path / "b", *ev, "test_after_fit=false", epochs=1)
+    # Resumed without repeating eval.*: the run goes on under its own protocol, negatives and seen-item rule.
+    resumed = fit(tmp_path / "b", "ckpt_path=last", "trainer.deterministic=true", epochs=2)
+    assert resumed["monitor"] == "val/sampled_ndcg@10"
+    assert resumed["test"] == full["test"]
+
+
+def test_predict_gives_fewer_rows_rather_than_seen_items(tmp_path, capsys):
+    data = tmp_path / "d.txt"
+    data.write_text("".join(f"{u} {i}\n" for u in range(1, 21) for i in range(1, 7) if i != u % 6 + 1))
+    out = fit(tmp_path, "data=file", f"data.path={data}", epochs=1)
+    dest = tmp_path / "recs.tsv"
+    run(["predict", f"ckpt_path={out['best_ckpt']}", f"predict.out={dest}", "predict.k=3",
+         "trainer.enable_progress_bar=false"])
+    lines = list(csv.DictReader(open(dest), delimiter="\t"))
+    seen = {}
+    for line in data.read_text().split("\n"):
+        if line:
+            u, i = line.split()
+            seen.setdefault(u, set()).add(i)
+    assert len(lines) == 20  # each user saw 5 of the 6 items: one recommendation each
+    assert all(r["item"] not in seen[r["user"]] and r["rank"] == "1" for r in lines)
+    assert "20 of them have fewer than 3 unseen items" in capsys.readouterr().out
+
+
+def test_bad_values_are_one_line_errors_and_leave_no_run_folder(tmp_path):
+    bad = tmp_path / "bad.txt.gz"
+    bad.write_text("1 2\n")  # not gzip
+    for argv, expect in [(["trainer.max_epochs=abc"], "trainer.max_epochs='abc': expected an integer"),
+                         (["eval.chunk_size=0"], "eval.chunk_size=0: expected a positive integer"),
+                         (["eval.ks=[0,10]"], "eval.ks=[0, 10]: expected a list of positive integers"),
+                         (["data.batch_size=abc"], "data.batch_size='abc': expected an integer >= 1"),
+                         (["data=file", f"data.path={bad}"], f"data.path: cannot read '{bad}'")]:
+        with pytest.raises(LightningRecError, match=re.escape(expect)) as e:
+            fit(tmp_path, *argv)
+        assert "\n" not in str(e.value)
+    runs_dir = tmp_path / "runs"
+    assert not runs_dir.exists() or not any(p.is_dir() and not any(p.iterdir()) for p in runs_dir.rglob("*"))

@@ -3,6 +3,7 @@
 import gzip
 import hashlib
 import os
+import re
 
 import pytest
 import torch
@@ -87,6 +88,39 @@ def test_kcore_is_iterative():
     # d has 1 interaction -> dropped -> u3 has 1 item -> dropped -> a now has 2 ... stable
     assert kcore(seqs, 2, 2) == {"u1": ["a", "b"], "u2": ["a", "b"]}
     assert kcore(seqs, 0, 0) is seqs
+    # Only a second pass finds this: dropping d removes u3, which leaves e with one interaction.
+    seqs = {"u1": ["a", "e", "b"], "u2": ["a", "b"], "u3": ["e", "d"]}
+    assert kcore(seqs, 2, 2) == {"u1": ["a", "b"], "u2": ["a", "b"]}
+    # A user whose every item is filtered out is gone even when min_user allows any length.
+    assert kcore({"u1": ["a", "a"], "u2": ["z"]}, 0, 2) == {"u1": ["a", "a"]}
+
+
+def test_unreadable_files_and_bad_separators_give_one_line_errors(tmp_path):
+    not_gz = tmp_path / "a.txt.gz"
+    not_gz.write_text("1 2\n")
+    truncated = tmp_path / "b.txt.gz"
+    whole = gzip.compress("".join(f"{u} {u * 7919 % 1000}\n" for u in range(2000)).encode())
+    truncated.write_bytes(whole[: len(whole) // 2])
+    latin = tmp_path / "c.txt"
+    latin.write_bytes("1 caf\xe9\n".encode("latin-1"))
+    for path in (not_gz, truncated, latin):
+        with pytest.raises(DataError, match=f"data.path: cannot read '{re.escape(str(path))}'") as e:
+            read_sequences(str(path), "sasrec")
+        assert "\n" not in str(e.value)
+    tsv = tmp_path / "d.csv"
+    tsv.write_text("user_id\titem_id\ttimestamp\n1\ta\t1\n1\tb\t2\n")
+    for sep in ("\\t", "tab", "\t"):  # as typed on a command line, or a real tab
+        assert read_sequences(str(tsv), "csv", sep=sep) == {"1": ["a", "b"]}
+    with pytest.raises(DataError, match="data.sep=';;': expected one character"):
+        read_sequences(str(tsv), "csv", sep=";;")
+
+
+def test_csv_rows_must_have_the_headers_number_of_fields(tmp_path):
+    for row in ("1,b", "1,b,3,EXTRA"):
+        f = tmp_path / "x.csv"
+        f.write_text(f"user_id,item_id,timestamp\n1,a,1\n{row}\n")
+        with pytest.raises(DataError, match="x.csv line 3: expected 3 fields"):
+            read_sequences(str(f), "csv")
 
 
 def test_leave_one_out_split_by_hand(tmp_path):
@@ -210,3 +244,17 @@ def test_no_network_and_no_path_says_what_to_pass(tmp_path, monkeypatch):
     monkeypatch.setitem(dl.DATASETS, "ml-1m", ("http://127.0.0.1:9/ml-1m.zip", "0" * 32, "ml-1m/ratings.dat", "movielens"))
     with pytest.raises(DataError, match=r"could not download .*pass data.path="):
         SeqDataModule(name="ml-1m", cache_dir=str(tmp_path)).prepare_data()
+
+
+def test_fraction_keeps_ceil_of_fraction_times_each_length():
+    enc = encode({"u1": [f"i{j}" for j in range(100)], "u2": [f"i{j}" for j in range(50)]})
+    for frac, want in ((0.07, [7, 4]), (0.14, [14, 7]), (0.28, [28, 14]), (0.5, [50, 25])):
+        dm = SeqDataModule(name="synthetic", fraction=frac)
+        assert dm._take_fraction(enc).lengths.tolist() == want, frac  # 100 * 0.07 is 7.000000000000001
+
+
+@pytest.mark.parametrize("option,value", [("max_len", "abc"), ("batch_size", 0), ("min_user_interactions", "x"),
+                                          ("fraction", "half"), ("num_workers", -1)])
+def test_bad_data_option_values_name_the_option(option, value):
+    with pytest.raises(ConfigError, match=f"data.{option}[=:]"):
+        SeqDataModule(name="synthetic", **{option: value})

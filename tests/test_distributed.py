@@ -7,6 +7,7 @@ holds the same number of targets and a mean over ranks equals the mean over the 
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -334,6 +335,57 @@ def test_topk_resume_mid_run_equals_an_uninterrupted_run(tmp_path):
     for r in (0, 1):
         assert max_diff(full[r]["params"], resumed[r]["params"]) < 1e-6
     assert resumed[0]["round"] == full[0]["round"] == 6
+
+
+@pytest.mark.ddp
+def test_topk_svrg_resume_from_a_mid_round_checkpoint_is_exact(tmp_path):
+    # No validation, so last.ckpt is written in the middle of a round: the local models and this
+    # round's snapshot gradient must come back, not a snapshot gradient recomputed on other batches.
+    data = equal_length_file(tmp_path)
+    common = ("data=file", f"data.path={data}", "model.dropout=0", "data.max_len=12", "data.batch_size=8",
+              "trainer=topk", "trainer.devices=2", "trainer.strategy.h=3", "trainer.strategy.k=1",
+              "trainer.limit_val_batches=0", "callbacks.model_checkpoint.monitor=null",
+              "trainer.strategy.svrg=true", "trainer.strategy.svrg_batches=2")
+    full, _ = launch(tmp_path, "full", *common, epochs=3)
+    launch(tmp_path, "part", *common, epochs=1)
+    last = next((tmp_path / "part" / "runs").glob("*/*/checkpoints/last.ckpt"))
+    state = torch.load(last, weights_only=False)["topk_averaging"]
+    assert state["steps_in_round"] > 0 and "local_states" in state and "svrg_mu" in state
+    resumed, _ = launch(tmp_path, "part2", *common, f"ckpt_path={last}", epochs=3)
+    for r in (0, 1):
+        assert max_diff(full[r]["params"], resumed[r]["params"]) < 1e-6
+
+
+def test_topk_svrg_through_lightning_corrects_the_gradient_to_mu_at_the_snapshot(tmp_path, monkeypatch):
+    from lightning_rec.cli import run
+
+    monkeypatch.setenv("PROBE_DIR", str(tmp_path))
+    monkeypatch.setenv("PROBE_FREEZE", "1")  # with a frozen item embedding, which SVRG must skip
+    base = ["model.dropout=0", "trainer=topk", "trainer.devices=1", "trainer.strategy.svrg=true",
+            "trainer.strategy.h=1000", "+callbacks.probe._target_=ddp_probe.SvrgProbe", "test_after_fit=false"]
+    run(["fit", *tiny(tmp_path / "a", *base, epochs=1)])
+    got = json.load(open(tmp_path / "svrg.json"))
+    # First local step: w == w~, so g(w) - g(w~) + mu is mu, exactly.
+    assert got["max_diff"] == 0.0 and got["max_mu"] > 0 and got["n"] == got["n_params"] - 1
+    with pytest.raises(ConfigError, match="svrg=true: does not work with trainer.accumulate_grad_batches>1"):
+        run(["fit", *tiny(tmp_path / "b", *base, "+trainer.accumulate_grad_batches=2", epochs=1)])
+
+
+def test_average_state_goes_on_after_a_switch_to_sgd(tmp_path, caplog):
+    import logging
+
+    from lightning_rec.cli import run
+
+    caplog.set_level(logging.INFO)
+    out = run(["fit", *tiny(tmp_path, "trainer=topk", "trainer.devices=1", "trainer.strategy.h=4",
+                            "trainer.strategy.average_state=[exp_avg_sq]", "callbacks=swats",
+                            "callbacks.optimizer_switch.mode=scheduled", "callbacks.optimizer_switch.at_epoch=1",
+                            "callbacks.optimizer_switch.sgd_lr=0.1", "test_after_fit=false", epochs=2)])
+    assert out["epochs"] == 2
+    assert "the optimizer now keeps ['momentum_buffer'], not ['exp_avg_sq']" in caplog.text
+    with pytest.raises(ConfigError, match=re.escape("average_state=['exp_avg_sqq']: no optimizer state")):
+        run(["fit", *tiny(tmp_path / "typo", "trainer=topk", "trainer.devices=1", "trainer.strategy.h=4",
+                          "trainer.strategy.average_state=[exp_avg_sqq]", epochs=1)])
 
 
 @pytest.mark.ddp

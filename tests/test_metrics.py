@@ -105,3 +105,36 @@ def test_nan_scores_never_look_good():
     part = torch.tensor([[0.0, 1.0, float("nan"), 0.5, 0.2, 0.1]])  # one NaN candidate counts as higher
     assert full_ranks(lambda a, b: part[:, a:b], 5, torch.tensor([1]), None).item() == 1.0
     assert sampled_ranks(torch.tensor([float("nan")]), torch.zeros(1, 4)).tolist() == [4.0]
+
+
+def test_excluded_items_are_never_ties_even_for_a_minus_inf_target():
+    scores = torch.tensor([[0.0, float("-inf"), float("-inf"), float("-inf"), 1.0]])
+    # Target 1 scores -inf; items 2 and 3 are excluded; item 4 is higher. Brute force: rank 1.
+    r = full_ranks(lambda a, b: scores[:, a:b], 4, torch.tensor([1]), torch.tensor([[2, 3]]), 2)
+    assert r.tolist() == [1.0]
+    # Not excluded, items 2 and 3 are real ties: 1 higher + 0.5 * 2 tied.
+    r = full_ranks(lambda a, b: scores[:, a:b], 4, torch.tensor([1]), None, 3)
+    assert r.tolist() == [2.0]
+
+
+def test_topk_never_fills_a_short_row_with_seen_items():
+    scores = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0]])
+    items, vals = topk_items(lambda a, b: scores[:, a:b], 4, 3, torch.tensor([[2, 3, 4]]), 2)
+    assert items.tolist() == [[1, 0, 0]]  # one unseen item; 0 (padding) marks the empty slots
+    assert vals[0, 0].item() == 1.0 and torch.isneginf(vals[0, 1:]).all()
+
+
+def test_sampled_protocol_keeps_exact_ties():
+    from lightning_rec import SeqRecModule
+
+    m = SeqRecModule(num_items=30, arch="sasrec", num_blocks=1, d_model=8, max_len=6, dropout=0.0,
+                     eval_protocol="sampled").eval()
+    with torch.no_grad():
+        w = m.output_weight()
+        w.copy_(torch.randn(1, 8).expand_as(w))  # every item scores the same for any user
+    g = torch.Generator().manual_seed(0)
+    batch = {"inputs": torch.randint(1, 31, (64, 6), generator=g), "target": torch.randint(1, 31, (64,), generator=g),
+             "negatives": torch.randint(1, 31, (64, 100), generator=g)}
+    with torch.no_grad():
+        ranks = m._ranks(batch)
+    assert ranks.tolist() == [50.0] * 64  # all 100 negatives tied with the target: half of them above

@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -223,13 +224,16 @@ def test_a_run_that_never_switches_says_so(monkeypatch):
 
     said = []
     monkeypatch.setattr(mod, "rank_zero_info", said.append)
-    trainer = SimpleNamespace(global_step=40, current_epoch=1)
+    trainer = SimpleNamespace(global_step=40, current_epoch=2)  # Lightning's value after 2 completed epochs
     auto = OptimizerSwitchCallback(min_steps=100)
     auto.estimates = [SwatsEstimate(0.999, 1e-6)]
     auto.estimates[0].update(0.25)
     auto.on_train_end(trainer, None)
     assert "no switch in 40 steps" in said[-1] and "estimate 0.25" in said[-1] and "deadline_epoch" in said[-1]
-    OptimizerSwitchCallback(mode="scheduled", at_epoch=5).on_train_end(trainer, None)
+    sched = OptimizerSwitchCallback(mode="scheduled", at_epoch=5)
+    for epoch in (0, 1):
+        sched.on_train_epoch_start(SimpleNamespace(current_epoch=epoch), None)
+    sched.on_train_end(trainer, None)
     assert "scheduled at epoch 5): not reached in 40 steps (2 epochs)" in said[-1]
     switched = OptimizerSwitchCallback(mode="scheduled", at_epoch=1)
     switched.phase = "sgd"
@@ -261,6 +265,44 @@ def test_scheduled_switch_builds_sgd_with_the_given_rate_and_a_stack_keeps_it(tm
     n_params = sum(v.numel() for k, v in ck["state_dict"].items() if not k.startswith(("val_", "test_")))
     assert len(group["params"]) == len([k for k in ck["state_dict"] if not k.startswith(("val_", "test_"))])
     assert n_params > 0 and _switch_state(ck)["switches"] == 1
+
+
+@pytest.mark.parametrize("sgd_lr", [None, 0.2])
+def test_scheduled_switch_at_a_step(tmp_path, sgd_lr):
+    extra = [f"callbacks.optimizer_switch.sgd_lr={sgd_lr}"] if sgd_lr else []
+    out = run(["fit", *tiny(tmp_path, "callbacks=swats", "callbacks.optimizer_switch.mode=scheduled",
+                           "callbacks.optimizer_switch.at_step=3", *extra, "test_after_fit=false", epochs=1)])
+    st = _switch_state(_ckpt(out))
+    assert st["phase"] == "sgd" and st["switch_step"] == 3 and st["switches"] == 1
+    if sgd_lr:
+        assert st["lrs"] == [sgd_lr]
+
+
+@pytest.mark.parametrize("mine,rank0", [(None, [0.1]), ([0.3], None)])
+def test_rank_zero_decides_the_switch_for_every_rank(mine, rank0):
+    # Under top-k averaging each rank has its own SWATS estimate; rank 1 (here) must follow rank 0
+    # both ways, and take part in the broadcast either way, or the ranks' collectives fall out of step.
+    calls = []
+
+    class Strategy:
+        def broadcast(self, obj, src=0):
+            calls.append(obj)
+            return rank0
+
+        def setup_optimizers(self, trainer):
+            pass
+
+    p = torch.nn.Parameter(torch.zeros(2))
+    trainer = SimpleNamespace(optimizers=[torch.optim.Adam([p])], strategy=Strategy(), global_step=5, current_epoch=0,
+                              loggers=[])
+    module = SimpleNamespace(hparams=SimpleNamespace(optimizer={"name": "adam", "lr": 1e-3}))
+    cb = OptimizerSwitchCallback(min_steps=1)
+    cb.estimates = [SwatsEstimate(0.999, 1e-6)]
+    if mine:
+        cb.estimates[0].update(mine[0])
+    cb._switch(trainer, module, "test")
+    assert calls == [mine]
+    assert (cb.phase, cb.lrs, cb._pending) == (("sgd", rank0, False) if rank0 else ("adaptive", None, True))
 
 
 @pytest.mark.parametrize("stop_after,adaptive", [

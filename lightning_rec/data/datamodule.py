@@ -126,8 +126,8 @@ class SeqDataModule(pl.LightningDataModule):
             a seeded subset of the users (``fraction_by=users``). Subsets are nested (the 80%
             lies inside the 90%), and the item catalogue stays that of the full data, so
             models trained on a fraction and on all of it share their item ids.
-        users: keep only these users (indices ``0..num_users-1`` in file order of first
-            appearance, after ``fraction``); the catalogue stays that of all users. A federated
+        users: keep only these users (indices ``0..num_users-1`` in sorted user-id order, as in
+            ``id_maps.json``, after ``fraction``); the catalogue stays that of all users. A federated
             device uses it so its loaders see its own users only.
     """
 
@@ -174,12 +174,18 @@ class SeqDataModule(pl.LightningDataModule):
             raise ConfigError(f"eval.protocol: '{eval_protocol}' is not one of full, sampled")
         if eval_sampler not in ("uniform", "popularity"):
             raise ConfigError(f"eval.negative_sampler: '{eval_sampler}' is not one of uniform, popularity")
-        if not 0.0 < fraction <= 1.0:
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
             raise ConfigError(f"data.fraction: expected a number in (0, 1], got {fraction}")
         if fraction_by not in ("history", "users"):
             raise ConfigError(f"data.fraction_by: '{fraction_by}' is not one of history, users")
-        if max_len < 1:
-            raise ConfigError(f"data.max_len: expected a positive integer, got {max_len}")
+        for option, value, least in (("max_len", max_len, 1), ("batch_size", batch_size, 1),
+                                     ("eval_batch_size", eval_batch_size, 1), ("num_workers", num_workers, 0),
+                                     ("min_user_interactions", min_user_interactions, 0),
+                                     ("min_item_interactions", min_item_interactions, 0), ("seed", seed, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ConfigError(f"data.{option}={value!r}: expected an integer >= {least}")
+        if isinstance(eval_negatives, bool) or not isinstance(eval_negatives, int) or eval_negatives < 1:
+            raise ConfigError(f"eval.num_negatives={eval_negatives!r}: expected an integer >= 1")
         self.save_hyperparameters()
         self.data: EncodedSequences | None = None
         self._resolved_path: str | None = None
@@ -235,11 +241,11 @@ class SeqDataModule(pl.LightningDataModule):
             return enc
         lengths = enc.lengths
         if by == "history":
-            keep_len = np.ceil(lengths * frac).astype(np.int64)
+            keep_len = np.ceil(lengths * frac - 1e-9).astype(np.int64)  # 100 * 0.07 = 7.000000000000001 keeps 7
             users = np.arange(enc.num_users)
         else:
             order = np.random.default_rng(self.hparams.seed).permutation(enc.num_users)
-            users = np.sort(order[: int(np.ceil(enc.num_users * frac))])
+            users = np.sort(order[: int(np.ceil(enc.num_users * frac - 1e-9))])
             keep_len = lengths
         starts = enc.indptr[:-1][users]
         kl = keep_len[users]

@@ -57,7 +57,7 @@ def kcore(seqs: dict[str, list[str]], min_user: int, min_item: int) -> dict[str,
         new = {}
         for u, items in seqs.items():
             kept = [it for it in items if it not in bad_items] if bad_items else items
-            if len(kept) >= min_user:
+            if len(kept) >= max(min_user, 1):  # a user left with no items is gone, whatever min_user says
                 new[u] = kept
         if len(new) == len(seqs) and not bad_items:
             return new

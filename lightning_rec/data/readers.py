@@ -79,12 +79,33 @@ def read_sequences(
 ) -> dict[str, list[str]]:
     """Read a file into ``{user: [item, ...]}`` with each user's items in time order.
 
-    Users keep the order of their first appearance; ids stay the original strings.
+    The dict holds users in the order of their first appearance; ids stay the original strings
+    (:func:`~lightning_rec.data.encode.encode` then numbers them in sorted-id order).
     """
     if fmt not in FORMATS:
         raise DataError(f"data.format: unknown format '{fmt}', expected one of {', '.join(FORMATS)}")
     if fmt == "auto":
         fmt = detect_format(path)
+    if fmt == "csv":
+        sep = _separator(sep, path)
+    try:
+        return _read(path, fmt, user_col, item_col, time_col, rating_col, min_rating, sep)
+    except (OSError, EOFError, UnicodeDecodeError) as e:  # not gzip, truncated, not UTF-8, unreadable
+        kind = "gzip-compressed UTF-8 text" if path.endswith(".gz") else "UTF-8 text"
+        raise DataError(f"data.path: cannot read '{path}' ({type(e).__name__}: {e}); expected {kind}") from None
+
+
+def _separator(sep: str | None, path: str) -> str:
+    """``data.sep`` as one character; ``\\t`` and ``tab`` (as typed on a command line) mean a tab."""
+    if sep is None:
+        return "\t" if ".tsv" in path.lower() else ","
+    sep = {"\\t": "\t", "tab": "\t", "TAB": "\t"}.get(sep, sep)
+    if len(sep) != 1:
+        raise DataError(f"data.sep={sep!r}: expected one character (or '\\t' / tab for a tab)")
+    return sep
+
+
+def _read(path, fmt, user_col, item_col, time_col, rating_col, min_rating, sep) -> dict[str, list[str]]:
     timed: dict[str, list[tuple[float, str]]] = {}
     untimed: dict[str, list[str]] = {}
     with _open_text(path) as f:
@@ -112,8 +133,6 @@ def read_sequences(
                         raise DataError(f"{path} line {lineno}: rating '{parts[2]}' is not a number") from None
                 timed.setdefault(parts[0], []).append((_parse_time(parts[3], path, lineno), parts[1]))
         else:  # csv / tsv with a header
-            if sep is None:
-                sep = "\t" if ".tsv" in path.lower() else ","
             reader = csv.reader(f, delimiter=sep)
             try:
                 header = next(reader)
@@ -130,12 +149,11 @@ def read_sequences(
                 if name not in header:
                     raise DataError(f"{path} line 1: header has no column '{name}' ({opt}); columns are {header}")
                 idx[opt] = header.index(name)
-            width = max(idx.values()) + 1
             for row in reader:
                 lineno = reader.line_num
                 if not row or all(not c.strip() for c in row):
                     continue
-                if len(row) < width:
+                if len(row) != len(header):
                     raise DataError(f"{path} line {lineno}: expected {len(header)} fields, got {len(row)}: {sep.join(row)[:80]!r}")
                 user, item = row[idx["data.user_col"]].strip(), row[idx["data.item_col"]].strip()
                 if not user or not item:
