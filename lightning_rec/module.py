@@ -186,8 +186,10 @@ class SeqRecModule(pl.LightningModule):
         if self.output is None and not opts.copy_head:
             rank_zero_info("stacking copy_head=false: the model has tied embeddings, so its head is the item "
                            "embedding and is kept (use model.tied_embeddings=false for a separate head)")
-        if self.output is not None and not opts.copy_head:
+        if self.output is not None and not opts.copy_head:  # a new head, initialised as the model's first one
             nn.init.normal_(self.output.weight, std=self.hparams.d_model**-0.5)
+            if self.hparams.get("init_std") is not None:
+                normal_init_(self.output, self.hparams.init_std)
             with torch.no_grad():
                 self.output.weight[0].zero_()
         self.hparams.num_blocks = len(self.encoder.blocks)
