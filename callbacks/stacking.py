@@ -183,6 +183,14 @@ class StackingCallback(pl.Callback):
                 if any(p is q for g in opt.param_groups for q in g["params"]):
                     opt.state[p] = copy.deepcopy(st)  # each copy gets its own state, never a shared list
 
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        missed = [f"epoch:{e}" for e in self.at_epochs if f"epoch:{e}" not in self.done]
+        missed += [f"step:{s}" for s in self.at_steps if f"step:{s}" not in self.done]
+        if missed:  # e.g. at_steps beyond the run's last step: say so rather than end quietly shallow
+            rank_zero_warn(f"callbacks.stacking: {', '.join(missed)} not reached (the run ended at step "
+                           f"{trainer.global_step}, epoch {trainer.current_epoch}); the model has "
+                           f"{len(pl_module.encoder.blocks)} blocks")
+
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:
         return {"done": list(self.done), "history": [dict(h) for h in self.history]}

@@ -297,7 +297,7 @@ def _fit(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
         init_ckpt = runs.load_checkpoint(runs.resolve_checkpoint(str(cfg.init_from), cfg.runs_dir, None))
         set_value(cfg, "model.arch", (init_ckpt.get("hyper_parameters") or {}).get("arch", cfg.model.arch))
     if resuming:
-        ckpt_path = runs.resolve_checkpoint(str(cfg.ckpt_path), cfg.runs_dir, cfg.name)
+        ckpt_path = runs.resolve_checkpoint(str(cfg.ckpt_path), cfg.runs_dir, cfg.name, prefer="last")
         ckpt = runs.load_checkpoint(ckpt_path)
         if "optimizer_states" not in ckpt or "loops" not in ckpt:
             raise ConfigError(f"ckpt_path={ckpt_path}: holds weights only (e.g. written by `stack`), not a training "
@@ -397,7 +397,40 @@ def _fit(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
         with open(tmp, "w") as f:
             json.dump(out, f, indent=1)
         os.replace(tmp, os.path.join(run_dir, "result.json"))
+    _finish_wandb(loggers)
     return out
+
+
+def _wait_for_server(address: str, seconds: float) -> None:
+    """Block until something listens at ``host:port`` (a server started just before its clients takes a while)."""
+    import socket
+    import time
+
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"federation.server_address={address}: expected host:port")
+    deadline, said = time.monotonic() + seconds, False
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
+                return
+        except OSError:
+            if time.monotonic() >= deadline:
+                raise ConfigError(f"federation.server_address={address}: no server answered within {seconds:g} s; start "
+                                  f"`federate federation.engine=server` first (or raise federation.wait_for_server)") from None
+            if not said:
+                print(f"waiting for the federation server at {address} (up to {seconds:g} s)", flush=True)
+                said = True
+            time.sleep(1)
+
+
+def _finish_wandb(loggers: list) -> None:
+    """End this run's W&B run, so the next fit in this process (a sweep's next trial) starts its own."""
+    from pytorch_lightning.loggers import WandbLogger
+
+    for lg in loggers:
+        if isinstance(lg, WandbLogger) and getattr(lg, "_experiment", None) is not None:
+            lg.experiment.finish()
 
 
 def _print_metrics(stage: str, metrics: dict[str, float], ckpt: str | None) -> None:
@@ -722,6 +755,7 @@ def federate(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
         if fed.device is None:
             raise ConfigError("federation.device: engine=client needs the device this process is (0..N-1)")
         client = make_client(device, int(fed.device), fail.get(int(fed.device), ()), crash.get(int(fed.device), ()))
+        _wait_for_server(str(fed.server_address), float(fed.get("wait_for_server", 120)))
         fl.client.start_client(server_address=fed.server_address, client=client.to_client(), insecure=True)
         return {"run_dir": run_dir, "history": [], "final": {}}
 

@@ -39,7 +39,7 @@ def _explain(e: Exception, overrides: list[str]) -> str:
 
 def load_config(overrides: list[str]) -> DictConfig:
     """Compose ``conf/config.yaml`` with command-line overrides (``key=value``, ``group=option``)."""
-    bad = [o for o in overrides if "=" not in o]
+    bad = [o for o in overrides if "=" not in o and not o.startswith("~")]  # ~key deletes a key (Hydra)
     if bad:
         raise ConfigError(f"argument '{bad[0]}': expected key=value (e.g. model=nextitnet trainer.max_epochs=5)")
     GlobalHydra.instance().clear()

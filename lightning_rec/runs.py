@@ -8,6 +8,7 @@ resumed run (``ckpt_path=``) continues in the folder its checkpoint belongs to.
 from __future__ import annotations
 
 import glob
+import json
 import os
 import socket
 import time
@@ -94,9 +95,25 @@ def find_last_checkpoint(runs_dir: str, name: str | None = None) -> str:
     raise ConfigError(f"ckpt_path=last: no checkpoints/last.ckpt under runs_dir={runs_dir}; pass a checkpoint path")
 
 
-def resolve_checkpoint(ckpt_path: str, runs_dir: str, name: str | None) -> str:
+def resolve_checkpoint(ckpt_path: str, runs_dir: str, name: str | None, prefer: str = "best") -> str:
+    """A checkpoint file from ``last``, a file, or a run folder (its best checkpoint, as recorded in
+    ``result.json``, or with ``prefer="last"`` its ``last.ckpt``: what a resume wants)."""
     if ckpt_path == "last":
         return find_last_checkpoint(runs_dir, name)
+    if os.path.isdir(ckpt_path):
+        last = os.path.join(ckpt_path, "checkpoints", "last.ckpt")
+        best = None
+        if prefer == "best" and os.path.isfile(os.path.join(ckpt_path, "result.json")):
+            with open(os.path.join(ckpt_path, "result.json")) as f:
+                best = json.load(f).get("best_ckpt")
+        if best:  # recorded relative to where fit ran: find it in this folder
+            best = os.path.join(ckpt_path, "checkpoints", os.path.basename(best))
+        for path in (best, last):
+            if path and os.path.isfile(path):
+                print(f"ckpt_path={ckpt_path}: a run folder; using {path}", flush=True)
+                return path
+        raise ConfigError(f"ckpt_path={ckpt_path}: a folder without checkpoints/last.ckpt; give a run folder or "
+                          f"a .ckpt file")
     if not os.path.isfile(ckpt_path):
         raise ConfigError(f"ckpt_path={ckpt_path}: no such checkpoint file")
     return ckpt_path
@@ -163,6 +180,11 @@ def build_loggers(cfg_loggers: DictConfig | None, run_dir: str, resuming: bool) 
                 conf["offline"] = not wandb_reachable()
                 if conf["offline"]:
                     rank_zero_info("W&B: no network, logging offline (sync later with `wandb sync`)")
+            if conf["offline"] is True and conf.get("log_model"):
+                # W&B refuses log_model with offline=True: keep the run, leave the checkpoints in the run folder.
+                rank_zero_warn(f"logger.wandb.log_model={conf['log_model']}: W&B is offline, so checkpoints are not "
+                               f"uploaded as artifacts; they stay in {run_dir}/checkpoints")
+                conf["log_model"] = False
             id_file = os.path.join(run_dir, "wandb_id.txt")
             if os.path.exists(id_file):
                 with open(id_file) as f:

@@ -319,3 +319,20 @@ def test_bad_values_are_one_line_errors_and_leave_no_run_folder(tmp_path):
         assert "\n" not in str(e.value)
     runs_dir = tmp_path / "runs"
     assert not runs_dir.exists() or not any(p.is_dir() and not any(p.iterdir()) for p in runs_dir.rglob("*"))
+
+
+def test_a_run_folder_is_a_checkpoint_argument(tmp_path, capsys):
+    out = fit(tmp_path, epochs=2)
+    run_dir = out["run_dir"]
+    res = run(["test", f"ckpt_path={run_dir}", "trainer.enable_progress_bar=false"])
+    assert res == pytest.approx(out["test"])  # the folder's best checkpoint, as fit tested it
+    assert f"using {os.path.join(run_dir, 'checkpoints', os.path.basename(out['best_ckpt']))}" in capsys.readouterr().out
+    resumed = fit(tmp_path, f"ckpt_path={run_dir}", epochs=3)  # a resume takes the folder's last.ckpt
+    assert resumed["run_dir"] == run_dir and resumed["epochs"] == 3
+    with pytest.raises(ConfigError, match="a folder without checkpoints/last.ckpt"):
+        run(["test", f"ckpt_path={tmp_path}"])
+
+
+def test_data_path_without_a_file_dataset_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="data=synthetic \\(the default\\) reads no file; add data=file"):
+        fit(tmp_path, f"data.path={tmp_path / 'x.txt'}", epochs=1)

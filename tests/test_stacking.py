@@ -416,3 +416,12 @@ def test_stacking_a_rocket_module_is_refused_before_training(tmp_path):
              "+callbacks.stacking._target_=lightning_rec.callbacks.StackingCallback",
              "+callbacks.stacking.at_epochs=[1]"])
     assert not list((tmp_path / "runs").rglob("*.ckpt"))  # nothing trained
+
+
+def test_a_stack_that_never_came_is_reported():
+    from lightning_rec.callbacks import StackingCallback
+
+    m = SeqRecModule(num_items=40, arch="nextitnet", num_blocks=1, d_model=8, dropout=0.0)
+    with pytest.warns(UserWarning, match=r"callbacks.stacking: step:500 not reached \(the run ended at step 4"):
+        _fit_steps(m, [StackingCallback(at_steps=[2, 500])], 4)
+    assert len(m.encoder.blocks) == 2  # the one that came did happen

@@ -131,3 +131,16 @@ def test_a_multi_process_trial_runs_as_a_child_fit(tmp_path, monkeypatch):
     (row,) = out["rows"]
     assert row["status"] == "ok" and row["best"] is not None
     assert os.path.exists(os.path.join(out["sweep_dir"], "trial-000", "checkpoints", "last.ckpt"))
+
+
+def test_each_trial_gets_its_own_wandb_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    args = [a for a in tiny(tmp_path, "model.d_model=16,24", epochs=1) if a != "logger=csv"]
+    out = run(["fit", "-m", *args, "logger=wandb"])
+    ids = []
+    for i in range(2):
+        trial = os.path.join(out["sweep_dir"], f"trial-{i:03d}")
+        assert os.path.isdir(os.path.join(trial, "wandb")), trial  # not logged into trial 0's run
+        ids.append(open(os.path.join(trial, "wandb_id.txt")).read())
+    assert ids[0] != ids[1]

@@ -166,6 +166,9 @@ class SeqDataModule(pl.LightningDataModule):
             raise ConfigError(f"data.name: unknown dataset '{name}'; expected synthetic, file, {', '.join(DATASETS)}")
         if format not in FORMATS:
             raise ConfigError(f"data.format: unknown format '{format}'; expected one of {', '.join(FORMATS)}")
+        if name == "synthetic" and path:
+            raise ConfigError(f"data.path={path}: data=synthetic (the default) reads no file; add data=file "
+                              f"(or data=ml-1m / data=ml-100k) to train on it")
         if name == "file" and not path:
             raise ConfigError("data.path: required with data=file (an interactions file, e.g. data.path=ml-1m.txt)")
         if short_users not in SHORT_USER_POLICIES:
