@@ -253,6 +253,7 @@ def fit(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     from . import runs
 
     given = os.environ.get(runs.RUN_DIR_ENV)
+    dist_env = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")}
     try:
         return _fit(cfg, overrides)
     except BaseException:
@@ -268,6 +269,23 @@ def fit(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
         raise
     finally:  # also after an error: a later command in this process (or its children) must not reuse the folder
         os.environ.pop(runs.RUN_DIR_ENV, None)
+        _release_process_group(dist_env)
+
+
+def _release_process_group(env_before: dict[str, str | None]) -> None:
+    """After a fit in this process: close the process group a DDP-family strategy opened, and put back the
+    variables Lightning's launcher set (MASTER_ADDR/PORT, NODE_RANK, LOCAL_RANK, WORLD_SIZE). Left behind,
+    a later fit in this process (a sweep, a notebook, a test) or its child processes would find the port
+    taken, or take LOCAL_RANK for an external launch and wait forever for ranks nobody starts."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    for key, value in env_before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def _fit(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:

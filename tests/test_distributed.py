@@ -371,18 +371,24 @@ def test_topk_svrg_through_lightning_corrects_the_gradient_to_mu_at_the_snapshot
         run(["fit", *tiny(tmp_path / "b", *base, "+trainer.accumulate_grad_batches=2", epochs=1)])
 
 
-def test_average_state_goes_on_after_a_switch_to_sgd(tmp_path, caplog):
+def test_average_state_goes_on_after_a_switch_to_sgd(tmp_path, caplog, monkeypatch):
     import logging
 
     from lightning_rec.cli import run
 
     caplog.set_level(logging.INFO)
+    for key in ("MASTER_PORT", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
     out = run(["fit", *tiny(tmp_path, "trainer=topk", "trainer.devices=1", "trainer.strategy.h=4",
                             "trainer.strategy.average_state=[exp_avg_sq]", "callbacks=swats",
                             "callbacks.optimizer_switch.mode=scheduled", "callbacks.optimizer_switch.at_epoch=1",
                             "callbacks.optimizer_switch.sgd_lr=0.1", "test_after_fit=false", epochs=2)])
     assert out["epochs"] == 2
     assert "the optimizer now keeps ['momentum_buffer'], not ['exp_avg_sq']" in caplog.text
+    # The in-process fit closed its process group and gave its port back: a later multi-process
+    # launch from this process (its children inherit the environment) must not find it taken.
+    assert not torch.distributed.is_initialized()
+    assert not {"MASTER_PORT", "LOCAL_RANK", "WORLD_SIZE"} & set(os.environ)
     with pytest.raises(ConfigError, match=re.escape("average_state=['exp_avg_sqq']: no optimizer state")):
         run(["fit", *tiny(tmp_path / "typo", "trainer=topk", "trainer.devices=1", "trainer.strategy.h=4",
                           "trainer.strategy.average_state=[exp_avg_sqq]", epochs=1)])
