@@ -83,6 +83,7 @@ class OptimizerSwitchCallback(pl.Callback):
         self._grads: list[list[torch.Tensor]] | None = None
         self._step_at_snapshot = -1
         self._pending = False
+        self._epochs_run = 0  # epochs this fit has started, for the end-of-run message
 
     # ------------------------------------------------------------------ wiring
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -175,7 +176,7 @@ class OptimizerSwitchCallback(pl.Callback):
         else:
             when = f"step {self.at_step}" if self.at_step is not None else f"epoch {self.at_epoch}"
             rank_zero_info(f"optimizer switch (scheduled at {when}): not reached in {trainer.global_step} steps "
-                           f"({getattr(self, '_epochs_run', trainer.current_epoch)} epochs); the adaptive phase ran "
+                           f"({self._epochs_run} epochs); the adaptive phase ran "
                            f"to the end")
 
     # ------------------------------------------------------------------ switch

@@ -25,7 +25,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from .errors import ConfigError, LightningRecError
+from .errors import ConfigError, LightningRecError, check_int, is_int
 
 COMMANDS = ("fit", "test", "predict", "stack", "export", "federate")
 
@@ -135,7 +135,8 @@ def _build_trainer(cfg: DictConfig, run_dir: str, callbacks: list, loggers: list
 def _data_conf_from_checkpoint(ckpt: dict[str, Any], cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     """The data settings a checkpoint was trained with, updated by explicit ``data.*`` overrides.
 
-    ``data=<name>`` on the command line replaces them with that dataset's config.
+    ``data=<name>`` on the command line replaces them with that dataset's config. The evaluation
+    options come from ``cfg.eval``, which :func:`_eval_from_checkpoint` has set from the checkpoint.
     """
     from .config import to_plain
 
@@ -143,22 +144,22 @@ def _data_conf_from_checkpoint(ckpt: dict[str, Any], cfg: DictConfig, overrides:
     if any(o.startswith("data=") for o in overrides) or "datamodule_hyper_parameters" not in ckpt:
         return composed
     saved = dict(ckpt["datamodule_hyper_parameters"])
+    for dk in ("eval_protocol", "eval_negatives", "eval_sampler"):
+        saved[dk] = composed[dk]
     for o in overrides:
         key = o.split("=", 1)[0].lstrip("+~")
         if key.startswith("data."):
             sub = key[len("data."):].split(".")[0]
             saved[sub] = composed.get(sub)
-        elif key.startswith("eval."):
-            for dk in ("eval_protocol", "eval_negatives", "eval_sampler"):
-                saved[dk] = composed[dk]
         elif key == "seed":
             saved["seed"] = composed["seed"]
     return saved
 
 
 def _eval_from_checkpoint(cfg: DictConfig, ckpt: dict[str, Any], overrides: list[str]) -> None:
-    """On resume, how a run is evaluated is part of the run: every ``eval.*`` setting not given on the
-    command line comes from the checkpoint (protocol, ks, seen-item rule, negatives, monitored metric)."""
+    """How a checkpoint's run was evaluated is part of it (resume, test, predict): every ``eval.*`` setting
+    not given on the command line comes from the checkpoint (protocol, ks, seen-item rule, negatives,
+    monitored metric)."""
     from .config import set_value
 
     given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
@@ -223,19 +224,15 @@ def _check_eval_options(cfg: DictConfig) -> None:
     """``eval.*`` values that would otherwise fail deep inside the first validation."""
     ks = cfg.eval.ks
     if not isinstance(ks, (list, tuple)) and not OmegaConf.is_list(ks) or not ks or any(
-            isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
+            not is_int(k, 1) for k in ks):
         raise ConfigError(f"eval.ks={ks}: expected a list of positive integers, e.g. [5,10,20]")
-    for key in ("chunk_size", "num_negatives"):
-        v = cfg.eval[key]
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ConfigError(f"eval.{key}={v!r}: expected a positive integer")
+    check_int(cfg.eval.chunk_size, "eval.chunk_size", 1)  # eval.num_negatives: checked by the DataModule
 
 
 def _check_trainer_options(cfg: DictConfig) -> None:
-    for key, least in (("max_epochs", -1), ("max_steps", -1)):
-        v = cfg.trainer.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < least):
-            raise ConfigError(f"trainer.{key}={v!r}: expected an integer (-1: no limit)")
+    for key in ("max_epochs", "max_steps"):
+        if cfg.trainer.get(key) is not None:
+            check_int(cfg.trainer[key], f"trainer.{key}", -1)  # -1: no limit
 
 
 def _monitor(cfg: DictConfig) -> None:
@@ -465,11 +462,11 @@ def _load_for_eval(cfg: DictConfig, overrides: list[str]):
     if not cfg.ckpt_path:
         raise ConfigError("ckpt_path: required, e.g. ckpt_path=runs/.../checkpoints/last.ckpt (or ckpt_path=last)")
     _check_eval_options(cfg)
-    _monitor(cfg)
     path = runs.resolve_checkpoint(str(cfg.ckpt_path), cfg.runs_dir, None)
     ckpt = runs.load_checkpoint(path)
     if "hyper_parameters" not in ckpt or "state_dict" not in ckpt:
         raise ConfigError(f"ckpt_path={path}: not a lightning_rec checkpoint (no hyper_parameters/state_dict)")
+    _eval_from_checkpoint(cfg, ckpt, overrides)
     dm = _build_datamodule(_data_conf_from_checkpoint(ckpt, cfg, overrides))
     dm.setup("test")
     _check_catalogue(ckpt.get("SeqDataModule"), dm, f"checkpoint {path}")

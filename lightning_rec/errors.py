@@ -11,3 +11,15 @@ class DataError(LightningRecError):
 
 class ConfigError(LightningRecError):
     """Bad configuration: names the option and what was expected."""
+
+
+def is_int(value, least: int) -> bool:
+    """An int (not a bool, not a string of digits) of at least ``least``."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def check_int(value, option: str, least: int) -> int:
+    """``value`` if :func:`is_int`, else a one-line error naming ``option``."""
+    if not is_int(value, least):
+        raise ConfigError(f"{option}={value!r}: expected an integer >= {least}")
+    return value

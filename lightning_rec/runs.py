@@ -110,7 +110,7 @@ def resolve_checkpoint(ckpt_path: str, runs_dir: str, name: str | None, prefer: 
             best = os.path.join(ckpt_path, "checkpoints", os.path.basename(best))
         for path in (best, last):
             if path and os.path.isfile(path):
-                print(f"ckpt_path={ckpt_path}: a run folder; using {path}", flush=True)
+                rank_zero_info(f"ckpt_path={ckpt_path}: a run folder; using {path}")
                 return path
         raise ConfigError(f"ckpt_path={ckpt_path}: a folder without checkpoints/last.ckpt; give a run folder or "
                           f"a .ckpt file")

@@ -286,6 +286,9 @@ def test_resume_keeps_the_runs_evaluation_settings(tmp_path):
     resumed = fit(tmp_path / "b", "ckpt_path=last", "trainer.deterministic=true", epochs=2)
     assert resumed["monitor"] == "val/sampled_ndcg@10"
     assert resumed["test"] == full["test"]
+    # test (and predict) read the checkpoint the same way: its protocol, not the command line's default
+    res = run(["test", f"ckpt_path={full['best_ckpt']}", "trainer.enable_progress_bar=false"])
+    assert res == pytest.approx(full["test"]) and "test/sampled_ndcg@10" in res
 
 
 def test_predict_gives_fewer_rows_rather_than_seen_items(tmp_path, capsys):
@@ -310,7 +313,7 @@ def test_bad_values_are_one_line_errors_and_leave_no_run_folder(tmp_path):
     bad = tmp_path / "bad.txt.gz"
     bad.write_text("1 2\n")  # not gzip
     for argv, expect in [(["trainer.max_epochs=abc"], "trainer.max_epochs='abc': expected an integer"),
-                         (["eval.chunk_size=0"], "eval.chunk_size=0: expected a positive integer"),
+                         (["eval.chunk_size=0"], "eval.chunk_size=0: expected an integer >= 1"),
                          (["eval.ks=[0,10]"], "eval.ks=[0, 10]: expected a list of positive integers"),
                          (["data.batch_size=abc"], "data.batch_size='abc': expected an integer >= 1"),
                          (["data=file", f"data.path={bad}"], f"data.path: cannot read '{bad}'")]:
@@ -321,12 +324,15 @@ def test_bad_values_are_one_line_errors_and_leave_no_run_folder(tmp_path):
     assert not runs_dir.exists() or not any(p.is_dir() and not any(p.iterdir()) for p in runs_dir.rglob("*"))
 
 
-def test_a_run_folder_is_a_checkpoint_argument(tmp_path, capsys):
+def test_a_run_folder_is_a_checkpoint_argument(tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO)
     out = fit(tmp_path, epochs=2)
     run_dir = out["run_dir"]
     res = run(["test", f"ckpt_path={run_dir}", "trainer.enable_progress_bar=false"])
     assert res == pytest.approx(out["test"])  # the folder's best checkpoint, as fit tested it
-    assert f"using {os.path.join(run_dir, 'checkpoints', os.path.basename(out['best_ckpt']))}" in capsys.readouterr().out
+    assert f"using {os.path.join(run_dir, 'checkpoints', os.path.basename(out['best_ckpt']))}" in caplog.text
     resumed = fit(tmp_path, f"ckpt_path={run_dir}", epochs=3)  # a resume takes the folder's last.ckpt
     assert resumed["run_dir"] == run_dir and resumed["epochs"] == 3
     with pytest.raises(ConfigError, match="a folder without checkpoints/last.ckpt"):

@@ -16,7 +16,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, check_int
 from .download import DATASETS, fetch
 from .encode import EncodedSequences, encode, kcore
 from .readers import FORMATS, read_sequences
@@ -181,14 +181,12 @@ class SeqDataModule(pl.LightningDataModule):
             raise ConfigError(f"data.fraction: expected a number in (0, 1], got {fraction}")
         if fraction_by not in ("history", "users"):
             raise ConfigError(f"data.fraction_by: '{fraction_by}' is not one of history, users")
-        for option, value, least in (("max_len", max_len, 1), ("batch_size", batch_size, 1),
-                                     ("eval_batch_size", eval_batch_size, 1), ("num_workers", num_workers, 0),
-                                     ("min_user_interactions", min_user_interactions, 0),
-                                     ("min_item_interactions", min_item_interactions, 0), ("seed", seed, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ConfigError(f"data.{option}={value!r}: expected an integer >= {least}")
-        if isinstance(eval_negatives, bool) or not isinstance(eval_negatives, int) or eval_negatives < 1:
-            raise ConfigError(f"eval.num_negatives={eval_negatives!r}: expected an integer >= 1")
+        for option, value, least in (("data.max_len", max_len, 1), ("data.batch_size", batch_size, 1),
+                                     ("data.eval_batch_size", eval_batch_size, 1), ("data.num_workers", num_workers, 0),
+                                     ("data.min_user_interactions", min_user_interactions, 0),
+                                     ("data.min_item_interactions", min_item_interactions, 0), ("data.seed", seed, 0),
+                                     ("eval.num_negatives", eval_negatives, 1)):
+            check_int(value, option, least)
         self.save_hyperparameters()
         self.data: EncodedSequences | None = None
         self._resolved_path: str | None = None
