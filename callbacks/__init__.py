@@ -2,6 +2,7 @@
 
 from .checkpoint import ModelCheckpoint
 from .data_fraction import DataFractionCallback
+from .ema import EMACallback
 from .hint_loss import HintLossCallback
 from .metrics_printer import MetricsPrinter
 from .noisy_rank import NoisyRankCallback
@@ -10,4 +11,4 @@ from .rng_state import RNGStateCallback
 from .stacking import StackingCallback
 from .timeline import Timeline
 
-__all__ = ["DataFractionCallback", "ModelCheckpoint", "HintLossCallback", "MetricsPrinter", "NoisyRankCallback", "OptimizerSwitchCallback", "RNGStateCallback", "StackingCallback", "Timeline"]
+__all__ = ["DataFractionCallback", "EMACallback", "ModelCheckpoint", "HintLossCallback", "MetricsPrinter", "NoisyRankCallback", "OptimizerSwitchCallback", "RNGStateCallback", "StackingCallback", "Timeline"]
