@@ -73,3 +73,12 @@ class SvrgProbe(pl.Callback):
             json.dump({"max_diff": max(float((g - m).abs().max()) for g, m in pairs),
                        "max_mu": max(float(m.abs().max()) for _, m in pairs), "n": len(pairs),
                        "n_params": len(list(pl_module.parameters()))}, f)
+
+
+class StepWeights(pl.Callback):
+    """Records the raw weights after every optimizer step (class attribute, for in-process tests)."""
+
+    steps: list = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        StepWeights.steps.append({n: t.detach().clone() for n, t in pl_module.state_dict().items()})

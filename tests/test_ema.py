@@ -1,0 +1,98 @@
+"""EMACallback: the average against a hand computation, what fit's test evaluates, exact resume, stacking."""
+
+import os
+
+import pytest
+import torch
+from conftest import tiny
+from ddp_probe import StepWeights
+
+from lightning_rec.callbacks import EMACallback
+from lightning_rec.cli import run
+from lightning_rec.distributed import TopKAveragingStrategy
+from lightning_rec.errors import ConfigError
+
+
+def fit(tmp_path, *extra, epochs=2):
+    return run(["fit", *tiny(tmp_path, "callbacks=ema", *extra, epochs=epochs)])
+
+
+def last(out):
+    return torch.load(os.path.join(out["run_dir"], "checkpoints", "last.ckpt"), weights_only=True)
+
+
+def test_the_checkpointed_average_is_the_hand_computed_ema(tmp_path):
+    StepWeights.steps = []
+    out = fit(tmp_path, "callbacks.ema.decay=0.7", "+callbacks.steps._target_=ddp_probe.StepWeights",
+              "test_after_fit=false")
+    steps = StepWeights.steps
+    assert len(steps) == 14  # 200 users / batch 32 = 7 steps, 2 epochs
+    ema = {k: v.clone() for k, v in steps[0].items()}  # the first update copies the weights
+    for w in steps[1:]:
+        for k in ema:
+            ema[k] = 0.7 * ema[k] + 0.3 * w[k]
+    ck = last(out)
+    assert ck["ema"] == {"decay": 0.7}
+    for k in ema:
+        torch.testing.assert_close(ck["state_dict"][k], ema[k], rtol=1e-5, atol=1e-6, msg=k)
+        torch.testing.assert_close(ck["current_model_state"][k], steps[-1][k], rtol=0, atol=0, msg=k)
+    assert any(not torch.equal(ema[k], steps[-1][k]) for k in ema)  # the average is not the raw model
+
+
+def test_fit_tests_the_average_like_the_test_command(tmp_path):
+    # Lightning's own callback puts the raw weights back when fit's test loads the best checkpoint.
+    out = fit(tmp_path, "callbacks.ema.decay=0.9", epochs=3)
+    again = run(["test", f"ckpt_path={out['best_ckpt']}", "trainer.enable_progress_bar=false",
+                 f"runs_dir={tmp_path / 'runs'}", "data.synthetic.num_users=200", "data.synthetic.num_items=50"])
+    assert again == pytest.approx(out["test"], abs=1e-6)
+    raw = fit(tmp_path / "raw", epochs=3, *["~callbacks.ema"])
+    assert raw["test"] != pytest.approx(out["test"], abs=1e-6)  # the average changes the tested model
+
+
+@pytest.mark.parametrize("stop_at", [1, 2])
+def test_resume_with_ema_is_exact(tmp_path, stop_at):
+    common = ["callbacks.ema.decay=0.8", "trainer.deterministic=true"]
+    full = fit(tmp_path / "a", *common, epochs=3)
+    fit(tmp_path / "b", *common, "test_after_fit=false", epochs=stop_at)
+    resumed = fit(tmp_path / "b", *common, "ckpt_path=last", epochs=3)
+    assert resumed["test"] == full["test"]
+    a, b = last(full), last(resumed)
+    for part in ("state_dict", "current_model_state"):
+        for k in a[part]:
+            torch.testing.assert_close(a[part][k], b[part][k], rtol=0, atol=0, msg=f"{part} {k}")
+
+
+@pytest.mark.parametrize("stop_at", [None, 1, 2])
+def test_the_average_restarts_at_a_stack_and_resumes_across_it(tmp_path, stop_at):
+    common = ["model=nextitnet", "model.num_blocks=2", "callbacks=stacking", "callbacks.stacking.at_epochs=[1]",
+              "+callbacks.ema._target_=lightning_rec.callbacks.EMACallback", "+callbacks.ema.decay=0.8",
+              "trainer.deterministic=true"]
+    full = run(["fit", *tiny(tmp_path / "a", *common, epochs=3)])
+    ck = last(full)
+    assert ck["hyper_parameters"]["num_blocks"] == 4
+    assert set(ck["state_dict"]) == set(ck["current_model_state"])
+    assert any(k.startswith("encoder.blocks.3.") for k in ck["state_dict"])
+    if stop_at is None:
+        return
+    run(["fit", *tiny(tmp_path / "b", *common, "test_after_fit=false", epochs=stop_at)])
+    resumed = run(["fit", *tiny(tmp_path / "b", *common, "ckpt_path=last", epochs=3)])
+    assert resumed["test"] == full["test"]
+    b = last(resumed)
+    for part in ("state_dict", "current_model_state"):
+        for k in ck[part]:
+            torch.testing.assert_close(ck[part][k], b[part][k], rtol=0, atol=0, msg=f"{part} {k}")
+
+
+@pytest.mark.parametrize("kw, option", [({"decay": 1.0}, "decay"), ({"decay": 0}, "decay"),
+                                        ({"start_step": -1}, "start_step"), ({"every_n_steps": 0}, "every_n_steps")])
+def test_bad_options_are_one_line_errors(kw, option):
+    with pytest.raises(ConfigError, match=f"callbacks.ema.{option}"):
+        EMACallback(**kw)
+
+
+def test_ema_under_topk_averaging_is_refused():
+    class FakeTrainer:
+        strategy = TopKAveragingStrategy(k=2, h=4)
+
+    with pytest.raises(ConfigError, match="trainer=topk"):
+        EMACallback().setup(FakeTrainer(), torch.nn.Linear(2, 2), "fit")
