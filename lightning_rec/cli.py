@@ -115,6 +115,10 @@ def _build_trainer(cfg: DictConfig, run_dir: str, callbacks: list, loggers: list
     from .checkpoint_io import AtomicCheckpointIO
 
     _precision_for(cfg)
+    if cfg.trainer.get("use_distributed_sampler", False):
+        raise ConfigError("trainer.use_distributed_sampler=true: the data module shards users over ranks itself "
+                          "(exact resume, padded evaluation); Lightning's sampler would shard them twice. Leave it "
+                          "false")
     if not cfg.trainer.get("enable_progress_bar", True):
         from pytorch_lightning.callbacks.progress import ProgressBar
 

@@ -10,8 +10,8 @@ round each rank computes the L2 distance of its local model to ``w``; the distan
 all-gathered (one number per rank), the ``k`` closest ranks are chosen (ties to the lower rank, so
 every rank chooses the same), and one all-reduce of the chosen models (the others contribute
 zeros) gives their mean, the new ``w``, which every rank then continues from. A round also ends
-before each validation, so evaluation, checkpoint selection and the saved weights are always the
-global model. Optimizer state (e.g. Adam moments) stays local to each rank.
+before each validation and when training ends, so evaluation, checkpoint selection and the saved
+weights are always the global model. Optimizer state (e.g. Adam moments) stays local to each rank.
 
 Outer optimizer (``outer_lr``, ``outer_momentum``; defaults 1 and 0 are the plain mean): the mean
 ``m`` of the chosen models is treated as a step, not a destination. With the pseudo-gradient
@@ -439,6 +439,13 @@ class TopKAveragingStrategy(DDPStrategy):
             return loss
 
         return wrapped
+
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        if self.steps_in_round and self._global is not None:
+            # a run that ends mid-round (no validation at its end) tests and keeps the global model, not each
+            # rank's local one
+            self._exchange("end of training")
 
     # -- evaluation sees the global model
     def on_validation_start(self) -> None:

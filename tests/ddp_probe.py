@@ -82,3 +82,13 @@ class StepWeights(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         StepWeights.steps.append({n: t.detach().clone() for n, t in pl_module.state_dict().items()})
+
+
+class TeardownWeights(pl.Callback):
+    """Each rank saves its parameters at teardown, after every ``on_train_end`` (the strategy's included)."""
+
+    def teardown(self, trainer, pl_module, stage):
+        if stage == "fit":
+            torch.save({"params": {n: p.detach().clone() for n, p in pl_module.named_parameters()},
+                        "round": getattr(trainer.strategy, "round", None)},
+                       os.path.join(os.environ["PROBE_DIR"], f"end{trainer.global_rank}.pt"))

@@ -342,3 +342,8 @@ def test_a_run_folder_is_a_checkpoint_argument(tmp_path, caplog):
 def test_data_path_without_a_file_dataset_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match="data=synthetic \\(the default\\) reads no file; add data=file"):
         fit(tmp_path, f"data.path={tmp_path / 'x.txt'}", epochs=1)
+
+
+def test_lightnings_distributed_sampler_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="trainer.use_distributed_sampler=true: .*shard them twice"):
+        fit(tmp_path, "trainer.use_distributed_sampler=true")

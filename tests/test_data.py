@@ -258,3 +258,16 @@ def test_fraction_keeps_ceil_of_fraction_times_each_length():
 def test_bad_data_option_values_name_the_option(option, value):
     with pytest.raises(ConfigError, match=f"data.{option}[=:]"):
         SeqDataModule(name="synthetic", **{option: value})
+
+
+def test_evaluation_with_fewer_users_than_ranks_is_a_one_line_error(sasrec_file, monkeypatch):
+    import lightning_rec.data.sampler as sampler
+
+    dm = SeqDataModule(name="file", path=sasrec_file)
+    dm.setup()
+    monkeypatch.setattr(sampler, "_dist_info", lambda: (0, 64))  # 60 users, 64 ranks
+    dm.train_dataloader()  # training pads the shard instead
+    with pytest.raises(ConfigError, match="trainer.devices: evaluation has 60 users, fewer than the 64 ranks"):
+        dm.val_dataloader()
+    monkeypatch.setattr(sampler, "_dist_info", lambda: (0, 60))
+    assert len(dm.val_dataloader().sampler) == 1

@@ -44,7 +44,7 @@ def launch(tmp_path, tag, *overrides, epochs=2, launcher=None):
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
     assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-3000:])
     out = {}
-    for f in sorted(os.listdir(probe)):
+    for f in sorted(f for f in os.listdir(probe) if f.startswith("weights")):
         out[int(f[len("weights"):-3])] = torch.load(probe / f, weights_only=False)
     return out, p.stdout + p.stderr
 
@@ -313,6 +313,23 @@ def test_topk_leaves_a_noisy_rank_out(tmp_path):
         assert max_diff(topk[0]["params"], topk[r]["params"]) == 0.0
     rows = [json.loads(line) for line in open(next((tmp_path / "k3" / "runs").glob("*/*/topk_rounds.jsonl")))]
     assert [r["round"] for r in rows] == list(range(1, len(rows) + 1))
+
+
+@pytest.mark.ddp
+def test_a_topk_run_that_ends_mid_round_ends_on_the_global_model(tmp_path):
+    data = equal_length_file(tmp_path)  # 64 users: 4 steps of 8 per rank per epoch; h=3 leaves 2 steps over
+    common = ("data=file", f"data.path={data}", "data.max_len=12", "data.batch_size=8", "trainer=topk",
+              "trainer.devices=2", "trainer.strategy.h=3", "trainer.strategy.k=2", "trainer.limit_val_batches=0",
+              "+callbacks.end._target_=ddp_probe.TeardownWeights")
+    local, log = launch(tmp_path, "mid", *common, epochs=2)
+    assert max_diff(local[0]["params"], local[1]["params"]) > 0  # on_train_end of the callbacks: still local
+    probe = tmp_path / "probe-mid"
+    end = [torch.load(probe / f"end{r}.pt", weights_only=False) for r in (0, 1)]
+    assert end[0]["round"] == end[1]["round"] == 3  # rounds after steps 3 and 6, and one at the end
+    assert max_diff(end[0]["params"], end[1]["params"]) == 0.0
+    mean = {n: (local[0]["params"][n] + local[1]["params"][n]) / 2 for n in local[0]["params"]}
+    assert max_diff(end[0]["params"], mean) < 1e-6
+    assert "end of training" in log
 
 
 @pytest.mark.ddp

@@ -350,6 +350,10 @@ class SeqDataModule(pl.LightningDataModule):
     # ------------------------------------------------------------------ loaders
     def _loader(self, ds: Dataset, batch_size: int, train: bool) -> DataLoader:
         sampler = EpochSampler(len(ds), seed=self.hparams.seed, shuffle=train, pad=train)
+        if not train and sampler.world > len(ds):
+            # a rank with no users would skip evaluation and leave the others waiting in the metric sync
+            raise ConfigError(f"trainer.devices: evaluation has {len(ds)} users, fewer than the {sampler.world} "
+                              f"ranks; run it on at most {len(ds)} processes")
         return DataLoader(
             ds, batch_size=batch_size, sampler=sampler, collate_fn=_passthrough,
             num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0,
