@@ -83,16 +83,19 @@ def claim_run_dir(path: str, hint: str | None = None) -> str:
 
 
 def find_last_checkpoint(runs_dir: str, name: str | None = None) -> str:
-    """The newest ``last.ckpt`` under ``runs_dir`` (preferring runs named ``name``)."""
-    patterns = []
+    """The newest ``last.ckpt`` among the runs named ``name`` under ``runs_dir``.
+
+    Never another name's: its architecture and data would silently replace the ones asked for."""
     if name:
-        patterns.append(os.path.join(runs_dir, name.replace("/", "_"), "*", "checkpoints", "last*.ckpt"))
-    patterns.append(os.path.join(runs_dir, "*", "*", "checkpoints", "last*.ckpt"))
-    for pattern in patterns:
-        found = glob.glob(pattern)
+        found = glob.glob(os.path.join(runs_dir, name.replace("/", "_"), "*", "checkpoints", "last*.ckpt"))
         if found:
             return max(found, key=os.path.getmtime)
-    raise ConfigError(f"ckpt_path=last: no checkpoints/last.ckpt under runs_dir={runs_dir}; pass a checkpoint path")
+    others = sorted({os.path.basename(os.path.dirname(os.path.dirname(os.path.dirname(p))))
+                     for p in glob.glob(os.path.join(runs_dir, "*", "*", "checkpoints", "last*.ckpt"))})
+    hint = (f"runs with one: {', '.join(others[:8])}{' ...' if len(others) > 8 else ''}; pass name=<one of them>"
+            if others else "there are none")
+    raise ConfigError(f"ckpt_path=last: no run named '{name}' under runs_dir={runs_dir} has checkpoints/last.ckpt "
+                      f"({hint}) or a checkpoint path")
 
 
 def resolve_checkpoint(ckpt_path: str, runs_dir: str, name: str | None, prefer: str = "best") -> str:

@@ -347,3 +347,11 @@ def test_data_path_without_a_file_dataset_is_an_error(tmp_path):
 def test_lightnings_distributed_sampler_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="trainer.use_distributed_sampler=true: .*shard them twice"):
         fit(tmp_path, "trainer.use_distributed_sampler=true")
+
+
+def test_ckpt_path_last_never_resumes_a_run_of_another_name(tmp_path):
+    fit(tmp_path, "test_after_fit=false", epochs=1)  # sasrec-synthetic
+    with pytest.raises(ConfigError, match="no run named 'nextitnet-synthetic' .*runs with one: sasrec-synthetic"):
+        fit(tmp_path, "model=nextitnet", "ckpt_path=last")
+    with pytest.raises(ConfigError, match="there are none"):
+        fit(tmp_path / "empty", "ckpt_path=last")
