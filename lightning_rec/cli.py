@@ -15,6 +15,7 @@ summary table (see :mod:`lightning_rec.sweep`); ``fit -m ... --cfg`` lists the t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -391,31 +392,32 @@ def _fit(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
             f"data: {dm.source} | {dm.num_users} users, {dm.num_items} items | "
             f"model: {what}, {n_params:,} parameters"
         )
-    t0 = time.perf_counter()
-    trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
-    fit_seconds = time.perf_counter() - t0
-    results: dict[str, float] = {}
-    ckpt_cb = trainer.checkpoint_callback
-    best = ckpt_cb.best_model_path if ckpt_cb else ""
-    if cfg.test_after_fit and not trainer.interrupted:
-        out = trainer.test(model, datamodule=dm, ckpt_path=best or None, verbose=False)
-        results = {k: float(v) for k, v in (out[0] if out else {}).items()}
+    with _wandb_failed_on_error(loggers):  # a fit that raises does not leave its W&B run open
+        t0 = time.perf_counter()
+        trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+        fit_seconds = time.perf_counter() - t0
+        results: dict[str, float] = {}
+        ckpt_cb = trainer.checkpoint_callback
+        best = ckpt_cb.best_model_path if ckpt_cb else ""
+        if cfg.test_after_fit and not trainer.interrupted:
+            out = trainer.test(model, datamodule=dm, ckpt_path=best or None, verbose=False)
+            results = {k: float(v) for k, v in (out[0] if out else {}).items()}
+            if trainer.is_global_zero:
+                _print_metrics("test", results, best)
+                _write_metrics(cfg.metrics_out, results)
         if trainer.is_global_zero:
-            _print_metrics("test", results, best)
-            _write_metrics(cfg.metrics_out, results)
-    if trainer.is_global_zero:
-        rank_zero_info(f"run folder: {run_dir}")
-    best_score = ckpt_cb.best_model_score if ckpt_cb is not None else None
-    out = {
-        "test": results, "run_dir": run_dir, "best_ckpt": best, "monitor": str(cfg.eval.monitor),
-        "best_score": float(best_score) if best_score is not None else None,
-        "epochs": trainer.current_epoch, "fit_seconds": fit_seconds,
-    }
-    if trainer.is_global_zero:  # the run's outcome, machine-readable (sweeps read it from child processes)
-        tmp = os.path.join(run_dir, "result.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(out, f, indent=1)
-        os.replace(tmp, os.path.join(run_dir, "result.json"))
+            rank_zero_info(f"run folder: {run_dir}")
+        best_score = ckpt_cb.best_model_score if ckpt_cb is not None else None
+        out = {
+            "test": results, "run_dir": run_dir, "best_ckpt": best, "monitor": str(cfg.eval.monitor),
+            "best_score": float(best_score) if best_score is not None else None,
+            "epochs": trainer.current_epoch, "fit_seconds": fit_seconds,
+        }
+        if trainer.is_global_zero:  # the run's outcome, machine-readable (sweeps read it from child processes)
+            tmp = os.path.join(run_dir, "result.json.tmp")
+            with open(tmp, "w") as f:
+                json.dump(out, f, indent=1)
+            os.replace(tmp, os.path.join(run_dir, "result.json"))
     _finish_wandb(loggers)
     return out
 
@@ -443,13 +445,26 @@ def _wait_for_server(address: str, seconds: float) -> None:
             time.sleep(1)
 
 
-def _finish_wandb(loggers: list) -> None:
+def _finish_wandb(loggers: list, exit_code: int = 0) -> None:
     """End this run's W&B run, so the next fit in this process (a sweep's next trial) starts its own."""
     from pytorch_lightning.loggers import WandbLogger
 
     for lg in loggers:
         if isinstance(lg, WandbLogger) and getattr(lg, "_experiment", None) is not None:
-            lg.experiment.finish()
+            lg.experiment.finish(exit_code=exit_code)
+
+
+@contextlib.contextmanager
+def _wandb_failed_on_error(loggers: list):
+    """Mark the W&B run failed (exit code 1) and end it when the block raises; the error goes on."""
+    try:
+        yield
+    except BaseException:
+        try:
+            _finish_wandb(loggers, exit_code=1)
+        except Exception:  # never hide the real error behind a logging one
+            pass
+        raise
 
 
 def _print_metrics(stage: str, metrics: dict[str, float], ckpt: str | None) -> None:

@@ -92,3 +92,10 @@ class TeardownWeights(pl.Callback):
             torch.save({"params": {n: p.detach().clone() for n, p in pl_module.named_parameters()},
                         "round": getattr(trainer.strategy, "round", None)},
                        os.path.join(os.environ["PROBE_DIR"], f"end{trainer.global_rank}.pt"))
+
+
+class Boom(pl.Callback):
+    """Fails the fit at the end of the first training epoch."""
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        raise RuntimeError("boom")

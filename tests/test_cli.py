@@ -355,3 +355,12 @@ def test_ckpt_path_last_never_resumes_a_run_of_another_name(tmp_path):
         fit(tmp_path, "model=nextitnet", "ckpt_path=last")
     with pytest.raises(ConfigError, match="there are none"):
         fit(tmp_path / "empty", "ckpt_path=last")
+
+
+def test_a_failed_fit_ends_its_wandb_run_as_failed(tmp_path, monkeypatch):
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    with pytest.raises(RuntimeError, match="boom"):
+        fit(tmp_path, "logger=wandb", "+callbacks.boom._target_=ddp_probe.Boom", epochs=1)
+    assert wandb.run is None  # else the next fit in this process would log into the failed run
