@@ -80,7 +80,6 @@ class OptimizerSwitchCallback(pl.Callback):
         self.lrs: list[float] | None = None
         self.estimates: list[SwatsEstimate] = []
         self._before: list[list[torch.Tensor]] | None = None
-        self._grads: list[list[torch.Tensor]] | None = None
         self._step_at_snapshot = -1
         self._pending = False
         self._epochs_run = 0  # epochs this fit has started, for the end-of-run message
@@ -107,10 +106,9 @@ class OptimizerSwitchCallback(pl.Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if self.phase != "adaptive" or (self.mode == "scheduled" and self.sgd_lr is not None):
             return  # nothing to estimate: skip copying every parameter and gradient each step
-        groups = optimizer.param_groups
-        self._before = [[p.detach().clone() for p in g["params"]] for g in groups]
-        self._grads = [[(p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)) for p in g["params"]]
-                       for g in groups]
+        # Only the weights: Lightning clips gradients after this hook, so the gradient the step was taken
+        # from is read after the step (the optimizer leaves it in .grad until the next zero_grad).
+        self._before = [[p.detach().clone() for p in g["params"]] for g in optimizer.param_groups]
         self._step_at_snapshot = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -139,14 +137,15 @@ class OptimizerSwitchCallback(pl.Callback):
         if len(self.estimates) != len(opt.param_groups):
             self.estimates = [SwatsEstimate(self._beta2(pl_module), self.rtol) for _ in opt.param_groups]
         converged = []
-        for est, g, before, grads in zip(self.estimates, opt.param_groups, self._before, self._grads):
+        for est, g, before in zip(self.estimates, opt.param_groups, self._before):
             if len(before) != len(g["params"]):  # the model changed shape (a stack) since the snapshot
                 converged.append(False)
                 continue
             step = torch.cat([(p.detach() - b).flatten() for p, b in zip(g["params"], before)])
-            grad = torch.cat([x.flatten() for x in grads])
+            grad = torch.cat([(p.grad.detach() if p.grad is not None else torch.zeros_like(p)).flatten()
+                              for p in g["params"]])
             converged.append(est.update(swats_gamma(step, grad)))
-        self._before = self._grads = None
+        self._before = None
         lam = self.estimates[0].value
         if lam is not None:
             pl_module.log("optim/swats_lr", float(lam), on_step=True, on_epoch=False, batch_size=1)
