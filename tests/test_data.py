@@ -271,3 +271,15 @@ def test_evaluation_with_fewer_users_than_ranks_is_a_one_line_error(sasrec_file,
         dm.val_dataloader()
     monkeypatch.setattr(sampler, "_dist_info", lambda: (0, 60))
     assert len(dm.val_dataloader().sampler) == 1
+
+
+def test_synthetic_data_seed_can_be_fixed_apart_from_the_run_seed():
+    def users(**kw):
+        dm = SeqDataModule(name="synthetic", synthetic={"num_users": 50, "num_items": 30, **kw.pop("syn", {})}, **kw)
+        dm.setup()
+        return dm.id_maps(), [dm.train_set[i]["inputs"].tolist() for i in range(len(dm.train_set))]
+
+    assert users(seed=1) != users(seed=2)  # null: the data follows the run's seed
+    assert users(seed=1, syn={"seed": 7}) == users(seed=2, syn={"seed": 7}) == users(seed=7)
+    with pytest.raises(ConfigError, match="data.synthetic.foo: no such option"):
+        users(syn={"foo": 1})

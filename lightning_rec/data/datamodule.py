@@ -7,6 +7,7 @@ all-padding left columns trimmed off.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from typing import Any
@@ -200,7 +201,15 @@ class SeqDataModule(pl.LightningDataModule):
     def _read(self) -> dict[str, list[str]]:
         hp = self.hparams
         if hp.name == "synthetic":
-            return make_synthetic(seed=hp.seed, **(hp.synthetic or {}))
+            opts = dict(hp.synthetic or {})
+            known = inspect.signature(make_synthetic).parameters
+            for key in opts:
+                if key not in known:
+                    raise ConfigError(f"data.synthetic.{key}: no such option; expected one of {', '.join(known)}")
+            data_seed = opts.pop("seed", None)  # null: the run's seed, so a seed sweep also redraws the data
+            if data_seed is not None:
+                check_int(data_seed, "data.synthetic.seed", 0)
+            return make_synthetic(seed=hp.seed if data_seed is None else data_seed, **opts)
         path, fmt = hp.path, hp.format
         if not path:
             path, fmt = fetch(hp.name, hp.cache_dir, hp.download_verify)
