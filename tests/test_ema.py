@@ -96,3 +96,14 @@ def test_ema_under_topk_averaging_is_refused():
 
     with pytest.raises(ConfigError, match="trainer=topk"):
         EMACallback().setup(FakeTrainer(), torch.nn.Linear(2, 2), "fit")
+
+
+@pytest.mark.ddp
+def test_ema_under_two_process_ddp_ends_both_ranks_on_the_checkpointed_average(tmp_path):
+    from test_distributed import launch, max_diff
+
+    ranks, _ = launch(tmp_path, "ema", "callbacks=ema", "callbacks.ema.decay=0.8", "trainer=ddp", "trainer.devices=2")
+    assert max_diff(ranks[0]["params"], ranks[1]["params"]) == 0.0
+    ck = torch.load(next((tmp_path / "ema" / "runs").glob("*/*/checkpoints/last.ckpt")), weights_only=True)
+    assert max_diff(ranks[0]["params"], ck["state_dict"]) == 0.0  # the model ends as the average
+    assert max_diff(ranks[0]["params"], ck["current_model_state"]) > 0
