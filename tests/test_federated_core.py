@@ -96,3 +96,15 @@ def test_held_out_users_are_on_no_device_and_drawn_by_seed():
     assert len(out0) == 0 and len(kept0) == 50
     with pytest.raises(ConfigError, match="holdout_users=1.0: expected a fraction in"):
         split_holdout(10, 1.0)
+
+
+def test_weight_averaging_in_federated_local_training_is_refused():
+    from types import SimpleNamespace
+
+    from lightning_rec.federated.device import Device
+
+    dev = SimpleNamespace(callbacks_conf={"ema": {"_target_": "lightning_rec.callbacks.EMACallback"}}, distill={})
+    with pytest.raises(ConfigError, match="federation.callbacks.ema: weight averaging"):
+        Device._callbacks(dev, None)
+    dev.callbacks_conf = {"ema": None, "switch": {"_target_": "lightning_rec.callbacks.OptimizerSwitchCallback"}}
+    assert [type(c).__name__ for c in Device._callbacks(dev, None)] == ["OptimizerSwitchCallback"]

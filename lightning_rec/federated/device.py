@@ -110,7 +110,15 @@ class Device:
     def _callbacks(self, teacher: LabelLogits | None) -> list[pl.Callback]:
         from hydra.utils import instantiate
 
+        from pytorch_lightning.callbacks import StochasticWeightAveraging, WeightAveraging
+
         cbs = [instantiate(c) for c in self.callbacks_conf.values() if c]
+        for name, cb in zip([n for n, c in self.callbacks_conf.items() if c], cbs):
+            if isinstance(cb, (WeightAveraging, StochasticWeightAveraging)):
+                # each round replaces the weights with the global model; an average kept across rounds would
+                # mix the device's old weights into what it uploads
+                raise ConfigError(f"federation.callbacks.{name}: weight averaging (EMA/SWA) does not apply to "
+                                  f"federated local training; drop it")
         if teacher is not None and teacher.labels.numel():
             from lightning_rec.callbacks import HintLossCallback
 
