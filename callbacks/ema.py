@@ -68,10 +68,6 @@ class EMACallback(EMAWeightAveraging):
                                             use_buffers=self._use_buffers, **self._kwargs)
         rank_zero_info("EMA: the model changed shape (a stack); the weight average restarts from the current weights")
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
-        self._match_model(pl_module)
-
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         self._match_model(pl_module)

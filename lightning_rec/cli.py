@@ -312,6 +312,7 @@ def _fit(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     ckpt_path = None
     saved_model = None
     saved_data_state = None
+    averaged = False  # the checkpoint to resume holds a weight average beside the raw weights
     init_ckpt = None
     if cfg.get("init_from"):
         init_ckpt = runs.load_checkpoint(runs.resolve_checkpoint(str(cfg.init_from), cfg.runs_dir, None))
@@ -322,6 +323,7 @@ def _fit(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
         if "optimizer_states" not in ckpt or "loops" not in ckpt:
             raise ConfigError(f"ckpt_path={ckpt_path}: holds weights only (e.g. written by `stack`), not a training "
                               f"state to resume; start a new run from it with init_from={ckpt_path}")
+        averaged = "current_model_state" in ckpt
         saved_model = ckpt.get("hyper_parameters")
         saved_data_state = ckpt.get("SeqDataModule")
         _eval_from_checkpoint(cfg, ckpt, overrides)
@@ -375,6 +377,14 @@ def _fit(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
         cfg.eval.monitor = cfg.eval.monitor.replace("val/", "val/light/", 1)  # the shipped net picks the best epoch
     _check_monitor(cfg, model)
     callbacks = _instantiate_dict(cfg.callbacks, "callbacks")
+    if averaged:
+        from pytorch_lightning.callbacks import WeightAveraging
+
+        if not any(isinstance(c, WeightAveraging) for c in callbacks):
+            # without it Lightning would resume training from the average, not from the raw weights
+            raise ConfigError(f"ckpt_path={ckpt_path}: the run averaged its weights (EMA); resume it with the same "
+                              f"callback, e.g. callbacks=ema, or start a new run from the average with "
+                              f"init_from={ckpt_path}")
     loggers = runs.build_loggers(cfg.logger, run_dir, resuming)
     trainer = _build_trainer(cfg, run_dir, callbacks, loggers)
 

@@ -107,3 +107,9 @@ def test_ema_under_two_process_ddp_ends_both_ranks_on_the_checkpointed_average(t
     ck = torch.load(next((tmp_path / "ema" / "runs").glob("*/*/checkpoints/last.ckpt")), weights_only=True)
     assert max_diff(ranks[0]["params"], ck["state_dict"]) == 0.0  # the model ends as the average
     assert max_diff(ranks[0]["params"], ck["current_model_state"]) > 0
+
+
+def test_resuming_an_averaged_run_without_the_callback_is_refused(tmp_path):
+    fit(tmp_path, "test_after_fit=false", epochs=1)
+    with pytest.raises(ConfigError, match="the run averaged its weights .*callbacks=ema"):
+        run(["fit", *tiny(tmp_path, "ckpt_path=last", epochs=2)])
