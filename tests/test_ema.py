@@ -49,11 +49,10 @@ def test_fit_tests_the_average_like_the_test_command(tmp_path):
     assert raw["test"] != pytest.approx(out["test"], abs=1e-6)  # the average changes the tested model
 
 
-@pytest.mark.parametrize("stop_at", [1, 2])
-def test_resume_with_ema_is_exact(tmp_path, stop_at):
+def test_resume_with_ema_is_exact(tmp_path):
     common = ["callbacks.ema.decay=0.8", "trainer.deterministic=true"]
     full = fit(tmp_path / "a", *common, epochs=3)
-    fit(tmp_path / "b", *common, "test_after_fit=false", epochs=stop_at)
+    fit(tmp_path / "b", *common, "test_after_fit=false", epochs=1)
     resumed = fit(tmp_path / "b", *common, "ckpt_path=last", epochs=3)
     assert resumed["test"] == full["test"]
     a, b = last(full), last(resumed)
@@ -62,7 +61,7 @@ def test_resume_with_ema_is_exact(tmp_path, stop_at):
             torch.testing.assert_close(a[part][k], b[part][k], rtol=0, atol=0, msg=f"{part} {k}")
 
 
-@pytest.mark.parametrize("stop_at", [None, 1, 2])
+@pytest.mark.parametrize("stop_at", [1, 2])  # resume before the stack, and after it
 def test_the_average_restarts_at_a_stack_and_resumes_across_it(tmp_path, stop_at):
     common = ["model=nextitnet", "model.num_blocks=2", "callbacks=stacking", "callbacks.stacking.at_epochs=[1]",
               "+callbacks.ema._target_=lightning_rec.callbacks.EMACallback", "+callbacks.ema.decay=0.8",
@@ -72,8 +71,6 @@ def test_the_average_restarts_at_a_stack_and_resumes_across_it(tmp_path, stop_at
     assert ck["hyper_parameters"]["num_blocks"] == 4
     assert set(ck["state_dict"]) == set(ck["current_model_state"])
     assert any(k.startswith("encoder.blocks.3.") for k in ck["state_dict"])
-    if stop_at is None:
-        return
     run(["fit", *tiny(tmp_path / "b", *common, "test_after_fit=false", epochs=stop_at)])
     resumed = run(["fit", *tiny(tmp_path / "b", *common, "ckpt_path=last", epochs=3)])
     assert resumed["test"] == full["test"]
