@@ -9,8 +9,7 @@ embedding or output table; 1-D tensors as ``max``) or ``none`` (element-wise). `
 paper's other wording: the EMA takes the element-wise largest of the last ``q`` shifted squared
 gradients.
 
-The update, where ``k`` counts the second-moment updates of each entry of ``phi`` (the tensor for
-``max``, a row for ``row_max``, an element for ``none``) since its first non-zero shifted gradient::
+The update, for a parameter with ``k`` second-moment updates so far::
 
     m_t     = sum_{i<n} beta1^i g_{t-i} / sum_{i<n} beta1^i
     v_t     = beta2 v_{t-1} + (1 - beta2) phi(g_{t-n}^2)
@@ -131,33 +130,14 @@ class AdaShift(Optimizer):
                     continue
                 state["k"] += 1
                 v = state["v"].mul_(beta2).add_(sq, alpha=1 - beta2)
-                # Bias correction counts per entry of phi (element, row or tensor), from the entry's first
-                # non-zero shifted gradient: a row first seen late (a rare item) would otherwise divide by
-                # a v that has had one update, under the tensor's 1 - beta2^k ~ 1, a first step ~30x lr.
-                if "kk" not in state:  # a state saved before per-entry counts: entries with a scale had k
-                    state["kk"] = torch.where(v.amax() > 0 if sq.dim() == 0 else _reduce_like(v, sq) > 0,
-                                              float(state["k"] - 1), 0.0).to(v.dtype)
-                kk = state["kk"]
-                kk.add_(((kk > 0) | (sq != 0)).to(kk.dtype))
                 m = torch.zeros_like(p)
                 for i, gi in enumerate(reversed(window)):  # gi = g_{t-i}
                     m.add_(gi, alpha=weights[i] / norm)
-                if group["bias_correction"]:
-                    corr = 1 - beta2 ** kk
-                    vhat = torch.where(corr > 0, v / corr.clamp_min(torch.finfo(v.dtype).tiny), torch.zeros_like(v))
-                else:
-                    vhat = v
+                vhat = v / (1 - beta2 ** state["k"]) if group["bias_correction"] else v
                 step = m.div_(vhat.sqrt().add_(group["eps"]))
                 step.masked_fill_(vhat == 0, 0.0)  # entries (rows) never seen non-zero: no scale, no step
                 p.add_(step, alpha=-group["lr"])
         return loss
-
-
-def _reduce_like(v: torch.Tensor, sq: torch.Tensor) -> torch.Tensor:
-    """``v`` reduced (max) to the shape of ``sq`` (one value per row for row_max, as is for none)."""
-    if sq.shape == v.shape:
-        return v
-    return v.flatten(1).amax(1).view(sq.shape)
 
 
 def swats_gamma(step: torch.Tensor, grad: torch.Tensor) -> float | None:
