@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import EMAWeightAveraging
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_info
@@ -34,8 +35,8 @@ class EMACallback(EMAWeightAveraging):
     Args:
         decay: weight of the old average per optimizer step, in (0, 1); the average spans about
             ``1 / (1 - decay)`` steps (0.995: 200 steps).
-        start_step: first optimizer step (0-based) that updates the average; before it the average is
-            the current weights.
+        start_step: first optimizer step (0-based) that updates the average; until then validation,
+            checkpoints and the end of training see the current weights.
         every_n_steps: update every this many optimizer steps.
     """
 
@@ -56,17 +57,21 @@ class EMACallback(EMAWeightAveraging):
                               "model between rounds); drop callbacks.ema or use trainer=ddp")
         super().setup(trainer, pl_module, stage)
 
-    # -- the average follows the model's shape (StackRec)
+    # -- the average follows the model's shape (StackRec), and is the model itself until its first update
     def _match_model(self, pl_module: pl.LightningModule) -> None:
         avg = self._average_model
         if avg is None:
             return
         shapes = [(n, tuple(t.shape)) for n, t in pl_module.state_dict().items()]
-        if shapes == [(n, tuple(t.shape)) for n, t in avg.module.state_dict().items()]:
-            return
-        self._average_model = AveragedModel(model=pl_module, device=self._device or pl_module.device,
-                                            use_buffers=self._use_buffers, **self._kwargs)
-        rank_zero_info("EMA: the model changed shape (a stack); the weight average restarts from the current weights")
+        if shapes != [(n, tuple(t.shape)) for n, t in avg.module.state_dict().items()]:
+            avg = self._average_model = AveragedModel(model=pl_module, device=self._device or pl_module.device,
+                                                      use_buffers=self._use_buffers, **self._kwargs)
+            rank_zero_info("EMA: the model changed shape (a stack); the weight average restarts from the current "
+                           "weights")
+        if int(avg.n_averaged) == 0:  # before start_step (or a stack's first step): the current weights
+            with torch.no_grad():
+                for a, c in zip(avg.module.state_dict().values(), pl_module.state_dict().values()):
+                    a.copy_(c)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

@@ -110,3 +110,14 @@ def test_resuming_an_averaged_run_without_the_callback_is_refused(tmp_path):
     fit(tmp_path, "test_after_fit=false", epochs=1)
     with pytest.raises(ConfigError, match="the run averaged its weights .*callbacks=ema"):
         run(["fit", *tiny(tmp_path, "ckpt_path=last", epochs=2)])
+
+
+def test_before_its_first_update_the_average_is_the_current_model(tmp_path):
+    # start_step beyond the run: the average never updates, so every use of it must see the raw weights
+    # (Lightning's callback would validate and ship the initial random weights)
+    out = fit(tmp_path, "callbacks.ema.start_step=1000", epochs=2)
+    raw = fit(tmp_path / "raw", "~callbacks.ema", epochs=2)
+    assert out["test"] == pytest.approx(raw["test"], abs=1e-6)
+    ck = last(out)
+    for k, v in ck["current_model_state"].items():
+        torch.testing.assert_close(ck["state_dict"][k], v, rtol=0, atol=0, msg=k)
