@@ -92,10 +92,10 @@ def find_last_checkpoint(runs_dir: str, name: str | None = None) -> str:
             return max(found, key=os.path.getmtime)
     others = sorted({os.path.basename(os.path.dirname(os.path.dirname(os.path.dirname(p))))
                      for p in glob.glob(os.path.join(runs_dir, "*", "*", "checkpoints", "last*.ckpt"))})
-    hint = (f"runs with one: {', '.join(others[:8])}{' ...' if len(others) > 8 else ''}; pass name=<one of them>"
-            if others else "there are none")
+    hint = (f"runs with one: {', '.join(others[:8])}{' ...' if len(others) > 8 else ''}; pass name=<one of them> "
+            f"or a checkpoint path" if others else "there are none; pass a checkpoint path")
     raise ConfigError(f"ckpt_path=last: no run named '{name}' under runs_dir={runs_dir} has checkpoints/last.ckpt "
-                      f"({hint}) or a checkpoint path")
+                      f"({hint})")
 
 
 def resolve_checkpoint(ckpt_path: str, runs_dir: str, name: str | None, prefer: str = "best") -> str:
