@@ -160,13 +160,9 @@ def main() -> None:
         cratio = r["comm"] / ddp["comm"] if ddp and ddp["comm"] else float("nan")
         noisy = (f"{sum(3 in x['chosen'] for x in r['rounds'])}/{len(r['rounds'])}" if name.startswith("noisy")
                  else "")
-        def pct(x: float) -> str:
-            return "n/a" if x != x else f"{x:+.1%}"  # no DDP run in this invocation: nothing to compare with
-
-        rows_md.append(f"| {name} | {max(r['val']):.4f} | {pct(rel_val)} | {r['val'][-1]:.4f} | {pct(rel_last)} | "
-                       f"{r['test']:.4f} | {pct(rel)} | {r['comm'] / 1e6:.1f} | "
-                       f"{per_seq:,.0f} | {'n/a' if cratio != cratio else f'{cratio:.3f}'} | {len(r['rounds']) or ''} "
-                       f"| {noisy} | {r['wall']:.0f} |")
+        rows_md.append(f"| {name} | {max(r['val']):.4f} | {_vs(rel_val, '+.1%')} | {r['val'][-1]:.4f} | "
+                       f"{_vs(rel_last, '+.1%')} | {r['test']:.4f} | {_vs(rel, '+.1%')} | {r['comm'] / 1e6:.1f} | "
+                       f"{per_seq:,.0f} | {_vs(cratio, '.3f')} | {len(r['rounds']) or ''} | {noisy} | {r['wall']:.0f} |")
         for key, gap in (("test", rel), ("val", rel_val), ("last", rel_last)):
             if ddp and name.startswith("h32") and gap >= -0.01 and cratio <= 1 / 16:
                 verdict[key].append(name)
@@ -188,6 +184,11 @@ def main() -> None:
                  "not evaluated (no DDP run)."))
     append("Distributed: DDP vs top-k model averaging on ML-1M", f"Setting: {setting}.\n\n" + "\n".join(rows_md)
            + f"\n\n{target}")
+
+
+def _vs(x: float, spec: str) -> str:
+    """A comparison with DDP, or n/a when the invocation ran no DDP (NaN)."""
+    return "n/a" if x != x else format(x, spec)
 
 
 def _sequences(args) -> int:

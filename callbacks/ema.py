@@ -58,37 +58,41 @@ class EMACallback(EMAWeightAveraging):
         super().setup(trainer, pl_module, stage)
 
     # -- the average follows the model's shape (StackRec), and is the model itself until its first update
-    def _match_model(self, pl_module: pl.LightningModule) -> None:
+    def _match_shape(self, pl_module: pl.LightningModule) -> None:
+        """After a stack the average restarts from the current weights (every optimizer step: kept cheap)."""
         avg = self._average_model
-        if avg is None:
+        if avg is None or [p.shape for p in avg.module.parameters()] == [p.shape for p in pl_module.parameters()]:
             return
-        shapes = [(n, tuple(t.shape)) for n, t in pl_module.state_dict().items()]
-        if shapes != [(n, tuple(t.shape)) for n, t in avg.module.state_dict().items()]:
-            avg = self._average_model = AveragedModel(model=pl_module, device=self._device or pl_module.device,
-                                                      use_buffers=self._use_buffers, **self._kwargs)
-            rank_zero_info("EMA: the model changed shape (a stack); the weight average restarts from the current "
-                           "weights")
-        if int(avg.n_averaged) == 0:  # before start_step (or a stack's first step): the current weights
+        self._average_model = AveragedModel(model=pl_module, device=self._device or pl_module.device,
+                                            use_buffers=self._use_buffers, **self._kwargs)
+        rank_zero_info("EMA: the model changed shape (a stack); the weight average restarts from the current weights")
+
+    def _ready(self, pl_module: pl.LightningModule) -> None:
+        """Before the average is used (validation, a checkpoint, the end of training): until its first update
+        (before start_step, or right after a stack) it is the current weights, not the copy made at setup."""
+        self._match_shape(pl_module)
+        avg = self._average_model
+        if avg is not None and int(avg.n_averaged) == 0:
             with torch.no_grad():
                 for a, c in zip(avg.module.state_dict().values(), pl_module.state_dict().values()):
                     a.copy_(c)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        self._match_model(pl_module)
+        self._match_shape(pl_module)
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._match_model(pl_module)
+        self._ready(pl_module)
         super().on_validation_epoch_start(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._match_model(pl_module)
+        self._ready(pl_module)
         super().on_train_end(trainer, pl_module)
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
-        self._match_model(pl_module)
+        self._ready(pl_module)
         super().on_save_checkpoint(trainer, pl_module, checkpoint)
         if self._average_model is not None:
             checkpoint["ema"] = {"decay": self.decay}
@@ -98,7 +102,7 @@ class EMACallback(EMAWeightAveraging):
         if trainer.state.fn != TrainerFn.FITTING:
             return  # test/validate/predict: the checkpoint's state_dict (the average) is the model
         # resuming: the module already has the checkpoint's depth; the average must too before it loads
-        self._match_model(pl_module)
+        self._match_shape(pl_module)
         super().on_load_checkpoint(trainer, pl_module, checkpoint)
 
     def state_dict(self) -> dict[str, Any]:

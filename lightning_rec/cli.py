@@ -721,7 +721,7 @@ def federate(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     from . import runs
     from .config import to_plain
     from .federated import split_devices, split_holdout
-    from .federated.device import Device
+    from .federated.device import Device, check_local_callbacks
     from .federated.flower import STRATEGIES, _flwr, build_strategy, make_client
 
     fed = cfg.federation
@@ -732,6 +732,7 @@ def federate(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     for key in ("rounds", "local_epochs", "num_devices", "top_m"):
         if not isinstance(fed[key], int) or fed[key] < 1:
             raise ConfigError(f"federation.{key}={fed[key]}: expected a positive integer")
+    check_local_callbacks(to_plain(fed.callbacks) or {})
     fl = _flwr()
     plain = to_plain(cfg)
     data_conf, model_conf = plain["data"], dict(plain["model"])

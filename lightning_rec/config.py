@@ -64,4 +64,3 @@ def to_plain(cfg) -> object:
 def set_value(cfg: DictConfig, key: str, value) -> None:
     with open_dict(cfg):
         OmegaConf.update(cfg, key, value, merge=False)
-

@@ -90,7 +90,7 @@ def find_last_checkpoint(runs_dir: str, name: str | None = None) -> str:
         found = glob.glob(os.path.join(runs_dir, name.replace("/", "_"), "*", "checkpoints", "last*.ckpt"))
         if found:
             return max(found, key=os.path.getmtime)
-    others = sorted({os.path.basename(os.path.dirname(os.path.dirname(os.path.dirname(p))))
+    others = sorted({os.path.relpath(p, runs_dir).split(os.sep)[0]  # <runs_dir>/<name>/<stamp>/checkpoints/..
                      for p in glob.glob(os.path.join(runs_dir, "*", "*", "checkpoints", "last*.ckpt"))})
     hint = (f"runs with one: {', '.join(others[:8])}{' ...' if len(others) > 8 else ''}; pass name=<one of them> "
             f"or a checkpoint path" if others else "there are none; pass a checkpoint path")

@@ -99,12 +99,8 @@ def test_held_out_users_are_on_no_device_and_drawn_by_seed():
 
 
 def test_weight_averaging_in_federated_local_training_is_refused():
-    from types import SimpleNamespace
+    from lightning_rec.federated.device import check_local_callbacks
 
-    from lightning_rec.federated.device import Device
-
-    dev = SimpleNamespace(callbacks_conf={"ema": {"_target_": "lightning_rec.callbacks.EMACallback"}}, distill={})
     with pytest.raises(ConfigError, match="federation.callbacks.ema: weight averaging"):
-        Device._callbacks(dev, None)
-    dev.callbacks_conf = {"ema": None, "switch": {"_target_": "lightning_rec.callbacks.OptimizerSwitchCallback"}}
-    assert [type(c).__name__ for c in Device._callbacks(dev, None)] == ["OptimizerSwitchCallback"]
+        check_local_callbacks({"ema": {"_target_": "lightning_rec.callbacks.EMACallback"}})
+    check_local_callbacks({"ema": None, "switch": {"_target_": "lightning_rec.callbacks.OptimizerSwitchCallback"}})

@@ -38,6 +38,19 @@ class _LoadWeights(pl.Callback):
             pl_module.load_state_dict(self.state)
 
 
+def check_local_callbacks(callbacks_conf: dict[str, Any]) -> None:
+    """Refuse, before any round, callbacks that cannot work in local training: weight averaging (EMA/SWA).
+    Each round replaces the weights with the global model; an average kept across rounds would mix the
+    device's old weights into what it uploads."""
+    from hydra.utils import instantiate
+    from pytorch_lightning.callbacks import StochasticWeightAveraging, WeightAveraging
+
+    for name, conf in callbacks_conf.items():
+        if conf and isinstance(instantiate(conf), (WeightAveraging, StochasticWeightAveraging)):
+            raise ConfigError(f"federation.callbacks.{name}: weight averaging (EMA/SWA) does not apply to "
+                              f"federated local training; drop it")
+
+
 class Device:
     """Local training and evaluation of one device.
 
@@ -110,15 +123,7 @@ class Device:
     def _callbacks(self, teacher: LabelLogits | None) -> list[pl.Callback]:
         from hydra.utils import instantiate
 
-        from pytorch_lightning.callbacks import StochasticWeightAveraging, WeightAveraging
-
         cbs = [instantiate(c) for c in self.callbacks_conf.values() if c]
-        for name, cb in zip([n for n, c in self.callbacks_conf.items() if c], cbs):
-            if isinstance(cb, (WeightAveraging, StochasticWeightAveraging)):
-                # each round replaces the weights with the global model; an average kept across rounds would
-                # mix the device's old weights into what it uploads
-                raise ConfigError(f"federation.callbacks.{name}: weight averaging (EMA/SWA) does not apply to "
-                                  f"federated local training; drop it")
         if teacher is not None and teacher.labels.numel():
             from lightning_rec.callbacks import HintLossCallback
 
