@@ -145,6 +145,45 @@ def test_leave_one_out_split_by_hand(tmp_path):
     assert dm.popularity[1:7].tolist() == [1, 1, 1, 1, 0, 0]  # training part only
 
 
+def test_train_windows_all_supervises_every_training_target_once_with_its_preceding_items(tmp_path):
+    # every item id is unique, so a target identifies its position in its user's history
+    lengths = [3, 4, 5, 6, 7, 9, 10, 11, 14, 30]
+    lines, hist, nxt = [], {}, 1
+    for u, n in enumerate(lengths):
+        hist[u] = list(range(nxt, nxt + n))
+        lines += [f"{u} {i}\n" for i in hist[u]]
+        nxt += n
+    p = write(tmp_path, "s.txt", "".join(lines))
+    L = 4
+    last = SeqDataModule(name="file", path=p, max_len=L, trim_padding=False)
+    full = SeqDataModule(name="file", path=p, max_len=L, trim_padding=False, train_windows="all")
+    last.setup(), full.setup()
+    pred_of = {}  # target -> the inputs up to and including its position (padding dropped)
+    for x, y in zip(full.train_set.inputs.tolist(), full.train_set.targets.tolist()):
+        for t, target in enumerate(y):
+            if target:
+                assert target not in pred_of, f"target {target} supervised twice"
+                pred_of[target] = [i for i in x[: t + 1] if i]
+    want = {}
+    for h in hist.values():
+        train = h[:-2]  # leave-one-out: the last two are validation and test
+        for t in range(1, len(train)):
+            want[train[t]] = train[max(0, t - L):t]  # a window holds L inputs; the first of a window starts it
+    assert set(pred_of) == set(want)
+    for target, ctx in pred_of.items():
+        assert ctx == want[target][-len(ctx):] and 1 <= len(ctx) <= L, target
+    assert len(pred_of) == sum(n - 3 for n in lengths)
+    # the most recent window of each user is the 'last' row; evaluation is unchanged
+    rows_all = {tuple(r) for r in full.train_set.inputs.tolist()}
+    assert all(tuple(r) in rows_all for r in last.train_set.inputs.tolist())
+    assert len(last.train_set) == sum(n - 2 >= 2 for n in lengths) < len(full.train_set)
+    for split in ("val_set", "test_set"):
+        a, b = getattr(last, split), getattr(full, split)
+        assert torch.equal(a.inputs, b.inputs) and torch.equal(a.target, b.target)
+    with pytest.raises(ConfigError, match="data.train_windows: 'every' is not one of last, all"):
+        SeqDataModule(name="file", path=p, train_windows="every")
+
+
 def test_user_whose_training_part_is_one_item_is_evaluated_but_not_trained(tmp_path):
     p = write(tmp_path, "s.txt", "1 1\n1 2\n1 3\n2 4\n2 5\n2 6\n2 7\n")
     dm = SeqDataModule(name="file", path=p, max_len=5)

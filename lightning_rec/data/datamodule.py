@@ -25,6 +25,7 @@ from .sampler import EpochSampler
 from .synthetic import make_synthetic
 
 SHORT_USER_POLICIES = ("error", "train", "drop")
+TRAIN_WINDOWS = ("last", "all")
 
 
 def _passthrough(batch):
@@ -116,6 +117,12 @@ class SeqDataModule(pl.LightningDataModule):
         short_users: users with fewer than 3 items: ``error``, ``train`` (training
             only, as SASRec does) or ``drop``.
         max_len: keep the most recent ``max_len`` items of each input sequence.
+        train_windows: ``last`` (default, as SASRec): one training sequence per user, the
+            most recent ``max_len + 1`` items of its training part, so older items of users
+            longer than that are not trained on. ``all``: the whole training part, cut from
+            the most recent end into windows of ``max_len + 1`` items that overlap by one
+            item, so every training target is supervised exactly once per epoch (older
+            windows give their first targets less context). Evaluation is the same for both.
         batch_size, eval_batch_size: users per batch.
         eval_protocol: ``full`` ranking or ``sampled`` (target vs ``eval_negatives``).
         eval_negatives, eval_sampler: the sampled protocol's size and ``uniform`` /
@@ -147,6 +154,7 @@ class SeqDataModule(pl.LightningDataModule):
         min_item_interactions: int = 0,
         short_users: str = "error",
         max_len: int = 50,
+        train_windows: str = "last",
         batch_size: int = 128,
         eval_batch_size: int = 256,
         num_workers: int = 0,
@@ -174,6 +182,8 @@ class SeqDataModule(pl.LightningDataModule):
             raise ConfigError("data.path: required with data=file (an interactions file, e.g. data.path=ml-1m.txt)")
         if short_users not in SHORT_USER_POLICIES:
             raise ConfigError(f"data.short_users: '{short_users}' is not one of {', '.join(SHORT_USER_POLICIES)}")
+        if train_windows not in TRAIN_WINDOWS:
+            raise ConfigError(f"data.train_windows: '{train_windows}' is not one of {', '.join(TRAIN_WINDOWS)}")
         if eval_protocol not in ("full", "sampled"):
             raise ConfigError(f"eval.protocol: '{eval_protocol}' is not one of full, sampled")
         if eval_sampler not in ("uniform", "popularity"):
@@ -303,7 +313,15 @@ class SeqDataModule(pl.LightningDataModule):
         train_users = splittable if hp.short_users != "train" else torch.ones_like(splittable)
         train_users = train_users & (train_end - start >= 2)
         tu = train_users.nonzero().squeeze(1)
-        w = _windows(items, start[tu], train_end[tu], L + 1)  # (U_train, L + 1)
+        w_start, w_end = start[tu], train_end[tu]
+        if hp.train_windows == "all":
+            # window j of a user ends L items before window j - 1; its last item is the input of window
+            # j - 1's first target, so consecutive windows share one item and no target repeats
+            n_win = ((w_end - w_start - 1 + L - 1) // L).clamp(min=1)  # ceil((n - 1) / L) targets' windows
+            owner = torch.repeat_interleave(torch.arange(len(tu)), n_win)
+            j = torch.arange(len(owner)) - torch.repeat_interleave(torch.cumsum(n_win, 0) - n_win, n_win)
+            w_start, w_end = w_start[owner], w_end[owner] - j * L
+        w = _windows(items, w_start, w_end, L + 1)  # (windows, L + 1): one per user with 'last'
         inputs, targets = w[:, :-1].contiguous(), w[:, 1:].clone()
         targets[inputs == 0] = 0
         self.train_set = TrainSet(inputs, targets, hp.trim_padding)
