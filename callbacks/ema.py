@@ -102,6 +102,10 @@ class EMACallback(EMAWeightAveraging):
         if trainer.state.fn != TrainerFn.FITTING:
             return  # test/validate/predict: the checkpoint's state_dict (the average) is the model
         # resuming: the module already has the checkpoint's depth; the average must too before it loads
+        was = (checkpoint.get("ema") or {}).get("decay")
+        if was is not None and float(was) != self.decay:
+            rank_zero_info(f"EMA: the checkpoint's average was kept with decay {was}; it continues with "
+                           f"callbacks.ema.decay={self.decay} from here")
         self._match_shape(pl_module)
         super().on_load_checkpoint(trainer, pl_module, checkpoint)
 

@@ -61,6 +61,20 @@ def test_resume_with_ema_is_exact(tmp_path):
             torch.testing.assert_close(a[part][k], b[part][k], rtol=0, atol=0, msg=f"{part} {k}")
 
 
+def test_resuming_with_another_decay_says_so(tmp_path, caplog):
+    fit(tmp_path, "callbacks.ema.decay=0.8", "test_after_fit=false", epochs=1)
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        fit(tmp_path, "callbacks.ema.decay=0.9", "ckpt_path=last", "test_after_fit=false", epochs=2)
+    assert "average was kept with decay 0.8; it continues with callbacks.ema.decay=0.9" in caplog.text
+    assert last_ckpt_decay(tmp_path) == 0.9
+
+
+def last_ckpt_decay(tmp_path):
+    ckpts = sorted((tmp_path / "runs").rglob("last.ckpt"), key=os.path.getmtime)
+    return torch.load(ckpts[-1], weights_only=True)["ema"]["decay"]
+
+
 @pytest.mark.parametrize("stop_at", [1, 2])  # resume before the stack, and after it
 def test_the_average_restarts_at_a_stack_and_resumes_across_it(tmp_path, stop_at):
     common = ["model=nextitnet", "model.num_blocks=2", "callbacks=stacking", "callbacks.stacking.at_epochs=[1]",
