@@ -1,4 +1,4 @@
-"""``python -m lightning_rec {fit,test,predict,stack} [key=value ...]`` (also ``lightning-rec``).
+"""``python -m lightning_rec {fit,test,predict,stack,export,federate} [key=value ...]`` (also ``lightning-rec``).
 
 fit      train a model, checkpoint the best and last epochs, then test the best one
 test     evaluate a checkpoint on the test split:      test ckpt_path=<file>  (or ckpt=<file>)
@@ -6,6 +6,7 @@ predict  write top-K recommendations per user (original ids): predict ckpt_path=
 stack    write a model twice as deep from a trained one: stack ckpt=<file> mode=adjacent|cross out=<file>
          (start training from it with: fit init_from=<file>)
 export   write one net of a rocket checkpoint as a standalone model: export ckpt=<file> net=light out=<file>
+federate federated training over simulated devices (Flower): federate federation.num_devices=4
 
 Overrides follow Hydra: ``model=nextitnet data=ml-1m data.path=... trainer.max_epochs=50 logger=wandb``.
 Add ``--cfg`` to print the composed config and exit.
@@ -875,6 +876,10 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # `... --help | head`: the reader left; say nothing more
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(1)
 
 
 if __name__ == "__main__":
