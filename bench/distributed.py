@@ -13,6 +13,8 @@ Runs (SASRec, same data, seed, per-rank batch and number of epochs, so the same 
                  (trainer.strategy.svrg=true; its all-reduce is counted in the bytes)
   h32_k4_state   (any h/k with the suffix _state) Adam state --average-state (exp_avg_sq) averaged with the
                  models each round (trainer.strategy.average_state; its all-reduce is counted in the bytes)
+  h32_k4_warm    (any h/k with the suffix _warm) post-local SGD: a round every --warmup-h steps for the first
+                 --warmup-steps steps, then every h (trainer.strategy.warmup_steps / warmup_h)
   noisy_h32_k3, noisy_h32_k4   rank 3 is noisy (NoisyRankCallback; --noise shuffle_targets: its labels
                  are shuffled, lr_scale: its learning rate is 10x): top-k (k=3) against plain averaging (k=4)
 For each: best and last-epoch validation NDCG@10 (full ranking; the last comes after the same number
@@ -45,17 +47,18 @@ NOISE = {"shuffle_targets": ["+callbacks.noisy_rank.mode=shuffle_targets"],
 
 
 def overrides_for(name: str, noise: str = "shuffle_targets", outer: tuple[float, float] = (0.7, 0.9),
-                  state: str = "exp_avg_sq") -> list[str]:
+                  state: str = "exp_avg_sq", warmup: tuple[int, int] = (0, 1)) -> list[str]:
     if name == "ddp":
         return ["trainer=ddp"]
-    m = re.fullmatch(r"(noisy_)?h(\d+)_k(\d+)(_outer)?(_svrg)?(_state)?", name)
+    m = re.fullmatch(r"(noisy_)?h(\d+)_k(\d+)(_outer)?(_svrg)?(_state)?(_warm)?", name)
     if not m:
-        raise SystemExit(f"--only: unknown run {name}; expected ddp or [noisy_]h<H>_k<K>[_outer][_svrg][_state]")
+        raise SystemExit(f"--only: unknown run {name}; expected ddp or [noisy_]h<H>_k<K>[_outer][_svrg][_state][_warm]")
     outer_step = [f"trainer.strategy.outer_lr={outer[0]}", f"trainer.strategy.outer_momentum={outer[1]}"]
     return ["trainer=topk", f"trainer.strategy.h={m[2]}", f"trainer.strategy.k={m[3]}",
             "trainer.strategy.log_every_rounds=1000", *((NOISY + NOISE[noise]) if m[1] else []),
             *(outer_step if m[4] else []), *(["trainer.strategy.svrg=true"] if m[5] else []),
-            *([f"trainer.strategy.average_state=[{state}]"] if m[6] else [])]
+            *([f"trainer.strategy.average_state=[{state}]"] if m[6] else []),
+            *([f"trainer.strategy.warmup_steps={warmup[0]}", f"trainer.strategy.warmup_h={warmup[1]}"] if m[7] else [])]
 
 
 def read_metrics(run_dir: str) -> list[dict[str, str]]:
@@ -81,6 +84,8 @@ def main() -> None:
     ap.add_argument("--outer-momentum", type=float, default=0.9, help="outer Nesterov momentum of the *_outer runs")
     ap.add_argument("--average-state", default="exp_avg_sq",
                     help="comma-separated Adam state averaged by the *_state runs (exp_avg, exp_avg_sq)")
+    ap.add_argument("--warmup-steps", type=int, default=470, help="warm-up optimizer steps of the *_warm runs")
+    ap.add_argument("--warmup-h", type=int, default=8, help="local steps per round during the *_warm runs' warm-up")
     ap.add_argument("--reuse", default="", metavar="NAME=RUN_DIR,...",
                     help="take these runs from finished run folders of the same setting instead of training them "
                          "(wall time from the run's result.json)")
@@ -110,7 +115,8 @@ def main() -> None:
     for name in chosen:
         out_json = os.path.join(RUNS, f"dist-{name}-{time.time_ns()}.json")
         cmd = [sys.executable, "-m", "lightning_rec", "fit", *common, f"name=bench-dist-{name}",
-               *overrides_for(name, args.noise, (args.outer_lr, args.outer_momentum), args.average_state),
+               *overrides_for(name, args.noise, (args.outer_lr, args.outer_momentum), args.average_state,
+                              (args.warmup_steps, args.warmup_h)),
                f"metrics_out={out_json}", *args.overrides]
         if name in reuse:
             run_dir = reuse[name]
@@ -174,7 +180,9 @@ def main() -> None:
                + (f"; *_outer runs: outer Nesterov momentum {args.outer_momentum}, outer lr {args.outer_lr}"
                   if any("_outer" in n for n in chosen) else "")
                + (f"; *_state runs: Adam state [{args.average_state}] averaged with the models each round"
-                  if any(n.endswith("_state") for n in chosen) else ""))
+                  if any("_state" in n for n in chosen) else "")
+               + (f"; *_warm runs: a round every {args.warmup_h} steps for the first {args.warmup_steps} steps"
+                  if any(n.endswith("_warm") for n in chosen) else ""))
     def met(key: str) -> str:
         return f"met by {', '.join(verdict[key])}" if verdict[key] else "NOT met by any h=32 run"
 

@@ -46,7 +46,7 @@ from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
-from .errors import ConfigError
+from .errors import ConfigError, check_int
 
 
 # ---------------------------------------------------------------------- selection
@@ -145,6 +145,10 @@ class TopKAveragingStrategy(DDPStrategy):
         outer_nesterov: Nesterov (True) or heavy-ball momentum.
         average_state: names of per-parameter optimizer state tensors (Adam: ``exp_avg``,
             ``exp_avg_sq``) averaged over the chosen ranks each round; empty: state stays local.
+        warmup_steps: for this many optimizer steps from the start of the run, rounds come every
+            ``warmup_h`` steps instead of every ``h`` (post-local SGD, Lin et al., ICLR 2020: frequent
+            averaging early, local steps later). 0: no warm-up.
+        warmup_h: local steps per round during the warm-up (1: average after every step).
         **kwargs: passed to Lightning's :class:`DDPStrategy` (``process_group_backend``, ``timeout``...).
     """
 
@@ -153,9 +157,11 @@ class TopKAveragingStrategy(DDPStrategy):
     def __init__(self, k: int | float = 0.8, h: int = 32, distance_params: list[str] | None = None,
                  svrg: bool = False, svrg_batches: int = 4, log_every_rounds: int = 10, outer_lr: float = 1.0,
                  outer_momentum: float = 0.0, outer_nesterov: bool = True, average_state: list[str] | None = None,
-                 **kwargs: Any) -> None:
-        if not isinstance(h, int) or isinstance(h, bool) or h < 1:
-            raise ConfigError(f"trainer.strategy.h={h!r}: expected a positive number of local steps")
+                 warmup_steps: int = 0, warmup_h: int = 1, **kwargs: Any) -> None:
+        for option, value in (("h", h), ("warmup_h", warmup_h)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"trainer.strategy.{option}={value!r}: expected a positive number of local steps")
+        check_int(warmup_steps, "trainer.strategy.warmup_steps", 0)
         if isinstance(outer_lr, bool) or not isinstance(outer_lr, (int, float)) or not outer_lr > 0:
             raise ConfigError(f"trainer.strategy.outer_lr={outer_lr!r}: expected a positive number (1: the plain mean)")
         if (isinstance(outer_momentum, bool) or not isinstance(outer_momentum, (int, float))
@@ -170,6 +176,7 @@ class TopKAveragingStrategy(DDPStrategy):
                               "names, e.g. [exp_avg_sq] or [exp_avg,exp_avg_sq] for Adam")
         super().__init__(**kwargs)
         self.k, self.h = k, h
+        self.warmup_steps, self.warmup_h = int(warmup_steps), warmup_h
         self.distance_params = list(distance_params) if distance_params else None
         self.svrg, self.svrg_batches = bool(svrg), svrg_batches
         self.log_every_rounds = max(1, int(log_every_rounds))
@@ -415,9 +422,10 @@ class TopKAveragingStrategy(DDPStrategy):
             closure = self._svrg_closure(closure)
         out = super().optimizer_step(optimizer, closure, model, **kwargs)
         self.steps_in_round += 1
-        if self.steps_in_round >= self.h:
-            trainer = self.lightning_module.trainer
-            self._exchange(step=trainer.global_step + 1 if trainer is not None else None)  # counts this step
+        trainer = self.lightning_module.trainer
+        step = trainer.global_step if trainer is not None else 0  # 0-based index of this step
+        if self.steps_in_round >= (self.warmup_h if step < self.warmup_steps else self.h):
+            self._exchange(step=step + 1 if trainer is not None else None)  # counts this step
         return out
 
     def _svrg_closure(self, closure):

@@ -333,6 +333,23 @@ def test_a_topk_run_that_ends_mid_round_ends_on_the_global_model(tmp_path):
 
 
 @pytest.mark.ddp
+def test_warmup_rounds_come_every_warmup_h_steps_then_every_h(tmp_path):
+    data = equal_length_file(tmp_path)  # 64 users: 4 steps of 8 per rank per epoch, 12 in 3 epochs
+    _, log = launch(tmp_path, "warm", "data=file", f"data.path={data}", "data.max_len=12", "data.batch_size=8",
+                    "trainer=topk", "trainer.devices=2", "trainer.strategy.k=2", "trainer.strategy.h=4",
+                    "trainer.strategy.warmup_steps=3", "trainer.strategy.warmup_h=1",
+                    "trainer.limit_val_batches=0", epochs=3)
+    rows = [json.loads(line) for line in open(next((tmp_path / "warm" / "runs").glob("*/*/topk_rounds.jsonl")))]
+    # steps 1-3 are the warm-up (a round after each), then every 4 steps: 7 and 11; the run ends mid-round
+    assert [(r["step"], r["reason"]) for r in rows] == [(1, "round"), (2, "round"), (3, "round"), (7, "round"),
+                                                        (11, "round"), (12, "end of training")]
+    with pytest.raises(ConfigError, match="trainer.strategy.warmup_h=0: expected a positive number"):
+        TopKAveragingStrategy(warmup_h=0)
+    with pytest.raises(ConfigError, match="trainer.strategy.warmup_steps"):
+        TopKAveragingStrategy(warmup_steps=-1)
+
+
+@pytest.mark.ddp
 def test_topk_resume_mid_run_equals_an_uninterrupted_run(tmp_path):
     data = equal_length_file(tmp_path)
     common = ("data=file", f"data.path={data}", "model.dropout=0", "data.max_len=12", "data.batch_size=8",
