@@ -15,7 +15,10 @@ SHARED_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
 def run_main(main) -> None:
     """Run a benchmark's ``main``; this project's errors (bad option, missing data file) end in one line, exit 2."""
     try:
+        from lightning_rec.cli import _quiet
         from lightning_rec.errors import LightningRecError
+
+        _quiet()  # the CLI's warning filters, for benchmarks that call it in-process
     except ImportError:  # e.g. the RecBole side runs in its own environment
         LightningRecError = ()  # noqa: N806
     try:
