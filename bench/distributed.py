@@ -13,6 +13,8 @@ Runs (SASRec, same data, seed, per-rank batch and number of epochs, so the same 
                  (trainer.strategy.svrg=true; its all-reduce is counted in the bytes)
   h32_k4_state   (any h/k with the suffix _state) Adam state --average-state (exp_avg_sq) averaged with the
                  models each round (trainer.strategy.average_state; its all-reduce is counted in the bytes)
+  h32_k4_gbv     (any h/k with the suffix _gbv) each local Adam step divides by an estimate of the all-rank
+                 batch's second moment (trainer.strategy.second_moment=global_batch; no extra bytes)
   h32_k4_warm    (any h/k with the suffix _warm) post-local SGD: a round every --warmup-h steps for the first
                  --warmup-steps steps, then every h (trainer.strategy.warmup_steps / warmup_h)
   noisy_h32_k3, noisy_h32_k4   rank 3 is noisy (NoisyRankCallback; --noise shuffle_targets: its labels
@@ -50,15 +52,16 @@ def overrides_for(name: str, noise: str = "shuffle_targets", outer: tuple[float,
                   state: str = "exp_avg_sq", warmup: tuple[int, int] = (0, 1)) -> list[str]:
     if name == "ddp":
         return ["trainer=ddp"]
-    m = re.fullmatch(r"(noisy_)?h(\d+)_k(\d+)(_outer)?(_svrg)?(_state)?(_warm)?", name)
+    m = re.fullmatch(r"(noisy_)?h(\d+)_k(\d+)(_outer)?(_svrg)?(_state)?(_gbv)?(_warm)?", name)
     if not m:
-        raise SystemExit(f"--only: unknown run {name}; expected ddp or [noisy_]h<H>_k<K>[_outer][_svrg][_state][_warm]")
+        raise SystemExit(f"--only: unknown run {name}; expected ddp or [noisy_]h<H>_k<K>[_outer][_svrg][_state][_gbv][_warm]")
     outer_step = [f"trainer.strategy.outer_lr={outer[0]}", f"trainer.strategy.outer_momentum={outer[1]}"]
     return ["trainer=topk", f"trainer.strategy.h={m[2]}", f"trainer.strategy.k={m[3]}",
             "trainer.strategy.log_every_rounds=1000", *((NOISY + NOISE[noise]) if m[1] else []),
             *(outer_step if m[4] else []), *(["trainer.strategy.svrg=true"] if m[5] else []),
             *([f"trainer.strategy.average_state=[{state}]"] if m[6] else []),
-            *([f"trainer.strategy.warmup_steps={warmup[0]}", f"trainer.strategy.warmup_h={warmup[1]}"] if m[7] else [])]
+            *(["trainer.strategy.second_moment=global_batch"] if m[7] else []),
+            *([f"trainer.strategy.warmup_steps={warmup[0]}", f"trainer.strategy.warmup_h={warmup[1]}"] if m[8] else [])]
 
 
 def read_metrics(run_dir: str) -> list[dict[str, str]]:
@@ -181,6 +184,8 @@ def main() -> None:
                   if any("_outer" in n for n in chosen) else "")
                + (f"; *_state runs: Adam state [{args.average_state}] averaged with the models each round"
                   if any("_state" in n for n in chosen) else "")
+               + ("; *_gbv runs: local Adam steps divide by the all-rank batch's estimated second moment"
+                  if any("_gbv" in n for n in chosen) else "")
                + (f"; *_warm runs: a round every {args.warmup_h} steps for the first {args.warmup_steps} steps"
                   if any(n.endswith("_warm") for n in chosen) else ""))
     def met(key: str) -> str:

@@ -26,6 +26,14 @@ the optimizer (Adam's ``exp_avg`` / ``exp_avg_sq``) are averaged over the chosen
 one more all-reduce of that many numbers (counted in ``comm/bytes``). Off by default: the SPEC's
 method keeps optimizer state local.
 
+Adam's second moment (``second_moment``): DDP's Adam divides by the running mean of ``g^2`` for the
+gradient ``g`` of the whole batch of all N ranks; a rank's local Adam divides by that of its own 1/N of
+the batch, whose noise term is N times larger: ``E[g_r^2] = mu^2 + N s^2`` against ``mu^2 + s^2``. On
+parameters whose gradient is mostly noise (rare items' embedding rows) local steps are then up to
+sqrt(N) times shorter. ``second_moment=global_batch`` has each local Adam step divide by an estimate of
+the whole batch's second moment instead, ``v' = (v + (N - 1) m_hat^2) / N`` in bias-corrected terms (the
+first moment ``m_hat`` estimates ``mu``), with no communication; the optimizer's own state is unchanged.
+
 SVRG (``svrg=true``): at the start of each round the snapshot ``w~ = w`` and its gradient ``mu``,
 averaged over ``svrg_batches`` batches drawn at random from the training set on each rank (seeded by round and rank) and all-reduced over ranks,
 are computed; every local step then follows ``g_i(w) - g_i(w~) + mu`` (the snapshot gradient on
@@ -50,6 +58,9 @@ from .errors import ConfigError, check_int
 
 
 # ---------------------------------------------------------------------- selection
+SECOND_MOMENTS = ("local", "global_batch")
+
+
 def resolve_k(k: int | float, world: int, option: str = "trainer.strategy.k") -> int:
     """``k`` as a count of ranks: an int is a count, a float in (0, 1] a fraction of the ranks."""
     if isinstance(k, bool) or not isinstance(k, (int, float)):
@@ -149,6 +160,8 @@ class TopKAveragingStrategy(DDPStrategy):
             ``warmup_h`` steps instead of every ``h`` (post-local SGD, Lin et al., ICLR 2020: frequent
             averaging early, local steps later). 0: no warm-up.
         warmup_h: local steps per round during the warm-up (1: average after every step).
+        second_moment: ``local`` (the SPEC's method): each rank's Adam divides by the second moment of
+            its own gradients; ``global_batch``: by an estimate of the all-rank batch's (module docstring).
         **kwargs: passed to Lightning's :class:`DDPStrategy` (``process_group_backend``, ``timeout``...).
     """
 
@@ -157,11 +170,14 @@ class TopKAveragingStrategy(DDPStrategy):
     def __init__(self, k: int | float = 0.8, h: int = 32, distance_params: list[str] | None = None,
                  svrg: bool = False, svrg_batches: int = 4, log_every_rounds: int = 10, outer_lr: float = 1.0,
                  outer_momentum: float = 0.0, outer_nesterov: bool = True, average_state: list[str] | None = None,
-                 warmup_steps: int = 0, warmup_h: int = 1, **kwargs: Any) -> None:
+                 warmup_steps: int = 0, warmup_h: int = 1, second_moment: str = "local", **kwargs: Any) -> None:
         for option, value in (("h", h), ("warmup_h", warmup_h)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"trainer.strategy.{option}={value!r}: expected a positive number of local steps")
         check_int(warmup_steps, "trainer.strategy.warmup_steps", 0)
+        if second_moment not in SECOND_MOMENTS:
+            raise ConfigError(f"trainer.strategy.second_moment={second_moment!r}: expected one of "
+                              f"{', '.join(SECOND_MOMENTS)}")
         if isinstance(outer_lr, bool) or not isinstance(outer_lr, (int, float)) or not outer_lr > 0:
             raise ConfigError(f"trainer.strategy.outer_lr={outer_lr!r}: expected a positive number (1: the plain mean)")
         if (isinstance(outer_momentum, bool) or not isinstance(outer_momentum, (int, float))
@@ -177,6 +193,8 @@ class TopKAveragingStrategy(DDPStrategy):
         super().__init__(**kwargs)
         self.k, self.h = k, h
         self.warmup_steps, self.warmup_h = int(warmup_steps), warmup_h
+        self.second_moment = second_moment
+        self._adam_seen = False  # second_moment=global_batch found Adam state once
         self.distance_params = list(distance_params) if distance_params else None
         self.svrg, self.svrg_batches = bool(svrg), svrg_batches
         self.log_every_rounds = max(1, int(log_every_rounds))
@@ -420,13 +438,32 @@ class TopKAveragingStrategy(DDPStrategy):
             if self._mu is None:
                 self._compute_mu()
             closure = self._svrg_closure(closure)
-        out = super().optimizer_step(optimizer, closure, model, **kwargs)
+        saved = None
+        if self.second_moment == "global_batch" and self.world_size > 1:
+            saved = self._global_batch_v(optimizer)
+        try:
+            out = super().optimizer_step(optimizer, closure, model, **kwargs)
+        finally:
+            if saved:
+                restore_second_moment(saved)
         self.steps_in_round += 1
         trainer = self.lightning_module.trainer
         step = trainer.global_step if trainer is not None else 0  # 0-based index of this step
         if self.steps_in_round >= (self.warmup_h if step < self.warmup_steps else self.h):
             self._exchange(step=step + 1 if trainer is not None else None)  # counts this step
         return out
+
+    def _global_batch_v(self, optimizer) -> list | None:
+        saved = global_batch_second_moment(getattr(optimizer, "_optimizer", optimizer), self.world_size)
+        if saved is None:  # state, but not Adam's
+            if not self._adam_seen:
+                raise ConfigError("trainer.strategy.second_moment=global_batch: needs an Adam-type optimizer (state "
+                                  "exp_avg and exp_avg_sq, no amsgrad); use optimizer=adam or adamw, or "
+                                  "second_moment=local")
+            return None  # a switch to SGD (callbacks=swats): nothing to correct from here on
+        if saved:
+            self._adam_seen = True
+        return saved
 
     def _svrg_closure(self, closure):
         def wrapped():
@@ -550,6 +587,46 @@ class TopKAveragingStrategy(DDPStrategy):
         else:
             self.steps_in_round = 0
         self._restored = None
+
+
+def global_batch_second_moment(optimizer: torch.optim.Optimizer, world: int) -> list | None:
+    """Before a local Adam step: replace each ``exp_avg_sq`` ``v`` by the estimate for a batch ``world``
+    times larger, ``(v + (world - 1) * bc2 * (m / bc1)^2) / world`` (``bc`` the bias corrections).
+
+    Returns what :func:`restore_second_moment` needs to put the optimizer's own running ``v`` back after
+    the step (``[]`` before the first step; None when the optimizer has state but not Adam's).
+    """
+    saved: list[tuple[torch.Tensor, torch.Tensor, float]] = []
+    any_state = False
+    with torch.no_grad():
+        for group in optimizer.param_groups:
+            betas = group.get("betas")
+            for p in group["params"]:
+                state = optimizer.state.get(p) or {}
+                if not state:
+                    continue
+                any_state = True
+                m, v, t = state.get("exp_avg"), state.get("exp_avg_sq"), state.get("step")
+                if (betas is None or group.get("amsgrad") or not isinstance(m, torch.Tensor)
+                        or not isinstance(v, torch.Tensor) or v.shape != p.shape or t is None):
+                    return None if not saved else saved
+                t = float(t)
+                if t < 1:
+                    continue
+                b1, b2 = float(betas[0]), float(betas[1])
+                bc1, bc2 = 1.0 - b1 ** t, 1.0 - b2 ** t
+                corrected = (v + (world - 1) * bc2 * (m / bc1).square()) / world
+                diff = v - corrected
+                v.copy_(corrected)
+                saved.append((v, diff, b2))
+    return saved if saved or not any_state else None
+
+
+def restore_second_moment(saved: list[tuple[torch.Tensor, torch.Tensor, float]]) -> None:
+    """After the step: Adam updated ``v' = b2 * corrected + (1 - b2) g^2``; its own would be ``v' + b2 * diff``."""
+    with torch.no_grad():
+        for v, diff, b2 in saved:
+            v.add_(diff, alpha=b2)
 
 
 def _unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:

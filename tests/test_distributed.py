@@ -17,7 +17,8 @@ import torch
 from conftest import tiny
 
 from lightning_rec import SeqRecModule
-from lightning_rec.distributed import TopKAveragingStrategy, resolve_k, select_topk
+from lightning_rec.distributed import (TopKAveragingStrategy, global_batch_second_moment, resolve_k,
+                                       restore_second_moment, select_topk)
 from lightning_rec.errors import ConfigError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -185,6 +186,42 @@ def test_average_state_names_are_checked():
         s._average_optimizer_state([0])
 
 
+def test_global_batch_second_moment_step_matches_a_hand_computation():
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2)
+    lr, (b1, b2), eps, world = 0.01, (0.9, 0.99), 1e-8, 4
+    opt = torch.optim.Adam(net.parameters(), lr=lr, betas=(b1, b2), eps=eps)
+    for _ in range(3):
+        for p in net.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+    grads = [torch.randn_like(p) for p in net.parameters()]
+    before = [(p.detach().clone(), opt.state[p]["exp_avg"].clone(), opt.state[p]["exp_avg_sq"].clone())
+              for p in net.parameters()]
+    for p, g in zip(net.parameters(), grads):
+        p.grad = g.clone()
+    saved = global_batch_second_moment(opt, world)
+    opt.step()
+    restore_second_moment(saved)
+    t = 4
+    for p, g, (w, m, v) in zip(net.parameters(), grads, before):
+        m_hat = m / (1 - b1 ** 3)
+        v_batch = (v + (world - 1) * (1 - b2 ** 3) * m_hat ** 2) / world  # the all-rank batch's estimate
+        m_new = b1 * m + (1 - b1) * g
+        v_used = b2 * v_batch + (1 - b2) * g ** 2
+        want = w - lr * (m_new / (1 - b1 ** t)) / ((v_used / (1 - b2 ** t)).sqrt() + eps)
+        torch.testing.assert_close(p.detach(), want, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(opt.state[p]["exp_avg"], m_new)  # the optimizer's own state: plain Adam's
+        torch.testing.assert_close(opt.state[p]["exp_avg_sq"], b2 * v + (1 - b2) * g ** 2)
+    assert not torch.allclose(v_batch, v)  # the step did use another second moment
+    assert global_batch_second_moment(torch.optim.Adam(net.parameters()), world) == []  # no step yet
+    sgd = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    sgd.step()
+    assert global_batch_second_moment(sgd, world) is None  # state, but not Adam's
+    with pytest.raises(ConfigError, match="trainer.strategy.second_moment='batch': expected one of local, global"):
+        TopKAveragingStrategy(second_moment="batch")
+
+
 # ---------------------------------------------------------------------- outer step (no processes)
 def _one_rank_exchange(s, net, local_value):
     with torch.no_grad():
@@ -338,6 +375,7 @@ def test_warmup_rounds_come_every_warmup_h_steps_then_every_h(tmp_path):
     _, log = launch(tmp_path, "warm", "data=file", f"data.path={data}", "data.max_len=12", "data.batch_size=8",
                     "trainer=topk", "trainer.devices=2", "trainer.strategy.k=2", "trainer.strategy.h=4",
                     "trainer.strategy.warmup_steps=3", "trainer.strategy.warmup_h=1",
+                    "trainer.strategy.second_moment=global_batch",  # runs its path in 2 processes too
                     "trainer.limit_val_batches=0", epochs=3)
     rows = [json.loads(line) for line in open(next((tmp_path / "warm" / "runs").glob("*/*/topk_rounds.jsonl")))]
     # steps 1-3 are the warm-up (a round after each), then every 4 steps: 7 and 11; the run ends mid-round
