@@ -596,30 +596,27 @@ def global_batch_second_moment(optimizer: torch.optim.Optimizer, world: int) -> 
     Returns what :func:`restore_second_moment` needs to put the optimizer's own running ``v`` back after
     the step (``[]`` before the first step; None when the optimizer has state but not Adam's).
     """
+    todo = []  # (v, m, step, betas) of every parameter with state; checked before anything changes
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p) or {}
+            if not state:
+                continue
+            m, v, t, betas = state.get("exp_avg"), state.get("exp_avg_sq"), state.get("step"), group.get("betas")
+            if (betas is None or group.get("amsgrad") or not isinstance(m, torch.Tensor)
+                    or not isinstance(v, torch.Tensor) or v.shape != p.shape or t is None):
+                return None
+            todo.append((v, m, float(t), betas))
     saved: list[tuple[torch.Tensor, torch.Tensor, float]] = []
-    any_state = False
     with torch.no_grad():
-        for group in optimizer.param_groups:
-            betas = group.get("betas")
-            for p in group["params"]:
-                state = optimizer.state.get(p) or {}
-                if not state:
-                    continue
-                any_state = True
-                m, v, t = state.get("exp_avg"), state.get("exp_avg_sq"), state.get("step")
-                if (betas is None or group.get("amsgrad") or not isinstance(m, torch.Tensor)
-                        or not isinstance(v, torch.Tensor) or v.shape != p.shape or t is None):
-                    return None if not saved else saved
-                t = float(t)
-                if t < 1:
-                    continue
-                b1, b2 = float(betas[0]), float(betas[1])
-                bc1, bc2 = 1.0 - b1 ** t, 1.0 - b2 ** t
-                corrected = (v + (world - 1) * bc2 * (m / bc1).square()) / world
-                diff = v - corrected
-                v.copy_(corrected)
-                saved.append((v, diff, b2))
-    return saved if saved or not any_state else None
+        for v, m, t, (b1, b2) in todo:
+            if t < 1:
+                continue
+            bc1, bc2 = 1.0 - float(b1) ** t, 1.0 - float(b2) ** t
+            corrected = (v + (world - 1) * bc2 * (m / bc1).square()) / world
+            saved.append((v, v - corrected, float(b2)))
+            v.copy_(corrected)
+    return saved
 
 
 def restore_second_moment(saved: list[tuple[torch.Tensor, torch.Tensor, float]]) -> None:
