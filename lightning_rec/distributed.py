@@ -613,9 +613,10 @@ def global_batch_second_moment(optimizer: torch.optim.Optimizer, world: int) -> 
             if t < 1:
                 continue
             bc1, bc2 = 1.0 - float(b1) ** t, 1.0 - float(b2) ** t
-            corrected = (v + (world - 1) * bc2 * (m / bc1).square()) / world
-            saved.append((v, v - corrected, float(b2)))
-            v.copy_(corrected)
+            # v - corrected = (world - 1) / world * (v - bc2 * (m / bc1)^2): one new tensor per parameter
+            diff = torch.addcmul(v, m, m, value=-bc2 / bc1 ** 2).mul_((world - 1) / world)
+            v.sub_(diff)
+            saved.append((v, diff, float(b2)))
     return saved
 
 
