@@ -398,9 +398,12 @@ def _fit(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
         n_params = sum(p.numel() for p in model.parameters())
         what = (model.describe() if hasattr(model, "describe")
                 else f"{model.hparams.arch} x{model.hparams.num_blocks} blocks")
+        dm.setup("fit")  # cached: the trainer's own setup call reuses it
+        n_seq, n_tgt = len(dm.train_set), int((dm.train_set.targets != 0).sum())
         rank_zero_info(
             f"{'resuming' if resuming else 'run'} {run_dir}\n"
             f"data: {dm.source} | {dm.num_users} users, {dm.num_items} items | "
+            f"training: {n_seq:,} sequences ({dm.hparams.train_windows} windows), {n_tgt:,} targets per epoch | "
             f"model: {what}, {n_params:,} parameters"
         )
     with _wandb_failed_on_error(loggers):  # a fit that raises does not leave its W&B run open

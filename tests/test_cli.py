@@ -364,3 +364,26 @@ def test_a_failed_fit_ends_its_wandb_run_as_failed(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="boom"):
         fit(tmp_path, "logger=wandb", "+callbacks.boom._target_=ddp_probe.Boom", epochs=1)
     assert wandb.run is None  # else the next fit in this process would log into the failed run
+
+
+def test_fit_states_how_much_it_trains_on(tmp_path, caplog):
+    import logging
+
+    import yaml
+
+    from lightning_rec.cli import _build_datamodule
+
+    caplog.set_level(logging.INFO)
+    counts = {}
+    for mode in ("last", "all"):
+        out = run(["fit", *tiny(tmp_path / mode, f"data.train_windows={mode}", "data.max_len=5", epochs=1)])
+        m = re.search(rf"training: ([\d,]+) sequences \({mode} windows\), ([\d,]+) targets per epoch", caplog.text)
+        assert m, caplog.text[-2000:]
+        counts[mode] = tuple(int(g.replace(",", "")) for g in m.groups())
+        caplog.clear()
+    # every synthetic user has more than 7 items: 'last' trains on 5 targets each, 'all' on each training item
+    # but the user's first
+    assert counts["last"] == (200, 200 * 5)
+    d = _build_datamodule(yaml.safe_load(open(os.path.join(out["run_dir"], "config.yaml")))["data"]).load()
+    n = d.indptr[1:] - d.indptr[:-1]
+    assert n.min() > 7 and counts["all"][1] == int((n - 3).sum()) and counts["all"][0] > 200
