@@ -596,7 +596,7 @@ def global_batch_second_moment(optimizer: torch.optim.Optimizer, world: int) -> 
     Returns what :func:`restore_second_moment` needs to put the optimizer's own running ``v`` back after
     the step (``[]`` before the first step; None when the optimizer has state but not Adam's).
     """
-    todo = []  # (v, m, step, betas) of every parameter with state; checked before anything changes
+    todo = []  # (state, v, m, step, betas) of every parameter with state; checked before anything changes
     for group in optimizer.param_groups:
         for p in group["params"]:
             state = optimizer.state.get(p) or {}
@@ -606,25 +606,27 @@ def global_batch_second_moment(optimizer: torch.optim.Optimizer, world: int) -> 
             if (betas is None or group.get("amsgrad") or not isinstance(m, torch.Tensor)
                     or not isinstance(v, torch.Tensor) or v.shape != p.shape or t is None):
                 return None
-            todo.append((v, m, float(t), betas))
-    saved: list[tuple[torch.Tensor, torch.Tensor, float]] = []
+            todo.append((state, v, m, float(t), betas))
+    saved: list[tuple[dict, torch.Tensor, torch.Tensor, float, float]] = []
     with torch.no_grad():
-        for v, m, t, (b1, b2) in todo:
+        for state, v, m, t, (b1, b2) in todo:
             if t < 1:
                 continue
             bc1, bc2 = 1.0 - float(b1) ** t, 1.0 - float(b2) ** t
             # v - corrected = (world - 1) / world * (v - bc2 * (m / bc1)^2): one new tensor per parameter
             diff = torch.addcmul(v, m, m, value=-bc2 / bc1 ** 2).mul_((world - 1) / world)
             v.sub_(diff)
-            saved.append((v, diff, float(b2)))
+            saved.append((state, v, diff, float(b2), t))
     return saved
 
 
-def restore_second_moment(saved: list[tuple[torch.Tensor, torch.Tensor, float]]) -> None:
-    """After the step: Adam updated ``v' = b2 * corrected + (1 - b2) g^2``; its own would be ``v' + b2 * diff``."""
+def restore_second_moment(saved: list[tuple[dict, torch.Tensor, torch.Tensor, float, float]]) -> None:
+    """After the step: Adam updated ``v' = b2 * corrected + (1 - b2) g^2``; its own would be ``v' + b2 * diff``.
+    A parameter the step skipped (no gradient this step, or a skipped step: its ``step`` count did not
+    move) gets its ``v`` back unchanged."""
     with torch.no_grad():
-        for v, diff, b2 in saved:
-            v.add_(diff, alpha=b2)
+        for state, v, diff, b2, t in saved:
+            v.add_(diff, alpha=b2 if float(state["step"]) != t else 1.0)
 
 
 def _unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:

@@ -214,6 +214,16 @@ def test_global_batch_second_moment_step_matches_a_hand_computation():
         torch.testing.assert_close(opt.state[p]["exp_avg"], m_new)  # the optimizer's own state: plain Adam's
         torch.testing.assert_close(opt.state[p]["exp_avg_sq"], b2 * v + (1 - b2) * g ** 2)
     assert not torch.allclose(v_batch, v)  # the step did use another second moment
+    # a parameter with no gradient at a step is not updated by Adam: its v comes back exactly
+    net.bias.grad = None
+    net.weight.grad = torch.randn_like(net.weight)
+    v_bias, w_bias = opt.state[net.bias]["exp_avg_sq"].clone(), net.bias.detach().clone()
+    saved = global_batch_second_moment(opt, world)
+    opt.step()
+    restore_second_moment(saved)
+    torch.testing.assert_close(opt.state[net.bias]["exp_avg_sq"], v_bias)
+    assert torch.equal(net.bias.detach(), w_bias)
+    assert float(opt.state[net.weight]["step"]) == 5.0
     assert global_batch_second_moment(torch.optim.Adam(net.parameters()), world) == []  # no step yet
     sgd = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     sgd.step()
