@@ -28,9 +28,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=sorted(TARGETS), default="sasrec")
     ap.add_argument("--data", default=os.path.join(SHARED_DATA, "ml-1m.txt.gz"))
-    ap.add_argument("--max-epochs", type=int, default=None, help="default: the experiment's (200; 100 for ml1m_sasrec_ref)")
+    ap.add_argument("--max-epochs", type=int, default=None, help="default: the experiment's (200; 100 for ml1m_sasrec_ref and _allwin)")
     ap.add_argument("--experiment", default=None,
-                    help="conf/experiment to run (default ml1m_<model>; ml1m_sasrec_ref: the Gold-loss code's SASRec+)")
+                    help="conf/experiment to run (default ml1m_<model>; ml1m_sasrec_ref: the Gold-loss code's SASRec+; "
+                         "ml1m_sasrec_allwin: that plus the whole history and EMA weights)")
     ap.add_argument("--resume", action="store_true", help="continue the latest run of this model")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--name", default=None, help="run name (default bench-ml1m-<model>); --resume continues its latest run")

@@ -276,6 +276,15 @@ def test_every_experiment_config_runs(tmp_path, sasrec_file):
         assert os.path.exists(last[name]), name
     hp = torch.load(last["ml1m_sasrec_ref"], map_location="cpu", weights_only=True)["hyper_parameters"]
     assert (hp["layout"], hp["positions"], hp["attn_out_dropout"], hp["init_std"], hp["dropout"]) == ("pmixer", "left", False, 0.02, 0.1)
+    # ml1m_sasrec_allwin: the same model, every training target, EMA weights
+    ck = torch.load(last["ml1m_sasrec_allwin"], map_location="cpu", weights_only=True)
+    assert ck["hyper_parameters"] == hp
+    assert any("EMACallback" in k for k in ck["callbacks"]), list(ck["callbacks"])
+    import yaml
+
+    cfg = yaml.safe_load(open(os.path.join(os.path.dirname(os.path.dirname(last["ml1m_sasrec_allwin"])), "config.yaml")))
+    assert cfg["data"]["train_windows"] == "all" and cfg["callbacks"]["ema"]["decay"] == 0.995
+    assert cfg["callbacks"]["early_stopping"]["patience"] == 10
 
 
 def test_resume_keeps_the_runs_evaluation_settings(tmp_path):
