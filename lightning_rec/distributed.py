@@ -607,7 +607,7 @@ def global_batch_second_moment(optimizer: torch.optim.Optimizer, world: int) -> 
                     or not isinstance(v, torch.Tensor) or v.shape != p.shape or t is None):
                 return None
             todo.append((state, v, m, float(t), betas))
-    saved: list[tuple[dict, torch.Tensor, torch.Tensor, float, float]] = []
+    saved: list[tuple[dict, torch.Tensor, float, float]] = []
     with torch.no_grad():
         for state, v, m, t, (b1, b2) in todo:
             if t < 1:
@@ -616,17 +616,17 @@ def global_batch_second_moment(optimizer: torch.optim.Optimizer, world: int) -> 
             # v - corrected = (world - 1) / world * (v - bc2 * (m / bc1)^2): one new tensor per parameter
             diff = torch.addcmul(v, m, m, value=-bc2 / bc1 ** 2).mul_((world - 1) / world)
             v.sub_(diff)
-            saved.append((state, v, diff, float(b2), t))
+            saved.append((state, diff, float(b2), t))
     return saved
 
 
-def restore_second_moment(saved: list[tuple[dict, torch.Tensor, torch.Tensor, float, float]]) -> None:
+def restore_second_moment(saved: list[tuple[dict, torch.Tensor, float, float]]) -> None:
     """After the step: Adam updated ``v' = b2 * corrected + (1 - b2) g^2``; its own would be ``v' + b2 * diff``.
     A parameter the step skipped (no gradient this step, or a skipped step: its ``step`` count did not
     move) gets its ``v`` back unchanged."""
     with torch.no_grad():
-        for state, v, diff, b2, t in saved:
-            v.add_(diff, alpha=b2 if float(state["step"]) != t else 1.0)
+        for state, diff, b2, t in saved:  # Adam updates exp_avg_sq in place: the same tensor as before the step
+            state["exp_avg_sq"].add_(diff, alpha=b2 if float(state["step"]) != t else 1.0)
 
 
 def _unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
