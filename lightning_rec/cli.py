@@ -39,7 +39,17 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=r".*`isinstance\(treespec, LeafSpec\)`.*")
     warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
-    logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.INFO)
+    rank_zero = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    rank_zero.setLevel(logging.INFO)
+    if not any(isinstance(f, _NoTips) for f in rank_zero.filters):
+        rank_zero.addFilter(_NoTips())
+
+
+class _NoTips(logging.Filter):
+    """Lightning's adverts for its cloud services ("💡 Tip: ... try installing litlogger") on every run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
 
 
 def _precision_for(cfg: DictConfig) -> None:
@@ -316,7 +326,7 @@ def _fit(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     averaged = False  # the checkpoint to resume holds a weight average beside the raw weights
     init_ckpt = None
     if cfg.get("init_from"):
-        init_ckpt = runs.load_checkpoint(runs.resolve_checkpoint(str(cfg.init_from), cfg.runs_dir, None))
+        init_ckpt = runs.load_checkpoint(runs.resolve_checkpoint(str(cfg.init_from), cfg.runs_dir, cfg.name))
         set_value(cfg, "model.arch", (init_ckpt.get("hyper_parameters") or {}).get("arch", cfg.model.arch))
     if resuming:
         ckpt_path = runs.resolve_checkpoint(str(cfg.ckpt_path), cfg.runs_dir, cfg.name, prefer="last")
@@ -495,7 +505,7 @@ def _load_for_eval(cfg: DictConfig, overrides: list[str]):
     if not cfg.ckpt_path:
         raise ConfigError("ckpt_path: required, e.g. ckpt_path=runs/.../checkpoints/last.ckpt (or ckpt_path=last)")
     _check_eval_options(cfg)
-    path = runs.resolve_checkpoint(str(cfg.ckpt_path), cfg.runs_dir, None)
+    path = runs.resolve_checkpoint(str(cfg.ckpt_path), cfg.runs_dir, cfg.name)
     ckpt = runs.load_checkpoint(path)
     if "hyper_parameters" not in ckpt or "state_dict" not in ckpt:
         raise ConfigError(f"ckpt_path={path}: not a lightning_rec checkpoint (no hyper_parameters/state_dict)")
@@ -508,8 +518,22 @@ def _load_for_eval(cfg: DictConfig, overrides: list[str]):
                           f"data {dm.source} has {dm.num_items}")
     cls = _model_class(ckpt["hyper_parameters"].get("arch"))
     model = cls.load_from_checkpoint(path, map_location="cpu", weights_only=True, **_eval_overrides(cfg))
+    if _weights_choice(cfg) == "raw":
+        if "current_model_state" not in ckpt:
+            raise ConfigError(f"weights=raw: {path} holds one set of weights (it was not written with "
+                              f"callbacks.ema); drop weights=raw")
+        model.load_state_dict(ckpt["current_model_state"])
+        print(f"evaluating the raw weights of {path} (weights=raw), not its weight average", flush=True)
     _check_model_fits_data(model, dm)
     return path, dm, model
+
+
+def _weights_choice(cfg: DictConfig) -> str:
+    """``weights``: which weights of an EMA checkpoint test/predict use ('average' or 'raw')."""
+    choice = cfg.get("weights", "average")
+    if choice not in ("average", "raw"):
+        raise ConfigError(f"weights={choice!r}: expected 'average' (the default) or 'raw'")
+    return str(choice)
 
 
 def test(cfg: DictConfig, overrides: list[str]) -> dict[str, float]:
@@ -608,7 +632,7 @@ def stack(cfg: DictConfig, overrides: list[str]) -> str:
     sc = cfg.stack
     if not sc.ckpt or not sc.out:
         raise ConfigError("stack: needs ckpt=<trained.ckpt> and out=<deeper.ckpt> (and optionally mode=adjacent|cross)")
-    src = runs.resolve_checkpoint(str(sc.ckpt), cfg.runs_dir, None)
+    src = runs.resolve_checkpoint(str(sc.ckpt), cfg.runs_dir, cfg.name)
     if os.path.exists(sc.out) and not sc.overwrite:
         raise ConfigError(f"out={sc.out}: file exists; choose another path or pass overwrite=true")
     times = _positive_int(sc.times, "times")
@@ -649,7 +673,7 @@ def export(cfg: DictConfig, overrides: list[str]) -> str:
         raise ConfigError("export: needs ckpt=<rocket.ckpt> and out=<light.ckpt> (and optionally net=light|booster)")
     if ec.net not in ("light", "booster"):
         raise ConfigError(f"net={ec.net}: expected light or booster")
-    src = runs.resolve_checkpoint(str(ec.ckpt), cfg.runs_dir, None)
+    src = runs.resolve_checkpoint(str(ec.ckpt), cfg.runs_dir, cfg.name)
     if os.path.exists(ec.out) and not ec.overwrite:
         raise ConfigError(f"out={ec.out}: file exists; choose another path or pass overwrite=true")
     ckpt = runs.load_checkpoint(src)
@@ -706,6 +730,9 @@ def run(argv: list[str]) -> Any:
     if command in ("test", "predict"):  # `ckpt=` as in stack and export
         overrides = ["ckpt_path=" + o.split("=", 1)[1] if o.split("=", 1)[0] == "ckpt" else o for o in overrides]
     cfg = load_config(overrides)
+    if _weights_choice(cfg) != "average" and command not in ("test", "predict"):
+        raise ConfigError(f"weights={cfg.weights}: chooses the weights `test` and `predict` evaluate; "
+                          f"`{command}` does not take it")
     if show_cfg:
         print(OmegaConf.to_yaml(cfg))
         return None

@@ -229,6 +229,7 @@ def test_distributed_evaluation_equals_single_process(tmp_path):
                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in two.stdout + two.stderr  # really two processes
+    assert "test metrics" in one.stdout and "Tip:" not in one.stdout + one.stderr  # Lightning's adverts are dropped
     m1, m2 = json.load(open(tmp_path / "one.json")), json.load(open(tmp_path / "two.json"))
     assert m1 and m1.keys() == m2.keys()
     for k in m1:
@@ -364,6 +365,17 @@ def test_ckpt_path_last_never_resumes_a_run_of_another_name(tmp_path):
         fit(tmp_path, "model=nextitnet", "ckpt_path=last")
     with pytest.raises(ConfigError, match="there are none"):
         fit(tmp_path / "empty", "ckpt_path=last")
+    # the same rule for every command that reads a checkpoint
+    last = next((tmp_path / "runs" / "sasrec-synthetic").glob("*/checkpoints/last.ckpt"))
+    common = [f"runs_dir={tmp_path / 'runs'}", "trainer.enable_progress_bar=false",
+              "data.synthetic.num_users=200", "data.synthetic.num_items=50"]
+    assert run(["test", "ckpt=last", *common]) == run(["test", f"ckpt={last}", *common])
+    with pytest.raises(ConfigError, match="no run named 'nextitnet-synthetic' .*runs with one: sasrec-synthetic"):
+        run(["test", "ckpt=last", "model=nextitnet", *common])
+    started = fit(tmp_path, "init_from=last", "test_after_fit=false", epochs=1)
+    assert started["run_dir"] != str(last.parent.parent)
+    run(["stack", "ckpt=last", f"out={tmp_path / 'deep.ckpt'}"] + common[:1])
+    assert torch.load(tmp_path / "deep.ckpt", weights_only=True)["hyper_parameters"]["num_blocks"] == 4
 
 
 def test_a_failed_fit_ends_its_wandb_run_as_failed(tmp_path, monkeypatch):

@@ -49,6 +49,31 @@ def test_fit_tests_the_average_like_the_test_command(tmp_path):
     assert raw["test"] != pytest.approx(out["test"], abs=1e-6)  # the average changes the tested model
 
 
+def test_test_and_predict_evaluate_the_raw_weights_with_weights_raw(tmp_path):
+    out = fit(tmp_path, "callbacks.ema.decay=0.9", "test_after_fit=false", epochs=2)
+    common = ["trainer.enable_progress_bar=false", f"runs_dir={tmp_path / 'runs'}",
+              "data.synthetic.num_users=200", "data.synthetic.num_items=50"]
+    path = os.path.join(out["run_dir"], "checkpoints", "last.ckpt")
+    ck = torch.load(path, weights_only=True)
+    # the oracle: the same checkpoint with the raw weights moved into state_dict
+    ck["state_dict"] = ck.pop("current_model_state")
+    torch.save(ck, tmp_path / "raw_only.ckpt")
+    oracle = run(["test", f"ckpt={tmp_path / 'raw_only.ckpt'}", *common])
+    raw = run(["test", f"ckpt={path}", "weights=raw", *common])
+    average = run(["test", f"ckpt={path}", *common])
+    assert raw == oracle
+    assert raw != average
+    predicted = run(["predict", f"ckpt={path}", "weights=raw", f"predict.out={tmp_path / 'raw.tsv'}", *common])
+    expected = run(["predict", f"ckpt={tmp_path / 'raw_only.ckpt'}", f"predict.out={tmp_path / 'oracle.tsv'}", *common])
+    assert open(predicted).read() == open(expected).read()
+    with pytest.raises(ConfigError, match="weights=raw: .*raw_only.ckpt holds one set of weights"):
+        run(["test", f"ckpt={tmp_path / 'raw_only.ckpt'}", "weights=raw", *common])
+    with pytest.raises(ConfigError, match="weights='ema': expected 'average'"):
+        run(["test", f"ckpt={path}", "weights=ema", *common])
+    with pytest.raises(ConfigError, match="weights=raw: chooses the weights `test` and `predict` evaluate; `fit`"):
+        run(["fit", *tiny(tmp_path, "weights=raw")])
+
+
 def test_resume_with_ema_is_exact(tmp_path):
     common = ["callbacks.ema.decay=0.8", "trainer.deterministic=true"]
     full = fit(tmp_path / "a", *common, epochs=3)
