@@ -578,6 +578,9 @@ def predict(cfg: DictConfig, overrides: list[str]) -> str:
     if os.path.exists(out) and not cfg.predict.overwrite:
         raise ConfigError(f"predict.out={out}: file exists; choose another path or pass predict.overwrite=true")
     model.predict_k = k
+    if not isinstance(cfg.predict.exclude_seen, bool):
+        raise ConfigError(f"predict.exclude_seen={cfg.predict.exclude_seen!r}: expected true or false")
+    model.predict_exclude_seen = cfg.predict.exclude_seen  # not the checkpoint's eval.exclude_seen
     if cfg.trainer.get("devices", 1) not in (1, "1", "auto"):
         print("predict runs on one device so that one process writes every user", flush=True)
     cfg.trainer.devices = 1

@@ -382,7 +382,7 @@ class SeqRecModule(pl.LightningModule):
     def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
         k = getattr(self, "predict_k", 10)
         h = self.user_representation(batch["inputs"])
-        seen = batch["seen"] if self.hparams.exclude_seen else None
+        seen = batch["seen"] if getattr(self, "predict_exclude_seen", True) else None
         items, scores = topk_items(self.score_fn(h), self.num_items, k, seen, self.hparams.eval_chunk_size)
         return {"user": batch["user"], "items": items, "scores": scores}
 

@@ -317,6 +317,16 @@ def test_predict_gives_fewer_rows_rather_than_seen_items(tmp_path, capsys):
     assert len(lines) == 20  # each user saw 5 of the 6 items: one recommendation each
     assert all(r["item"] not in seen[r["user"]] and r["rank"] == "1" for r in lines)
     assert "20 of them have fewer than 3 unseen items" in capsys.readouterr().out
+    # a model evaluated with seen items kept still recommends only unseen ones, unless asked
+    out = fit(tmp_path / "keep", "data=file", f"data.path={data}", "eval.exclude_seen=false", epochs=1)
+    run(["predict", f"ckpt={out['best_ckpt']}", f"predict.out={tmp_path / 'r2.tsv'}", "predict.k=3",
+         "trainer.enable_progress_bar=false"])
+    rows = list(csv.DictReader(open(tmp_path / "r2.tsv"), delimiter="\t"))
+    assert len(rows) == 20 and all(r["item"] not in seen[r["user"]] for r in rows)
+    run(["predict", f"ckpt={out['best_ckpt']}", f"predict.out={tmp_path / 'r3.tsv'}", "predict.k=3",
+         "predict.exclude_seen=false", "trainer.enable_progress_bar=false"])
+    rows = list(csv.DictReader(open(tmp_path / "r3.tsv"), delimiter="\t"))
+    assert len(rows) == 60 and sum(r["item"] in seen[r["user"]] for r in rows) >= 40  # 3 ranks, at most 1 unseen
 
 
 def test_bad_values_are_one_line_errors_and_leave_no_run_folder(tmp_path):

@@ -201,6 +201,10 @@ def test_short_users_policies(tmp_path):
     dm = SeqDataModule(name="file", path=p, short_users="drop")
     dm.setup()
     assert len(dm.val_set) == 1 and len(dm.train_set) == 1
+    # dropped means gone: not a user, not predicted for, and item 5 and 6 (only user 2's) not in the catalogue
+    assert dm.num_users == 1 and len(dm.predict_set) == 1 and dm.num_items == 4
+    with pytest.raises(DataError, match="data.short_users=drop leaves no one"):
+        SeqDataModule(name="file", path=write(tmp_path, "t.txt", "1 1\n2 2\n"), short_users="drop").load()
 
 
 def test_training_batches_trim_padding_columns(sasrec_file):

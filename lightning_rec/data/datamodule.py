@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
+from pytorch_lightning.utilities import rank_zero_info
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -238,6 +239,17 @@ class SeqDataModule(pl.LightningDataModule):
                     f"data: no user left after k-core filtering (min_user_interactions="
                     f"{self.hparams.min_user_interactions}, min_item_interactions={self.hparams.min_item_interactions})"
                 )
+            if self.hparams.short_users == "drop":
+                # before the ids are encoded: a dropped user leaves the user list, predictions and (with the items
+                # nobody else has) the catalogue, as if the file had not held it
+                kept = {u: s for u, s in seqs.items() if len(s) >= 3}
+                if not kept:
+                    raise DataError(f"{self.source}: every user has fewer than 3 interactions; "
+                                    "data.short_users=drop leaves no one")
+                if len(kept) < len(seqs):
+                    rank_zero_info(f"data.short_users=drop: {len(seqs) - len(kept):,} users with fewer than 3 "
+                                   f"interactions left out")
+                seqs = kept
             self.data = self._take_users(self._take_fraction(encode(seqs)))
         return self.data
 
