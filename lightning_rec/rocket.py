@@ -20,7 +20,7 @@ from .distill import joint_losses
 from .errors import ConfigError
 from .losses import draw_negatives
 from .metrics import metrics_from_ranks
-from .models import ENCODERS, build_encoder
+from .models import ENCODERS, build_encoder, check_shape_options
 from .module import SeqRecModule, check_training_options
 
 NETS = ("light", "booster")
@@ -52,6 +52,7 @@ def _net_conf(conf: dict[str, Any] | None, role: str) -> dict[str, Any]:
         raise ConfigError(f"model.{role}: unknown option '{unknown[0]}'; expected some of {', '.join(NET_KEYS)}")
     if conf.get("arch") not in ENCODERS:
         raise ConfigError(f"model.{role}.arch: expected one of {', '.join(ENCODERS)}, got {conf.get('arch')!r}")
+    check_shape_options(conf, f"model.{role}")
     return conf
 
 

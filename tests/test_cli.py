@@ -336,12 +336,20 @@ def test_bad_values_are_one_line_errors_and_leave_no_run_folder(tmp_path):
                          (["eval.chunk_size=0"], "eval.chunk_size=0: expected an integer >= 1"),
                          (["eval.ks=[0,10]"], "eval.ks=[0, 10]: expected a list of positive integers"),
                          (["data.batch_size=abc"], "data.batch_size='abc': expected an integer >= 1"),
-                         (["data=file", f"data.path={bad}"], f"data.path: cannot read '{bad}'")]:
+                         (["data=file", f"data.path={bad}"], f"data.path: cannot read '{bad}'"),
+                         (["data.min_rating=abc"], "data.min_rating='abc': expected a number"),
+                         (["model.d_model=0"], "model.d_model=0: expected an integer >= 1"),
+                         (["model.dropout=2"], "model.dropout=2: expected a number in [0, 1)"),
+                         (["model=nextitnet", "model.kernel_size=0"], "model.kernel_size=0: expected an integer >= 1"),
+                         (["model=nextitnet", "model.dilations=[0]"], "model.dilations=[0]: expected a non-empty list"),
+                         ]:
         with pytest.raises(LightningRecError, match=re.escape(expect)) as e:
             fit(tmp_path, *argv)
         assert "\n" not in str(e.value)
     runs_dir = tmp_path / "runs"
     assert not runs_dir.exists() or not any(p.is_dir() and not any(p.iterdir()) for p in runs_dir.rglob("*"))
+    with pytest.raises(ConfigError, match=re.escape("model.light.num_blocks=0: expected an integer >= 1")):
+        run(["fit", "model=rocket", "model.light.num_blocks=0", f"runs_dir={runs_dir}"])
 
 
 def test_a_run_folder_is_a_checkpoint_argument(tmp_path, caplog):

@@ -50,6 +50,10 @@ def test_csv_with_named_columns_and_string_ids(tmp_path):
     assert seqs == {"alice": ["a", "b"], "bob": ["c"]}
     t = write(tmp_path, "log.tsv", "u\ti\nx\tq\nx\tp\n")
     assert read_sequences(t, user_col="u", item_col="i", time_col=None) == {"x": ["q", "p"]}
+    # Excel writes a byte-order mark before the header; it is not part of the first column's name
+    bom = tmp_path / "excel.csv"
+    bom.write_bytes("\ufeffwho,what,when\nalice,a,1\n".encode("utf-8"))
+    assert read_sequences(str(bom), user_col="who", item_col="what", time_col="when") == {"alice": ["a"]}
 
 
 @pytest.mark.parametrize(
@@ -60,6 +64,7 @@ def test_csv_with_named_columns_and_string_ids(tmp_path):
         ("ratings.dat", "1::2::3::x\n", {}, "ratings.dat line 1: timestamp 'x' is not a number"),
         ("c.csv", "a,b\n1,2\n", {"user_col": "user"}, "c.csv line 1: header has no column 'user' (data.user_col)"),
         ("e.txt", "", {}, "is empty"),
+        ("s.txt", "1 2\n", {"min_rating": 4}, "data.min_rating=4: "),
     ],
 )
 def test_bad_files_name_file_and_line(tmp_path, name, text, kwargs, expect):

@@ -191,6 +191,8 @@ class SeqDataModule(pl.LightningDataModule):
             raise ConfigError(f"eval.negative_sampler: '{eval_sampler}' is not one of uniform, popularity")
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
             raise ConfigError(f"data.fraction: expected a number in (0, 1], got {fraction}")
+        if min_rating is not None and (isinstance(min_rating, bool) or not isinstance(min_rating, (int, float))):
+            raise ConfigError(f"data.min_rating={min_rating!r}: expected a number (e.g. 4) or null")
         if fraction_by not in ("history", "users"):
             raise ConfigError(f"data.fraction_by: '{fraction_by}' is not one of history, users")
         for option, value, least in (("data.max_len", max_len, 1), ("data.batch_size", batch_size, 1),

@@ -35,8 +35,8 @@ def _open_text(path: str) -> io.TextIOBase:
     if os.path.getsize(path) == 0:
         raise DataError(f"data.path: file '{path}' is empty")
     if path.endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
-    return open(path, encoding="utf-8", newline="")
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig", newline="")
+    return open(path, encoding="utf-8-sig", newline="")  # -sig: a byte-order mark (Excel's CSV) is not part of line 1
 
 
 def detect_format(path: str) -> str:
@@ -86,6 +86,9 @@ def read_sequences(
         raise DataError(f"data.format: unknown format '{fmt}', expected one of {', '.join(FORMATS)}")
     if fmt == "auto":
         fmt = detect_format(path)
+    if fmt == "sasrec" and min_rating is not None:
+        raise DataError(f"data.min_rating={min_rating}: {path} is a 'user item' file (format sasrec) with no ratings; "
+                        f"drop data.min_rating")
     if fmt == "csv":
         sep = _separator(sep, path)
     try:

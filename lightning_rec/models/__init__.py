@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, check_int, is_int
 from .nextitnet import NextItNet
 from .sasrec import SASRec
 
@@ -37,6 +37,21 @@ def check_init_std(init_std, option: str = "model.init_std") -> float | None:
     return float(init_std)
 
 
+def check_shape_options(kw: dict, prefix: str = "model") -> None:
+    """One-line errors for sizes and rates that would otherwise fail deep inside torch."""
+    for key in ("d_model", "num_blocks", "num_heads", "kernel_size", "max_len", "ffn_dim", "attention_m"):
+        if kw.get(key) is not None:
+            check_int(kw[key], f"{prefix}.{key}", 1)
+    for key in ("dilations", "block_dilations"):
+        value = kw.get(key)
+        if value is not None and (isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) == 0
+                                  or not all(is_int(v, 1) for v in value)):
+            raise ConfigError(f"{prefix}.{key}={value!r}: expected a non-empty list of integers >= 1, e.g. [1,2,4,8]")
+    p = kw.get("dropout")
+    if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0):
+        raise ConfigError(f"{prefix}.dropout={p!r}: expected a number in [0, 1)")
+
+
 def build_encoder(arch: str, num_items: int, init_std: float | None = None, **kwargs):
     """Instantiate an encoder by name (``nextitnet`` or ``sasrec``).
 
@@ -47,6 +62,7 @@ def build_encoder(arch: str, num_items: int, init_std: float | None = None, **kw
     if arch not in ENCODERS:
         raise ConfigError(f"model.arch: unknown model '{arch}'; expected one of {', '.join(ENCODERS)}")
     std = check_init_std(init_std)
+    check_shape_options(kwargs)
     enc = ENCODERS[arch](num_items=num_items, **kwargs)
     return enc if std is None else normal_init_(enc, std)
 
