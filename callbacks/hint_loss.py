@@ -125,9 +125,11 @@ class HintLossCallback(pl.Callback):
 
     def _load_teacher(self, pl_module: pl.LightningModule):
         from lightning_rec.module import SeqRecModule
-        from lightning_rec.runs import load_checkpoint
+        from lightning_rec.runs import load_checkpoint, resolve_checkpoint
 
-        ckpt = load_checkpoint(self.teacher_ckpt)
+        option = "callbacks.hint.teacher_ckpt"
+        self.teacher_ckpt = resolve_checkpoint(str(self.teacher_ckpt), "runs", None, option=option)
+        ckpt = load_checkpoint(self.teacher_ckpt, option)
         hp = ckpt.get("hyper_parameters") or {}
         if hp.get("arch") == "rocket":
             raise ConfigError(f"callbacks.hint.teacher_ckpt={self.teacher_ckpt}: a rocket checkpoint; export a net "

@@ -75,11 +75,21 @@ def _instantiate_dict(conf: DictConfig | None, what: str) -> list:
     for key, c in (conf or {}).items():
         if c is None:
             continue
+        if not isinstance(c, DictConfig) or "_target_" not in c:
+            hint = (f"select it with {what}={key}" if _group_has(what, key) else
+                    f"give its class with +{what}.{key}._target_=<module.Class>")
+            raise ConfigError(f"{what}.{key}: has no _target_ (the class to build); {hint}")
         try:
             out.append(instantiate(c, _convert_="all"))
         except Exception as e:
             raise _unwrap(e, f"{what}.{key}") from None
     return out
+
+
+def _group_has(group: str, option: str) -> bool:
+    from .config import group_options
+
+    return option in group_options(group)
 
 
 def _unwrap(e: Exception, where: str) -> LightningRecError:
@@ -326,7 +336,8 @@ def _fit(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     averaged = False  # the checkpoint to resume holds a weight average beside the raw weights
     init_ckpt = None
     if cfg.get("init_from"):
-        init_ckpt = runs.load_checkpoint(runs.resolve_checkpoint(str(cfg.init_from), cfg.runs_dir, cfg.name))
+        init_ckpt = runs.load_checkpoint(runs.resolve_checkpoint(str(cfg.init_from), cfg.runs_dir, cfg.name, option="init_from"),
+                                         "init_from")
         set_value(cfg, "model.arch", (init_ckpt.get("hyper_parameters") or {}).get("arch", cfg.model.arch))
     if resuming:
         ckpt_path = runs.resolve_checkpoint(str(cfg.ckpt_path), cfg.runs_dir, cfg.name, prefer="last")
@@ -622,7 +633,8 @@ def _write_weights(model, src_ckpt: dict[str, Any], out_path: str, extra: dict[s
     atomic_torch_save(out, out_path)
 
 
-STACK_ALIASES = ("ckpt", "out", "mode", "preset", "times", "overwrite")
+STACK_ALIASES = ("ckpt", "out", "mode", "preset", "times", "overwrite", "copy_layernorm", "copy_alpha", "zero_new_alpha",
+                 "keep_dilation", "copy_head")
 
 
 def stack(cfg: DictConfig, overrides: list[str]) -> str:
@@ -635,11 +647,11 @@ def stack(cfg: DictConfig, overrides: list[str]) -> str:
     sc = cfg.stack
     if not sc.ckpt or not sc.out:
         raise ConfigError("stack: needs ckpt=<trained.ckpt> and out=<deeper.ckpt> (and optionally mode=adjacent|cross)")
-    src = runs.resolve_checkpoint(str(sc.ckpt), cfg.runs_dir, cfg.name)
+    src = runs.resolve_checkpoint(str(sc.ckpt), cfg.runs_dir, cfg.name, option="ckpt")
     if os.path.exists(sc.out) and not sc.overwrite:
         raise ConfigError(f"out={sc.out}: file exists; choose another path or pass overwrite=true")
     times = _positive_int(sc.times, "times")
-    ckpt = runs.load_checkpoint(src)
+    ckpt = runs.load_checkpoint(src, "ckpt")
     if (ckpt.get("hyper_parameters") or {}).get("arch") == "rocket":
         raise ConfigError(f"ckpt={src}: a rocket checkpoint; export one net first (export ckpt=... net=light out=...)")
     model = SeqRecModule.load_from_checkpoint(src, map_location="cpu", weights_only=True)
@@ -655,7 +667,9 @@ def stack(cfg: DictConfig, overrides: list[str]) -> str:
     _write_weights(model, ckpt, sc.out, {"stacked_from": os.path.abspath(src),
                                          "stacking": describe(opts) | {"times": times}})
     n = sum(p.numel() for p in model.parameters())
-    print(f"stacked {src}: {before} -> {len(model.encoder.blocks)} blocks ({sc.mode}, {sc.preset or 'custom'}), "
+    flags = ", ".join(f"{k}={str(sc[k]).lower()}" for k in STACK_ALIASES[6:] if sc[k] is not None)
+    print(f"stacked {src}: {before} -> {len(model.encoder.blocks)} blocks ({sc.mode}, {sc.preset or 'custom'}"
+          f"{' with ' + flags if flags else ''}), "
           f"{n:,} parameters -> {sc.out}", flush=True)
     return sc.out
 
@@ -676,10 +690,10 @@ def export(cfg: DictConfig, overrides: list[str]) -> str:
         raise ConfigError("export: needs ckpt=<rocket.ckpt> and out=<light.ckpt> (and optionally net=light|booster)")
     if ec.net not in ("light", "booster"):
         raise ConfigError(f"net={ec.net}: expected light or booster")
-    src = runs.resolve_checkpoint(str(ec.ckpt), cfg.runs_dir, cfg.name)
+    src = runs.resolve_checkpoint(str(ec.ckpt), cfg.runs_dir, cfg.name, option="ckpt")
     if os.path.exists(ec.out) and not ec.overwrite:
         raise ConfigError(f"out={ec.out}: file exists; choose another path or pass overwrite=true")
-    ckpt = runs.load_checkpoint(src)
+    ckpt = runs.load_checkpoint(src, "ckpt")
     if (ckpt.get("hyper_parameters") or {}).get("arch") != "rocket":
         raise ConfigError(f"ckpt={src}: not a rocket checkpoint (model=rocket); a single model is already standalone")
     rocket = RocketModule.load_from_checkpoint(src, map_location="cpu", weights_only=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from importlib import resources
 
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
@@ -17,11 +18,63 @@ def _one_line(msg: str) -> str:
     return " ".join(str(msg).split())
 
 
+def group_options(group: str) -> list[str]:
+    """The options of a config group (``conf/<group>/*.yaml``), without the shared ``base``."""
+    try:
+        folder = resources.files(CONFIG_MODULE).joinpath(group)
+        names = [f.name[:-5] for f in folder.iterdir() if f.name.endswith(".yaml")]
+    except (FileNotFoundError, NotADirectoryError, ModuleNotFoundError):
+        return []
+    return sorted(n for n in names if n != "base")
+
+
+def _options_defining(key: str) -> list[str]:
+    """``group=option`` choices whose file defines ``key`` (``callbacks.ema.decay`` -> ``callbacks=ema``)."""
+    group, _, rest = key.lstrip("+").partition(".")
+    found = []
+    for option in group_options(group) if rest else []:
+        try:
+            conf = OmegaConf.create(resources.files(CONFIG_MODULE).joinpath(group, f"{option}.yaml").read_text())
+        except Exception:
+            continue
+        if OmegaConf.select(conf, rest, default="__missing__") != "__missing__":
+            found.append(f"{group}={option}")
+    return found
+
+
+def _close_keys(key: str, other_overrides: list[str]) -> list[str]:
+    """Existing options spelled like ``key`` (``model.num_blokcs`` -> ``model.num_blocks``), from the config
+    composed without it."""
+    import difflib
+
+    parent, _, leaf = key.rpartition(".")
+    try:
+        with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+            cfg = compose(config_name="config", overrides=other_overrides)
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+    except Exception:
+        return []
+    finally:
+        GlobalHydra.instance().clear()
+    if not isinstance(node, DictConfig):
+        return []
+    names = difflib.get_close_matches(leaf, [str(k) for k in node.keys()], n=2, cutoff=0.7)
+    return [f"{parent}.{n}" if parent else n for n in names]
+
+
 def _explain(e: Exception, overrides: list[str]) -> str:
     msg = _one_line(str(e))
     m = re.search(r"Could not override '([^']+)'", msg)
     if m:
         key = m.group(1)
+        owners = _options_defining(key)
+        if owners:
+            return (f"override '{key}': no such option in this config; it comes with "
+                    f"{' or '.join(owners[:4])}: add that (e.g. `{owners[0]} {key}=...`)")
+        near = _close_keys(key, [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != key])
+        if near:
+            return (f"override '{key}': no such option; did you mean {' or '.join(near)}? (a key of your own needs "
+                    f"'+{key}=...'; list the options with `python -m lightning_rec fit --cfg`)")
         return (f"override '{key}': no such option. Add new keys with '+{key}=...'; "
                 "list the options with `python -m lightning_rec fit --cfg`")
     m = re.search(r"Could not find '([^/']+)/([^']+)'.*?Available options in '[^']+':(.*?)(?:$|Config search path)", msg)

@@ -10,8 +10,10 @@ from __future__ import annotations
 import glob
 import json
 import os
+import pickle
 import socket
 import time
+import zipfile
 from typing import Any
 
 import torch
@@ -82,7 +84,7 @@ def claim_run_dir(path: str, hint: str | None = None) -> str:
     return path
 
 
-def find_last_checkpoint(runs_dir: str, name: str | None = None) -> str:
+def find_last_checkpoint(runs_dir: str, name: str | None = None, option: str = "ckpt_path") -> str:
     """The newest ``last.ckpt`` among the runs named ``name`` under ``runs_dir``.
 
     Never another name's: its architecture and data would silently replace the ones asked for."""
@@ -94,15 +96,17 @@ def find_last_checkpoint(runs_dir: str, name: str | None = None) -> str:
                      for p in glob.glob(os.path.join(runs_dir, "*", "*", "checkpoints", "last*.ckpt"))})
     hint = (f"runs with one: {', '.join(others[:8])}{' ...' if len(others) > 8 else ''}; pass name=<one of them> "
             f"or a checkpoint path" if others else "there are none; pass a checkpoint path")
-    raise ConfigError(f"ckpt_path=last: no run named '{name}' under runs_dir={runs_dir} has checkpoints/last.ckpt "
+    raise ConfigError(f"{option}=last: no run named '{name}' under runs_dir={runs_dir} has checkpoints/last.ckpt "
                       f"({hint})")
 
 
-def resolve_checkpoint(ckpt_path: str, runs_dir: str, name: str | None, prefer: str = "best") -> str:
+def resolve_checkpoint(ckpt_path: str, runs_dir: str, name: str | None, prefer: str = "best",
+                       option: str = "ckpt_path") -> str:
     """A checkpoint file from ``last``, a file, or a run folder (its best checkpoint, as recorded in
-    ``result.json``, or with ``prefer="last"`` its ``last.ckpt``: what a resume wants)."""
+    ``result.json``, or with ``prefer="last"`` its ``last.ckpt``: what a resume wants). ``option`` is the
+    setting the path came from, named in errors."""
     if ckpt_path == "last":
-        return find_last_checkpoint(runs_dir, name)
+        return find_last_checkpoint(runs_dir, name, option)
     if os.path.isdir(ckpt_path):
         last = os.path.join(ckpt_path, "checkpoints", "last.ckpt")
         best = None
@@ -113,12 +117,12 @@ def resolve_checkpoint(ckpt_path: str, runs_dir: str, name: str | None, prefer: 
             best = os.path.join(ckpt_path, "checkpoints", os.path.basename(best))
         for path in (best, last):
             if path and os.path.isfile(path):
-                rank_zero_info(f"ckpt_path={ckpt_path}: a run folder; using {path}")
+                rank_zero_info(f"{option}={ckpt_path}: a run folder; using {path}")
                 return path
-        raise ConfigError(f"ckpt_path={ckpt_path}: a folder without checkpoints/last.ckpt; give a run folder or "
+        raise ConfigError(f"{option}={ckpt_path}: a folder without checkpoints/last.ckpt; give a run folder or "
                           f"a .ckpt file")
     if not os.path.isfile(ckpt_path):
-        raise ConfigError(f"ckpt_path={ckpt_path}: no such checkpoint file")
+        raise ConfigError(f"{option}={ckpt_path}: no such checkpoint file")
     return ckpt_path
 
 
@@ -130,13 +134,23 @@ def run_dir_of(ckpt_path: str) -> str | None:
     return None
 
 
-def load_checkpoint(path: str) -> dict[str, Any]:
-    """Read a checkpoint safely (``weights_only=True``) on the CPU."""
+def load_checkpoint(path: str, option: str = "ckpt_path") -> dict[str, Any]:
+    """Read a checkpoint safely (``weights_only=True``) on the CPU; ``option`` names the setting in errors."""
+    if os.path.isfile(path) and not zipfile.is_zipfile(path):  # a text file, a CSV, ...
+        raise ConfigError(f"{option}={path}: not a checkpoint (expected a .ckpt written by lightning_rec; this file "
+                          f"is not a torch archive)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # a pickle of arbitrary objects, which is never loaded
+        raise ConfigError(f"{option}={path}: not a lightning_rec checkpoint (it holds Python objects beyond "
+                          f"tensors and plain values)") from None
     except Exception as e:
-        raise ConfigError(f"ckpt_path={path}: not a readable lightning_rec checkpoint ({type(e).__name__}: "
+        raise ConfigError(f"{option}={path}: not a readable lightning_rec checkpoint ({type(e).__name__}: "
                           f"{' '.join(str(e).split())[:200]})") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise ConfigError(f"{option}={path}: not a lightning_rec checkpoint (a torch file, but with no state_dict; "
+                          f"expected a .ckpt written by fit, stack or export)")
+    return ckpt
 
 
 def wandb_configured() -> bool:

@@ -141,6 +141,8 @@ def test_every_loss_learns(tmp_path, loss):
 def test_errors_are_one_line(tmp_path):
     bad = tmp_path / "bad.txt"
     bad.write_text("1 2\n1 3\nnot-a-pair-line here extra\n")
+    tensor = tmp_path / "tensor.pt"
+    torch.save(torch.zeros(3), tensor)
     cases = [
         (["fit", "foo=1"], "override 'foo': no such option"),
         (["fit", "model=gru4rec"], "model=gru4rec: unknown model; available: nextitnet, rocket, sasrec"),
@@ -151,8 +153,19 @@ def test_errors_are_one_line(tmp_path):
         (["test"], "ckpt_path: required"),
         (["fit", "eval.ks=[5,20]"], "eval.monitor=val/ndcg@10: not a logged metric"),
         (["fit", "model.num_heads=3"], "model.d_model=64 is not divisible by model.num_heads=3"),
-        (["stack", "ckpt=missing.ckpt", "out=x.ckpt"], "ckpt_path=missing.ckpt: no such checkpoint file"),
+        (["stack", "ckpt=missing.ckpt", "out=x.ckpt"], "ckpt=missing.ckpt: no such checkpoint file"),
+        (["export", "ckpt=missing.ckpt", "out=x.ckpt"], "ckpt=missing.ckpt: no such checkpoint file"),
+        (["fit", f"init_from={bad}"], f"init_from={bad}: not a checkpoint (expected a .ckpt written by lightning_rec"),
+        (["test", f"ckpt={tensor}"], f"ckpt_path={tensor}: not a lightning_rec checkpoint (a torch file, but with no "),
+        (["fit", "model.num_blocks=1", "callbacks=kd", "callbacks.hint.teacher_ckpt=nope.ckpt"],
+         "callbacks.hint.teacher_ckpt=nope.ckpt: no such checkpoint file"),
         (["train"], "unknown command 'train'"),
+        # an option of a group choice that is not selected, a misspelt option, a callback without its class
+        (["fit", "callbacks.ema.decay=0.9"], "it comes with callbacks=ema: add that (e.g. `callbacks=ema callbacks.ema"),
+        (["fit", "model.kernel_size=5"], "it comes with model=nextitnet"),
+        (["fit", "model.num_blokcs=2"], "override 'model.num_blokcs': no such option; did you mean model.num_blocks?"),
+        (["fit", "+callbacks.ema.decay=0.9"], "callbacks.ema: has no _target_ (the class to build); select it with "
+                                              "callbacks=ema"),
     ]
     for argv, expect in cases:
         with pytest.raises(LightningRecError) as e:

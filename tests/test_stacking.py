@@ -175,7 +175,7 @@ def test_stacking_under_two_process_ddp_keeps_ranks_in_sync(tmp_path):
         assert abs(r0["state"][k] - r1["state"][k]) < 1e-5, k
 
 
-def test_stack_command_then_init_from_round_trip(tmp_path):
+def test_stack_command_then_init_from_round_trip(tmp_path, capsys):
     out = run(["fit", *tiny(tmp_path, "model=nextitnet", "model.num_blocks=2", epochs=1)])
     src = out["best_ckpt"]
     deep = tmp_path / "deep.ckpt"
@@ -188,6 +188,10 @@ def test_stack_command_then_init_from_round_trip(tmp_path):
     torch.testing.assert_close(deep_m(x), shallow(x), atol=1e-5, rtol=1e-5)  # function-preserving preset
     with pytest.raises(Exception, match="file exists"):
         run(["stack", f"ckpt={src}", f"out={deep}"])
+    # every stack.* flag has a short name, and the printout says which were set
+    run(["stack", f"ckpt={src}", f"out={tmp_path / 'flags.ckpt'}", "copy_head=false", "copy_layernorm=false"])
+    assert torch.load(tmp_path / "flags.ckpt", weights_only=True)["stacking"]["copy_head"] is False
+    assert "(adjacent, function_preserving with copy_layernorm=false, copy_head=false)" in capsys.readouterr().out
     # test on the stacked checkpoint gives the shallow model's metrics
     res = run(["test", f"ckpt_path={deep}", "trainer.enable_progress_bar=false"])
     assert res == pytest.approx(out["test"], abs=1e-5)

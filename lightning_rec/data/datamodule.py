@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
-from pytorch_lightning.utilities import rank_zero_info
 import torch
+from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError, DataError, check_int
