@@ -581,6 +581,9 @@ def predict(cfg: DictConfig, overrides: list[str]) -> str:
     from . import runs
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    if cfg.predict.out and os.path.isdir(cfg.predict.out):
+        raise ConfigError(f"predict.out={cfg.predict.out}: a folder; expected a file path, e.g. "
+                          f"{os.path.join(cfg.predict.out, 'predictions.tsv')}")
     path, dm, model = _load_for_eval(cfg, overrides)
     k = _positive_int(cfg.predict.k, "predict.k")
     if k > dm.num_items:

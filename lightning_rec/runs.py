@@ -72,6 +72,9 @@ def new_run_dir(runs_dir: str, name: str) -> str:
         except FileExistsError:
             i += 1
             path = f"{base}_{i}"
+        except OSError as e:  # runs_dir under a file, read-only, ...
+            raise ConfigError(f"runs_dir={runs_dir}: cannot create the run folder {path} ({e.strerror}); "
+                              f"expected a writable folder") from None
 
 
 def claim_run_dir(path: str, hint: str | None = None) -> str:
@@ -80,7 +83,10 @@ def claim_run_dir(path: str, hint: str | None = None) -> str:
         hint = hint or (f"choose a new folder, or resume it with "
                         f"ckpt_path={os.path.join(path, 'checkpoints', 'last.ckpt')}")
         raise ConfigError(f"run_dir={path}: the folder already holds a run; {hint}")
-    os.makedirs(path, exist_ok=True)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"run_dir={path}: cannot create it ({e.strerror}); expected a new or empty writable folder") from None
     return path
 
 

@@ -171,6 +171,10 @@ def test_errors_are_one_line(tmp_path):
         with pytest.raises(LightningRecError) as e:
             run(argv + [f"runs_dir={tmp_path / 'runs'}"])
         assert expect in str(e.value), (argv, str(e.value))
+    with pytest.raises(ConfigError, match=f"runs_dir={bad}/x: cannot create the run folder .*expected a writable"):
+        run(["fit", f"runs_dir={bad}/x"])  # under a file
+    with pytest.raises(ConfigError, match=f"predict.out={tmp_path}: a folder; expected a file path"):
+        run(["predict", f"ckpt={tensor}", f"predict.out={tmp_path}", "predict.overwrite=true"])
         assert "\n" not in str(e.value)
     # optimizer errors are found before a run folder is made: nothing is left behind
     for argv, expect in [(["fit", "optimizer.lr=-1"], "optimizer (adam): Invalid learning rate: -1.0"),

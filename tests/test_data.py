@@ -286,6 +286,19 @@ def test_download_verifies_checksum_and_extracts(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="MD5 .* does not match"):
         dl.fetch("ml-100k", str(tmp_path / "cache2"))
     assert not [f for f in os.listdir(tmp_path / "cache2")]
+    # An archive already in the cache is checked too: a junk file, and a zip without the member
+    monkeypatch.setitem(dl.DATASETS, "ml-100k", (archive.as_uri(), md5, "ml-100k/u.data", "udata"))
+    (tmp_path / "cache3").mkdir()
+    (tmp_path / "cache3" / "ml-100k.zip").write_text("not a zip")
+    with pytest.raises(DataError, match="ml-100k.zip: MD5 .* does not match .*delete it to download it again"):
+        dl.fetch("ml-100k", str(tmp_path / "cache3"))
+    with pytest.raises(DataError, match="ml-100k.zip: not the expected archive .*expected a zip holding ml-100k/u.data"):
+        dl.fetch("ml-100k", str(tmp_path / "cache3"), verify=False)
+    with zipfile.ZipFile(tmp_path / "cache3" / "ml-100k.zip", "w") as z:
+        z.writestr("other.txt", "x")
+    with pytest.raises(DataError, match="not the expected archive \\(KeyError"):
+        dl.fetch("ml-100k", str(tmp_path / "cache3"), verify=False)
+    assert not (tmp_path / "cache3" / "ml-100k" / "u.data.part").exists()
 
 
 def test_no_network_and_no_path_says_what_to_pass(tmp_path, monkeypatch):

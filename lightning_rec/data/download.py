@@ -75,9 +75,20 @@ def fetch(name: str, cache_dir: str | None = None, verify: bool = True) -> tuple
                 "pass data.download_verify=false if the publisher changed the file"
             )
         os.replace(tmp, archive)
+    elif verify and (got := md5_file(archive)) != md5:  # put there by hand, or by an older tool
+        raise DataError(
+            f"{archive}: MD5 {got} does not match the published archive ({md5}); delete it to download it again, "
+            "or pass data.download_verify=false to use it as it is"
+        )
     os.makedirs(os.path.dirname(target), exist_ok=True)
     part = f"{target}.part"
-    with zipfile.ZipFile(archive) as z, z.open(member) as src, open(part, "wb") as dst:
-        shutil.copyfileobj(src, dst)
+    try:
+        with zipfile.ZipFile(archive) as z, z.open(member) as src, open(part, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    except (zipfile.BadZipFile, KeyError) as e:
+        if os.path.exists(part):
+            os.unlink(part)
+        raise DataError(f"{archive}: not the expected archive ({type(e).__name__}: {e}); expected a zip holding "
+                        f"{member}; delete it to download it again") from None
     os.replace(part, target)  # an interrupted extraction never leaves a truncated file behind
     return target, fmt
