@@ -86,6 +86,10 @@ class OptimizerSwitchCallback(pl.Callback):
 
     # ------------------------------------------------------------------ wiring
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        name = str(dict(pl_module.hparams.get("optimizer") or {}).get("name", "adam"))
+        if name == "sgd":
+            raise ConfigError("callbacks.optimizer_switch: switches an adaptive optimizer (optimizer=adam, adamw or "
+                              "adashift) to SGD; with optimizer=sgd there is nothing to switch from")
         pl_module.__dict__["optimizer_switch"] = self  # read by configure_optimizers
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -170,8 +174,13 @@ class OptimizerSwitchCallback(pl.Callback):
         if self.mode == "auto":
             rank_zero_info(f"optimizer switch (auto): no switch in {trainer.global_step} steps; the adaptive phase ran "
                            f"to the end (SWATS estimate {est}; the rule needs it to settle within rtol={self.rtol:g} "
-                           f"after min_steps={self.min_steps}). Set callbacks.optimizer_switch.deadline_epoch or "
-                           f"deadline_step to switch by a given point")
+                           f"after min_steps={self.min_steps})"
+                           + ("; its deadline passed with no positive estimate yet, and the switch was waiting "
+                              "for one (or set callbacks.optimizer_switch.sgd_lr)" if self._pending else
+                              "; its deadline was not reached" if self.deadline_epoch is not None
+                              or self.deadline_step is not None else
+                              ". Set callbacks.optimizer_switch.deadline_epoch or deadline_step to switch by a "
+                              "given point"))
         else:
             when = f"step {self.at_step}" if self.at_step is not None else f"epoch {self.at_epoch}"
             rank_zero_info(f"optimizer switch (scheduled at {when}): not reached in {trainer.global_step} steps "

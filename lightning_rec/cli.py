@@ -267,6 +267,38 @@ def _monitor(cfg: DictConfig) -> None:
 
 
 # ---------------------------------------------------------------------- fit
+def _keep_checkpoint_architecture(cfg: DictConfig, overrides: list[str], model_conf: dict[str, Any], src: str,
+                                  resuming: bool) -> None:
+    """A resumed run, and one started with init_from, take the architecture from the checkpoint (a resume after
+    a StackRec stack is deeper than its command line says). Overrides that ask for another are named in one
+    line instead of being dropped silently, and the config saved with the run records what was built."""
+    from pytorch_lightning.utilities import rank_zero_info
+
+    from .config import set_value
+    from .transfer import ARCH_KEYS
+
+    given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    ignored = []
+    for key in ARCH_KEYS:
+        if key not in model_conf or key not in cfg.model:
+            continue
+        if to_plain_value(cfg.model[key]) != model_conf[key]:
+            if f"model.{key}" in given:
+                ignored.append(f"model.{key}={to_plain_value(cfg.model[key])} (it has {model_conf[key]})")
+            set_value(cfg, f"model.{key}", model_conf[key])
+    if ignored:
+        how = ("a resumed run keeps its architecture; start a new run with init_from= to change it" if resuming else
+               "init_from keeps the checkpoint's architecture; `stack` it to go deeper")
+        rank_zero_info(f"{src}: the architecture comes from the checkpoint, so {', '.join(ignored)} "
+                       f"{'is' if len(ignored) == 1 else 'are'} not used ({how})")
+
+
+def to_plain_value(v: Any) -> Any:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+
+
 def fit(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     """Train (or resume), then test the best checkpoint.
 
@@ -279,12 +311,18 @@ def fit(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     dist_env = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")}
     try:
         return _fit(cfg, overrides)
-    except BaseException:
+    except BaseException as e:
         made = os.environ.get(runs.RUN_DIR_ENV)
-        if made and not given and os.path.isdir(made) and not any(files for _, _, files in os.walk(made)):
+        keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+        fresh = made and not given and os.path.isdir(made) and not keys & {"ckpt_path", "run_dir"}
+        written = [os.path.relpath(os.path.join(d, f), made) for d, _, files in os.walk(made) for f in files] if fresh else []
+        # nothing written; or a bad option found while Lightning set up a new run: only its config, id maps and
+        # the CSV logger's header, no metrics or checkpoints (a W&B run keeps its folder: it records the failure)
+        setup_only = all(os.path.basename(f) in ("config.yaml", "id_maps.json", "hparams.yaml") for f in written)
+        if fresh and (not written or (isinstance(e, LightningRecError) and setup_only)):
             import shutil
 
-            shutil.rmtree(made, ignore_errors=True)  # a run that failed before writing anything leaves no folder
+            shutil.rmtree(made, ignore_errors=True)  # a run that failed before training leaves no folder
             try:
                 os.rmdir(os.path.dirname(made))  # nor an empty <runs_dir>/<name>/
             except OSError:
@@ -387,6 +425,8 @@ def _fit(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
         from .transfer import architecture
 
         model_conf.update(architecture(init_ckpt))  # depth, width, dilations... come from the checkpoint
+    if saved_model is not None or init_ckpt is not None:
+        _keep_checkpoint_architecture(cfg, overrides, model_conf, ckpt_path or str(cfg.init_from), resuming)
     model = _build_model(model_conf, dm.num_items)
     if init_ckpt is not None:
         from .transfer import load_initial_weights

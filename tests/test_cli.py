@@ -443,3 +443,27 @@ def test_fit_states_how_much_it_trains_on(tmp_path, caplog):
     d = _build_datamodule(yaml.safe_load(open(os.path.join(out["run_dir"], "config.yaml")))["data"]).load()
     n = d.indptr[1:] - d.indptr[:-1]
     assert n.min() > 7 and counts["all"][1] == int((n - 3).sum()) and counts["all"][0] > 200
+
+
+def test_resume_and_init_from_say_which_architecture_overrides_they_do_not_use(tmp_path, caplog):
+    import yaml
+
+    out = fit(tmp_path, "test_after_fit=false", epochs=1)  # sasrec, 2 blocks, d 16
+    with caplog.at_level("INFO"):
+        resumed = fit(tmp_path, "ckpt_path=last", "model.num_blocks=4", "test_after_fit=false", epochs=2)
+    assert "so model.num_blocks=4 (it has 2) is not used (a resumed run keeps its architecture" in caplog.text
+    saved = yaml.safe_load(open(next((tmp_path / "runs").rglob("config.resume-*.yaml"))))
+    assert saved["model"]["num_blocks"] == 2 and resumed["epochs"] == 2
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        started = run(["fit", *tiny(tmp_path / "b", f"init_from={out['run_dir']}/checkpoints/last.ckpt",
+                                    "model.num_blocks=3", "test_after_fit=false", epochs=1)])
+    assert "so model.num_blocks=3 (it has 2) is not used (init_from keeps" in caplog.text
+    assert yaml.safe_load(open(os.path.join(started["run_dir"], "config.yaml")))["model"]["num_blocks"] == 2
+
+
+def test_a_bad_option_found_while_lightning_sets_up_leaves_no_run_folder(tmp_path):
+    with pytest.raises(ConfigError, match="callbacks.stacking: applies to a single NextItNet or SASRec model"):
+        run(["fit", "model=rocket", "callbacks=stacking", "callbacks.stacking.at_epochs=[1]", "logger=csv",
+             f"runs_dir={tmp_path / 'runs'}", "trainer.max_epochs=1"])
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.yaml"))

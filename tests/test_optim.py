@@ -166,6 +166,15 @@ def test_bad_adashift_settings():
         OptimizerSwitchCallback(mode="scheduled")
 
 
+def test_switching_from_sgd_is_refused(tmp_path):
+    from conftest import tiny
+
+    from lightning_rec.cli import run
+
+    with pytest.raises(ConfigError, match="with optimizer=sgd there is nothing to switch from"):
+        run(["fit", *tiny(tmp_path, "optimizer=sgd", "callbacks=swats", epochs=1)])
+
+
 # ---------------------------------------------------------------------- SWATS
 def test_swats_gamma_recovers_the_sgd_rate_of_an_sgd_step():
     g = torch.tensor([0.3, -1.2, 2.0])
