@@ -87,9 +87,9 @@ class OptimizerSwitchCallback(pl.Callback):
     # ------------------------------------------------------------------ wiring
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         name = str(dict(pl_module.hparams.get("optimizer") or {}).get("name", "adam"))
-        if name == "sgd":
-            raise ConfigError("callbacks.optimizer_switch: switches an adaptive optimizer (optimizer=adam, adamw or "
-                              "adashift) to SGD; with optimizer=sgd there is nothing to switch from")
+        if name == "sgd" and stage == "fit":  # kept possible: SWATS then recovers SGD's own rate (a check of the estimate)
+            rank_zero_info("callbacks.optimizer_switch with optimizer=sgd: the first phase is already SGD, so the switch "
+                           "only re-estimates its rate; for SWATS use optimizer=adam, adamw or adashift")
         pl_module.__dict__["optimizer_switch"] = self  # read by configure_optimizers
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
