@@ -44,6 +44,8 @@ def main() -> None:
                     help="light net width (default: the booster's); narrower sees a projection of the shared table")
     ap.add_argument("--hint-weight", type=float, default=1e-4,
                     help="lambda; the authors' 0.03 was for ~10 classes, x 10 / 3,416 items here is about 1e-4")
+    ap.add_argument("--hint-kind", default="mse", choices=["mse", "mse_centered"],
+                    help="Rocket's hint on the logits as they are, or with each row's mean taken off (callbacks.hint.kind)")
     ap.add_argument("--hint-start-epoch", type=int, default=0, help="no hint before this epoch (schedule=start_epoch)")
     ap.add_argument("--kd-weight", type=float, default=0.9, help="rocket_kd: weight of T^2 KL(booster || light), T = 4")
     ap.add_argument("--tied", action="store_true",
@@ -72,7 +74,7 @@ def main() -> None:
     light = [f"model.d_model={dl}", f"model.num_blocks={args.light_blocks}", "model.num_heads=1", tied]
     rocket = ["model=rocket", f"model.booster.d_model={d}", f"model.booster.num_blocks={args.booster_blocks}",
               "model.booster.num_heads=2", f"model.light.d_model={dl}", f"model.light.num_blocks={args.light_blocks}",
-              "model.light.num_heads=1", "callbacks=rocket", f"callbacks.hint.weight={args.hint_weight}",
+              "model.light.num_heads=1", "callbacks=rocket", f"callbacks.hint.weight={args.hint_weight}", f"callbacks.hint.kind={args.hint_kind}",
               f"model.own_heads={str(not args.tied).lower()}"]
     if args.hint_start_epoch:
         rocket += ["callbacks.hint.schedule=start_epoch", f"callbacks.hint.start_epoch={args.hint_start_epoch}"]
@@ -83,7 +85,7 @@ def main() -> None:
         "noshare": [*rocket, "model.share_embedding=false"],
         "nohint": [e for e in rocket if not e.startswith("callbacks")],
         # hint = mse + kd_weight * KL, all times lambda: kd_weight / lambda gives the KD term its own weight
-        "rocket_kd": [*rocket, "callbacks.hint.kind=mse+kl", f"callbacks.hint.kd_weight={args.kd_weight / args.hint_weight:g}"],
+        "rocket_kd": [*[e for e in rocket if not e.startswith("callbacks.hint.kind=")], "callbacks.hint.kind=mse+kl", f"callbacks.hint.kd_weight={args.kd_weight / args.hint_weight:g}"],
         "booster": ["model=sasrec", *booster],
     }
     chosen = [r for r in args.only.split(",") if r]
@@ -161,7 +163,7 @@ def main() -> None:
                f"blocks d={d} 2 heads, light SASRec {args.light_blocks} block d={dl} 1 head, "
                f"{'each scoring with its item table (tied; in the rocket the shared one)' if args.tied else 'each with its own output layer'}, "
                f"dropout 0.2, full-softmax CE, "
-               f"Adam {args.lr:g}, batch {args.batch_size}, {args.epochs} epochs, seed {args.seed}, hint lambda {args.hint_weight:g}"
+               f"Adam {args.lr:g}, batch {args.batch_size}, {args.epochs} epochs, seed {args.seed}, hint {'on zero-mean logits, ' if args.hint_kind == 'mse_centered' else ''}lambda {args.hint_weight:g}"
                f"{f' from epoch {args.hint_start_epoch}' if args.hint_start_epoch else ''}, KD weight {args.kd_weight:g} (rocket_kd); "
                f"latency: median of 10 full-ranking passes for {args.latency_users} users of length {args.max_len}, "
                f"{torch.get_num_threads()} threads"

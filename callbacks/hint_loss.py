@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info
 
-from lightning_rec.distill import HINT_KINDS, HintSpec, hint_kl, hint_mse
+from lightning_rec.distill import HINT_KINDS, HintSpec, hint_kl, hint_mse, hint_mse_centered
 from lightning_rec.errors import ConfigError
 
 SCHEDULES = ("constant", "warmup", "start_epoch")
@@ -32,7 +32,8 @@ class HintLossCallback(pl.Callback):
     a frozen model loaded from ``teacher_ckpt`` (classic teacher-student distillation).
 
     Args:
-        kind: ``mse`` (Rocket: squared logit difference summed over candidates), ``kl`` (classic KD:
+        kind: ``mse`` (Rocket: squared logit difference summed over candidates), ``mse_centered``
+            (the same on logits with each row's mean taken off, so only what the softmax sees is matched), ``kl`` (classic KD:
             ``T^2 KL(softmax(z_t/T) || softmax(z_s/T))``), ``kl_l2`` (KL plus ``l2_weight`` times
             the mean squared logit difference; the federated-distillation objective) or ``mse+kl``
             (Rocket's hint plus ``kd_weight`` times the KD term).
@@ -86,6 +87,8 @@ class HintLossCallback(pl.Callback):
     def term_fn(self):
         if self.kind == "mse":
             return hint_mse
+        if self.kind == "mse_centered":
+            return hint_mse_centered
         if self.kind == "kl":
             return functools.partial(hint_kl, temperature=self.temperature)
         if self.kind == "kl_l2":

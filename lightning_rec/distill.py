@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .losses import candidate_logits, masked_ce
 
-HINT_KINDS = ("mse", "kl", "kl_l2", "mse+kl")
+HINT_KINDS = ("mse", "mse_centered", "kl", "kl_l2", "mse+kl")
 
 
 def hint_mse(zs: torch.Tensor, zt: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
@@ -30,6 +30,18 @@ def hint_mse(zs: torch.Tensor, zt: torch.Tensor, valid: torch.Tensor | None) -> 
     if valid is not None:
         d = d * valid
     return d.sum(-1)
+
+
+def hint_mse_centered(zs: torch.Tensor, zt: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Rocket's hint on zero-mean logits, per row (m,): each row's mean over its candidates is taken off
+    both nets' logits first, so a shift that the softmax ignores costs nothing. Hinton et al. (2015, sec. 2.1)
+    show that distillation at a high temperature is this matching of zero-mean logits."""
+    zs, zt = zs.float(), zt.float()
+    if valid is None:
+        return hint_mse(zs - zs.mean(-1, keepdim=True), zt - zt.mean(-1, keepdim=True), None)
+    zs, zt = torch.where(valid, zs, 0.0), torch.where(valid, zt, 0.0)
+    n = valid.sum(-1, keepdim=True).clamp_min(1)
+    return hint_mse(zs - zs.sum(-1, keepdim=True) / n, zt - zt.sum(-1, keepdim=True) / n, valid)
 
 
 def hint_kl(zs: torch.Tensor, zt: torch.Tensor, valid: torch.Tensor | None, temperature: float) -> torch.Tensor:

@@ -13,7 +13,7 @@ from lightning_rec.callbacks import HintLossCallback
 
 from lightning_rec import RocketModule, SeqRecModule
 from lightning_rec.cli import run
-from lightning_rec.distill import HintSpec, hint_kl, hint_mse, joint_losses
+from lightning_rec.distill import HintSpec, hint_kl, hint_mse, hint_mse_centered, joint_losses
 from lightning_rec.errors import ConfigError
 from lightning_rec.losses import candidate_logits, masked_ce
 from lightning_rec.metrics import full_ranks
@@ -42,6 +42,13 @@ def test_hint_terms_against_hand_computation():
     assert hint_mse(zs, zt, None).tolist() == [2.0, 5.0]  # (1 + 0 + 1), (0 + 1 + 4)
     valid = torch.tensor([[True, True, False], [True, True, True]])
     assert hint_mse(zs, zt, valid).tolist() == [1.0, 5.0]
+    # zero-mean logits: row 0 centres to [0, 1, -1] vs [-1, 1, 0]; row 1 is 5 - 3 * (1/3)^2
+    assert hint_mse_centered(zs, zt, None).tolist() == pytest.approx([2.0, 14 / 3])
+    # a shift of one net's row costs nothing, unlike the plain hint
+    assert hint_mse_centered(zs + torch.tensor([[3.0], [-2.0]]), zt, None).tolist() == pytest.approx([2.0, 14 / 3])
+    # masked candidates are left out of the mean too: row 0 is [1, 2] vs [0, 2] -> [-.5, .5] vs [-1, 1]
+    assert hint_mse_centered(zs, zt, valid).tolist() == pytest.approx([0.5, 14 / 3])
+    assert hint_mse_centered(zs.masked_fill(~valid, float("-inf")), zt, valid).tolist() == pytest.approx([0.5, 14 / 3])
     T = 4.0
     for r in range(2):
         pt = [math.exp(v / T) for v in zt[r].tolist()]
