@@ -22,6 +22,7 @@ Targets (issue #4): rocket light >= 1.05 x light alone, >= 0.95 x booster, laten
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -108,8 +109,12 @@ def main() -> None:
                 raise SystemExit(f"--reuse {name}={reuse[name]}: expected one best checkpoint, found {best}")
             test = run(["test", f"ckpt_path={best[0]}", "trainer.enable_progress_bar=false"])
             key = "test/ndcg@10" if name in ("light", "booster") else "test/light/ndcg@10"
+            fit_s = float("nan")  # the fit time the run recorded, if it finished
+            if os.path.isfile(os.path.join(reuse[name], "result.json")):
+                with open(os.path.join(reuse[name], "result.json")) as f:
+                    fit_s = json.load(f).get("fit_seconds", fit_s)
             results[name] = {"ndcg": test[key], "hr": test[key.replace("ndcg", "hr")],
-                             "booster_ndcg": test.get("test/booster/ndcg@10"), "ckpt": best[0], "minutes": float("nan")}
+                             "booster_ndcg": test.get("test/booster/ndcg@10"), "ckpt": best[0], "minutes": fit_s / 60}
             continue
         extra = runs[name]
         if name not in ("light", "booster"):
