@@ -27,6 +27,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from .config import group_options, override_key, to_plain
 from .errors import ConfigError, LightningRecError, check_int, is_int
 
 COMMANDS = ("fit", "test", "predict", "stack", "export", "federate")
@@ -76,7 +77,7 @@ def _instantiate_dict(conf: DictConfig | None, what: str) -> list:
         if c is None:
             continue
         if not isinstance(c, DictConfig) or "_target_" not in c:
-            hint = (f"select it with {what}={key}" if _group_has(what, key) else
+            hint = (f"select it with {what}={key}" if key in group_options(what) else
                     f"give its class with +{what}.{key}._target_=<module.Class>")
             raise ConfigError(f"{what}.{key}: has no _target_ (the class to build); {hint}")
         try:
@@ -84,12 +85,6 @@ def _instantiate_dict(conf: DictConfig | None, what: str) -> list:
         except Exception as e:
             raise _unwrap(e, f"{what}.{key}") from None
     return out
-
-
-def _group_has(group: str, option: str) -> bool:
-    from .config import group_options
-
-    return option in group_options(group)
 
 
 def _unwrap(e: Exception, where: str) -> LightningRecError:
@@ -164,7 +159,6 @@ def _data_conf_from_checkpoint(ckpt: dict[str, Any], cfg: DictConfig, overrides:
     ``data=<name>`` on the command line replaces them with that dataset's config. The evaluation
     options come from ``cfg.eval``, which :func:`_eval_from_checkpoint` has set from the checkpoint.
     """
-    from .config import to_plain
 
     composed = to_plain(cfg.data)
     if any(o.startswith("data=") for o in overrides) or "datamodule_hyper_parameters" not in ckpt:
@@ -173,7 +167,7 @@ def _data_conf_from_checkpoint(ckpt: dict[str, Any], cfg: DictConfig, overrides:
     for dk in ("eval_protocol", "eval_negatives", "eval_sampler"):
         saved[dk] = composed[dk]
     for o in overrides:
-        key = o.split("=", 1)[0].lstrip("+~")
+        key = override_key(o)
         if key.startswith("data."):
             sub = key[len("data."):].split(".")[0]
             saved[sub] = composed.get(sub)
@@ -188,7 +182,7 @@ def _eval_from_checkpoint(cfg: DictConfig, ckpt: dict[str, Any], overrides: list
     monitored metric)."""
     from .config import set_value
 
-    given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    given = {override_key(o) for o in overrides}
     model_hp = ckpt.get("hyper_parameters") or {}
     data_hp = ckpt.get("datamodule_hyper_parameters") or {}
     sources = {"protocol": model_hp.get("eval_protocol"), "ks": model_hp.get("eval_ks"),
@@ -277,26 +271,20 @@ def _keep_checkpoint_architecture(cfg: DictConfig, overrides: list[str], model_c
     from .config import set_value
     from .transfer import ARCH_KEYS
 
-    given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    given = {override_key(o) for o in overrides}
     ignored = []
     for key in ARCH_KEYS:
         if key not in model_conf or key not in cfg.model:
             continue
-        if to_plain_value(cfg.model[key]) != model_conf[key]:
+        if to_plain(cfg.model[key]) != model_conf[key]:
             if f"model.{key}" in given:
-                ignored.append(f"model.{key}={to_plain_value(cfg.model[key])} (it has {model_conf[key]})")
+                ignored.append(f"model.{key}={to_plain(cfg.model[key])} (it has {model_conf[key]})")
             set_value(cfg, f"model.{key}", model_conf[key])
     if ignored:
         how = ("a resumed run keeps its architecture; start a new run with init_from= to change it" if resuming else
                "init_from keeps the checkpoint's architecture; `stack` it to go deeper")
         rank_zero_info(f"{src}: the architecture comes from the checkpoint, so {', '.join(ignored)} "
                        f"{'is' if len(ignored) == 1 else 'are'} not used ({how})")
-
-
-def to_plain_value(v: Any) -> Any:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
 
 
 def fit(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
@@ -313,7 +301,7 @@ def fit(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
         return _fit(cfg, overrides)
     except BaseException as e:
         made = os.environ.get(runs.RUN_DIR_ENV)
-        keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+        keys = {override_key(o) for o in overrides}
         fresh = made and not given and os.path.isdir(made) and not keys & {"ckpt_path", "run_dir"}
         written = [os.path.relpath(os.path.join(d, f), made) for d, _, files in os.walk(made) for f in files] if fresh else []
         # nothing written; or a bad option found while Lightning set up a new run: only its config, id maps and
@@ -356,7 +344,7 @@ def _fit(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     from pytorch_lightning.utilities import rank_zero_info
 
     from . import runs
-    from .config import set_value, to_plain
+    from .config import set_value
 
     _monitor(cfg)
     from .module import check_training_options
@@ -810,7 +798,6 @@ def federate(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     import torch
 
     from . import runs
-    from .config import to_plain
     from .federated import split_devices, split_holdout
     from .federated.device import Device, check_local_callbacks
     from .federated.flower import STRATEGIES, _flwr, build_strategy, make_client

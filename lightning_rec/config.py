@@ -71,7 +71,7 @@ def _explain(e: Exception, overrides: list[str]) -> str:
         if owners:
             return (f"override '{key}': no such option in this config; it comes with "
                     f"{' or '.join(owners[:4])}: add that (e.g. `{owners[0]} {key}=...`)")
-        near = _close_keys(key, [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != key])
+        near = _close_keys(key, [o for o in overrides if override_key(o) != key])
         if near:
             return (f"override '{key}': no such option; did you mean {' or '.join(near)}? (a key of your own needs "
                     f"'+{key}=...'; list the options with `python -m lightning_rec fit --cfg`)")
@@ -106,8 +106,15 @@ def load_config(overrides: list[str]) -> DictConfig:
     return cfg
 
 
+def override_key(override: str) -> str:
+    """The option an override sets: ``+callbacks.ema.decay=0.9`` -> ``callbacks.ema.decay``."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
 def to_plain(cfg) -> object:
-    """Resolve interpolations and return plain containers."""
+    """Resolve interpolations and return plain containers (a plain value is returned as it is)."""
+    if not OmegaConf.is_config(cfg):
+        return cfg
     try:
         return OmegaConf.to_container(cfg, resolve=True)
     except Exception as e:
