@@ -3,6 +3,8 @@
     python bench/stackrec.py --scenario ts     # NextItNet 4 -> 8 -> 16 blocks vs 16 from scratch
     python bench/stackrec.py --scenario cl     # 8 blocks on 80% of each history, stack, fine-tune on 100%
     python bench/stackrec.py --scenario both   # TS and CL; CL reuses the TS from-scratch run
+    python bench/stackrec.py --scenario ts --reuse-scratch RUN_A --reuse-ts RUN_B   # section + plot from two runs,
+                                               # e.g. ones cut off by a time limit (their timelines so far)
 
 Time is training time only (forward, backward, optimizer; validation excluded), read from the
 Timeline callback. The target is the from-scratch run's best validation NDCG@10 minus 1%
@@ -40,17 +42,22 @@ def fit(name: str, args, *extra: str) -> dict:
     return out
 
 
-def reuse(run_dir: str) -> dict:
-    """Timeline and test metrics (best checkpoint) of a finished run."""
+def reuse(run_dir: str, option: str = "--reuse-scratch") -> dict:
+    """Timeline and test metrics (best checkpoint) of a finished run, or of one cut off mid-fit."""
     import glob
 
     from lightning_rec.cli import run
 
-    with open(os.path.join(run_dir, "timeline.jsonl")) as f:
-        timeline = [json.loads(line) for line in f]
+    path = os.path.join(run_dir, "timeline.jsonl")
+    if not os.path.isfile(path):
+        raise SystemExit(f"{option} {run_dir}: no timeline.jsonl there; expected the folder of a run made by this script")
+    with open(path) as f:
+        timeline = [json.loads(line) for line in f if line.strip()]
+    if not timeline:
+        raise SystemExit(f"{option} {path}: empty; the run never finished a validation")
     best = [c for c in glob.glob(os.path.join(run_dir, "checkpoints", "epoch*.ckpt"))]
     if len(best) != 1:
-        raise SystemExit(f"--reuse-scratch {run_dir}: expected one best checkpoint, found {best}")
+        raise SystemExit(f"{option} {run_dir}: expected one best checkpoint (checkpoints/epoch*.ckpt), found {best}")
     test = run(["test", f"ckpt_path={best[0]}", "trainer.enable_progress_bar=false"])
     return {"timeline": timeline, "test": test, "run_dir": run_dir}
 
@@ -111,6 +118,9 @@ def main() -> None:
     ap.add_argument("--tag", default="", help="suffix for the plot files, e.g. _gpu -> docs/stackrec_ts_gpu.png")
     ap.add_argument("--reuse-scratch", default=None, metavar="RUN_DIR",
                     help="use a finished from-scratch run (same settings) instead of training it again")
+    ap.add_argument("--reuse-ts", default=None, metavar="RUN_DIR",
+                    help="use a TS run made by this script (finished, or cut off: its timeline so far and best "
+                         "checkpoint) instead of training it again; with --reuse-scratch, rebuilds the section and plot")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = ap.parse_args()
     stacks = [int(e) for e in args.stack_epochs.split(",") if e]
@@ -123,8 +133,9 @@ def main() -> None:
     setting = (f"{args.arch}, d={args.d_model}, max_len={args.max_len}, batch {args.batch_size}, dropout {args.dropout}, "
                f"{loss}, Adam 1e-3, {args.epochs} epochs, `{os.path.basename(args.data)}`, seed {args.seed}")
     if args.side_by_side:
-        if args.reuse_scratch:
-            raise SystemExit("--side-by-side trains the from-scratch run beside the stacked ones; drop --reuse-scratch")
+        if args.reuse_scratch or args.reuse_ts:
+            raise SystemExit("--side-by-side trains the from-scratch run beside the stacked ones; drop --reuse-scratch "
+                             "and --reuse-ts")
         setting += "; side by side: each run in its own process on its own core, 1 thread"
         scratch, stacked = _side_by_side(args, deep, stacks)
     else:
@@ -136,6 +147,8 @@ def main() -> None:
     lines = []
 
     stacked = stacked or _stacked_lane(args, deep, stacks)
+    if args.reuse_ts and args.scenario == "cl":
+        raise SystemExit("--reuse-ts needs --scenario ts or both")
     if args.scenario in ("ts", "both"):
         ts = stacked["ts"]
         t_ts = time_to(ts["timeline"], target)
@@ -152,6 +165,7 @@ def main() -> None:
             f"{scratch['timeline'][-1]['train_seconds'] / 60:.1f} min. Test NDCG@10 (best checkpoint): stacked "
             f"{ts['test'].get('test/ndcg@10', float('nan')):.4f}, scratch {scratch['test'].get('test/ndcg@10', float('nan')):.4f}. "
             f"Plot: [docs/stackrec_ts{args.tag}.png](docs/stackrec_ts{args.tag}.png)."
+            + _cut_note("stacked", ts["timeline"], args.epochs, deep) + _cut_note("scratch", scratch["timeline"], args.epochs, deep)
         )
 
     if args.scenario in ("cl", "both"):
@@ -183,7 +197,9 @@ def _scratch_lane(args, deep: int) -> dict:
 def _stacked_lane(args, deep: int, stacks: list[int]) -> dict:
     """The stacked runs of the chosen scenarios, one after another: ``{"ts", "cl_pre", "cl"}``."""
     out = {}
-    if args.scenario in ("ts", "both"):
+    if args.reuse_ts and args.scenario in ("ts", "both"):
+        out["ts"] = reuse(args.reuse_ts, "--reuse-ts")
+    elif args.scenario in ("ts", "both"):
         out["ts"] = fit(f"bench-stackrec-ts-{args.start_blocks}-{deep}", args, f"model.num_blocks={args.start_blocks}",
                         "callbacks=stacking", f"callbacks.stacking.at_epochs=[{','.join(map(str, stacks))}]",
                         f"trainer.max_epochs={args.epochs}",
@@ -234,6 +250,17 @@ def _side_by_side(args, deep: int, stacks: list[int]) -> tuple[dict, dict]:
         if isinstance(res, BaseException):
             raise SystemExit(f"the {which} lane failed: {res!r}")
     return got["scratch"], got["stacked"]
+
+
+def _cut_note(label: str, timeline: list[dict], epochs: int, deep: int) -> str:
+    """A sentence when a (reused) run's timeline stops before ``epochs`` or below ``deep`` blocks, else ''."""
+    last = timeline[-1]
+    parts = []
+    if last.get("epoch", epochs - 1) < epochs - 1:
+        parts.append(f"stops at epoch {last['epoch']} of {epochs} (cut off)")
+    if last.get("num_blocks", deep) != deep:
+        parts.append(f"{'stops ' if not parts else ''}at {last['num_blocks']} blocks, not {deep}")
+    return f" The {label} run's timeline {', '.join(parts)}; figures are up to there." if parts else ""
 
 
 def _fmt(t: float | None) -> str:
