@@ -56,7 +56,6 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from .errors import ConfigError, check_int
 
-
 # ---------------------------------------------------------------------- selection
 SECOND_MOMENTS = ("local", "global_batch")
 

@@ -17,8 +17,13 @@ import torch
 from conftest import tiny
 
 from lightning_rec import SeqRecModule
-from lightning_rec.distributed import (TopKAveragingStrategy, global_batch_second_moment, resolve_k,
-                                       restore_second_moment, select_topk)
+from lightning_rec.distributed import (
+    TopKAveragingStrategy,
+    global_batch_second_moment,
+    resolve_k,
+    restore_second_moment,
+    select_topk,
+)
 from lightning_rec.errors import ConfigError
 
 HERE = os.path.dirname(os.path.abspath(__file__))

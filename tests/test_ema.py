@@ -45,7 +45,7 @@ def test_fit_tests_the_average_like_the_test_command(tmp_path):
     again = run(["test", f"ckpt_path={out['best_ckpt']}", "trainer.enable_progress_bar=false",
                  f"runs_dir={tmp_path / 'runs'}", "data.synthetic.num_users=200", "data.synthetic.num_items=50"])
     assert again == pytest.approx(out["test"], abs=1e-6)
-    raw = fit(tmp_path / "raw", epochs=3, *["~callbacks.ema"])
+    raw = fit(tmp_path / "raw", "~callbacks.ema", epochs=3)
     assert raw["test"] != pytest.approx(out["test"], abs=1e-6)  # the average changes the tested model
 
 

@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import tiny
-from lightning_rec.callbacks import OptimizerSwitchCallback
 
+from lightning_rec.callbacks import OptimizerSwitchCallback
 from lightning_rec.cli import run
 from lightning_rec.errors import ConfigError
 from lightning_rec.optim import AdaShift, SwatsEstimate, swats_gamma
