@@ -283,13 +283,16 @@ def test_every_experiment_config_runs(tmp_path, sasrec_file):
     the transfer experiment starts from the TS experiment's checkpoint, as its header says."""
     conf_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf", "experiment")
     names = sorted(f[:-5] for f in os.listdir(conf_dir) if f.endswith(".yaml"))
-    assert {"ml1m_sasrec", "ml1m_sasrec_ref", "ml1m_nextitnet", "stackrec_ts_ml1m", "stackrec_tf_ml1m"} <= set(names)
+    assert {"ml1m_sasrec", "ml1m_sasrec_ref", "ml1m_nextitnet", "stackrec_ts_ml1m", "stackrec_tf_ml1m", "rocket_ml1m"} <= set(names)
     last = {}
     for name in [n for n in names if n != "stackrec_tf_ml1m"] + ["stackrec_tf_ml1m"]:
         extra = [f"init_from={last['stackrec_ts_ml1m']}"] if name == "stackrec_tf_ml1m" else []
         shrink = [o for o in tiny(tmp_path, epochs=1) if not o.startswith("data.synthetic.")]
+        rocket = name.startswith("rocket")
+        if rocket:  # two nets: shrink each
+            shrink = [o for o in shrink if o != "model.d_model=16"] + ["model.booster.d_model=16", "model.light.d_model=8"]
         out = run(["fit", f"experiment={name}", f"data.path={sasrec_file}", *shrink, *extra])
-        assert out["test"]["test/ndcg@10"] >= 0.0, name
+        assert out["test"]["test/light/ndcg@10" if rocket else "test/ndcg@10"] >= 0.0, name
         last[name] = os.path.join(out["run_dir"], "checkpoints", "last.ckpt")
         assert os.path.exists(last[name]), name
     hp = torch.load(last["ml1m_sasrec_ref"], map_location="cpu", weights_only=True)["hyper_parameters"]
@@ -303,6 +306,12 @@ def test_every_experiment_config_runs(tmp_path, sasrec_file):
     cfg = yaml.safe_load(open(os.path.join(os.path.dirname(os.path.dirname(last["ml1m_sasrec_allwin"])), "config.yaml")))
     assert cfg["data"]["train_windows"] == "all" and cfg["callbacks"]["ema"]["decay"] == 0.995
     assert cfg["callbacks"]["early_stopping"]["patience"] == 10
+    # rocket_ml1m: the benchmarked hint (1e-4 from epoch 4, gradient block) and sizes (4 blocks vs 1)
+    rk = yaml.safe_load(open(os.path.join(os.path.dirname(os.path.dirname(last["rocket_ml1m"])), "config.yaml")))
+    hint = rk["callbacks"]["hint"]
+    assert (hint["kind"], hint["weight"], hint["schedule"], hint["start_epoch"], hint["block_gradient"]) == (
+        "mse", 1e-4, "start_epoch", 4, True)
+    assert (rk["model"]["booster"]["num_blocks"], rk["model"]["light"]["num_blocks"], rk["trainer"]["max_epochs"]) == (4, 1, 1)
 
 
 def test_resume_keeps_the_runs_evaluation_settings(tmp_path):
