@@ -283,7 +283,8 @@ def test_every_experiment_config_runs(tmp_path, sasrec_file):
     the transfer experiment starts from the TS experiment's checkpoint, as its header says."""
     conf_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf", "experiment")
     names = sorted(f[:-5] for f in os.listdir(conf_dir) if f.endswith(".yaml"))
-    assert {"ml1m_sasrec", "ml1m_sasrec_ref", "ml1m_nextitnet", "stackrec_ts_ml1m", "stackrec_tf_ml1m", "rocket_ml1m"} <= set(names)
+    assert {"ml1m_sasrec", "ml1m_sasrec_ref", "ml1m_nextitnet", "stackrec_ts_ml1m", "stackrec_tf_ml1m", "rocket_ml1m",
+            "topk_ml1m", "ddp_ml1m"} <= set(names)
     last = {}
     for name in [n for n in names if n != "stackrec_tf_ml1m"] + ["stackrec_tf_ml1m"]:
         extra = [f"init_from={last['stackrec_ts_ml1m']}"] if name == "stackrec_tf_ml1m" else []
@@ -291,6 +292,8 @@ def test_every_experiment_config_runs(tmp_path, sasrec_file):
         rocket = name.startswith("rocket")
         if rocket:  # two nets: shrink each
             shrink = [o for o in shrink if o != "model.d_model=16"] + ["model.booster.d_model=16", "model.light.d_model=8"]
+        if name in ("topk_ml1m", "ddp_ml1m"):  # 4 processes in the preset; one here (multi-process: test_distributed)
+            shrink.append("trainer.devices=1")
         out = run(["fit", f"experiment={name}", f"data.path={sasrec_file}", *shrink, *extra])
         assert out["test"]["test/light/ndcg@10" if rocket else "test/ndcg@10"] >= 0.0, name
         last[name] = os.path.join(out["run_dir"], "checkpoints", "last.ckpt")
@@ -312,6 +315,13 @@ def test_every_experiment_config_runs(tmp_path, sasrec_file):
     assert (hint["kind"], hint["weight"], hint["schedule"], hint["start_epoch"], hint["block_gradient"]) == (
         "mse", 1e-4, "start_epoch", 4, True)
     assert (rk["model"]["booster"]["num_blocks"], rk["model"]["light"]["num_blocks"], rk["trainer"]["max_epochs"]) == (4, 1, 1)
+    # topk_ml1m / ddp_ml1m: the benchmarked strategies, the same data, model and optimizer
+    tk, dd = ({k: yaml.safe_load(open(os.path.join(os.path.dirname(os.path.dirname(last[n])), "config.yaml")))[k]
+               for k in ("trainer", "data", "model", "optimizer")} for n in ("topk_ml1m", "ddp_ml1m"))
+    assert tk["trainer"]["strategy"]["_target_"].endswith("TopKAveragingStrategy")
+    assert (tk["trainer"]["strategy"]["h"], tk["trainer"]["strategy"]["second_moment"]) == (32, "global_batch")
+    assert dd["trainer"]["strategy"]["_target_"].endswith("MeteredDDPStrategy")
+    assert (tk["data"], tk["model"], tk["optimizer"]) == (dd["data"], dd["model"], dd["optimizer"])
 
 
 def test_resume_keeps_the_runs_evaluation_settings(tmp_path):
