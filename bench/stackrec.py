@@ -123,6 +123,8 @@ def main() -> None:
                          "checkpoint) instead of training it again; with --reuse-scratch, rebuilds the section and plot")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = ap.parse_args()
+    if args.reuse_ts and args.scenario == "cl":
+        raise SystemExit("--reuse-ts needs --scenario ts or both")
     stacks = [int(e) for e in args.stack_epochs.split(",") if e]
     deep = args.start_blocks * 2 ** len(stacks)
     ov = dict(o.split("=", 1) for o in args.overrides if "=" in o)
@@ -147,8 +149,6 @@ def main() -> None:
     lines = []
 
     stacked = stacked or _stacked_lane(args, deep, stacks)
-    if args.reuse_ts and args.scenario == "cl":
-        raise SystemExit("--reuse-ts needs --scenario ts or both")
     if args.scenario in ("ts", "both"):
         ts = stacked["ts"]
         t_ts = time_to(ts["timeline"], target)
@@ -197,13 +197,12 @@ def _scratch_lane(args, deep: int) -> dict:
 def _stacked_lane(args, deep: int, stacks: list[int]) -> dict:
     """The stacked runs of the chosen scenarios, one after another: ``{"ts", "cl_pre", "cl"}``."""
     out = {}
-    if args.reuse_ts and args.scenario in ("ts", "both"):
-        out["ts"] = reuse(args.reuse_ts, "--reuse-ts")
-    elif args.scenario in ("ts", "both"):
-        out["ts"] = fit(f"bench-stackrec-ts-{args.start_blocks}-{deep}", args, f"model.num_blocks={args.start_blocks}",
-                        "callbacks=stacking", f"callbacks.stacking.at_epochs=[{','.join(map(str, stacks))}]",
-                        f"trainer.max_epochs={args.epochs}",
-                        *(["callbacks.stacking.optimizer_state=keep_moments"] if args.keep_moments else []))
+    if args.scenario in ("ts", "both"):
+        out["ts"] = reuse(args.reuse_ts, "--reuse-ts") if args.reuse_ts else fit(
+            f"bench-stackrec-ts-{args.start_blocks}-{deep}", args, f"model.num_blocks={args.start_blocks}",
+            "callbacks=stacking", f"callbacks.stacking.at_epochs=[{','.join(map(str, stacks))}]",
+            f"trainer.max_epochs={args.epochs}",
+            *(["callbacks.stacking.optimizer_state=keep_moments"] if args.keep_moments else []))
     if args.scenario in ("cl", "both"):
         out["cl_pre"] = fit(f"bench-stackrec-cl-pre-{args.cl_blocks}", args, f"model.num_blocks={args.cl_blocks}",
                             f"data.fraction={args.cl_fraction}", f"trainer.max_epochs={args.cl_pre_epochs}",

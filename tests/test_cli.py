@@ -298,26 +298,28 @@ def test_every_experiment_config_runs(tmp_path, sasrec_file):
         assert out["test"]["test/light/ndcg@10" if rocket else "test/ndcg@10"] >= 0.0, name
         last[name] = os.path.join(out["run_dir"], "checkpoints", "last.ckpt")
         assert os.path.exists(last[name]), name
+    import yaml
+
+    def saved_config(name):  # the config.yaml of the preset's run
+        return yaml.safe_load(open(os.path.join(os.path.dirname(os.path.dirname(last[name])), "config.yaml")))
+
     hp = torch.load(last["ml1m_sasrec_ref"], map_location="cpu", weights_only=True)["hyper_parameters"]
     assert (hp["layout"], hp["positions"], hp["attn_out_dropout"], hp["init_std"], hp["dropout"]) == ("pmixer", "left", False, 0.02, 0.1)
     # ml1m_sasrec_allwin: the same model, every training target, EMA weights
     ck = torch.load(last["ml1m_sasrec_allwin"], map_location="cpu", weights_only=True)
     assert ck["hyper_parameters"] == hp
     assert any("EMACallback" in k for k in ck["callbacks"]), list(ck["callbacks"])
-    import yaml
-
-    cfg = yaml.safe_load(open(os.path.join(os.path.dirname(os.path.dirname(last["ml1m_sasrec_allwin"])), "config.yaml")))
+    cfg = saved_config("ml1m_sasrec_allwin")
     assert cfg["data"]["train_windows"] == "all" and cfg["callbacks"]["ema"]["decay"] == 0.995
     assert cfg["callbacks"]["early_stopping"]["patience"] == 10
     # rocket_ml1m: the benchmarked hint (1e-4 from epoch 4, gradient block) and sizes (4 blocks vs 1)
-    rk = yaml.safe_load(open(os.path.join(os.path.dirname(os.path.dirname(last["rocket_ml1m"])), "config.yaml")))
+    rk = saved_config("rocket_ml1m")
     hint = rk["callbacks"]["hint"]
     assert (hint["kind"], hint["weight"], hint["schedule"], hint["start_epoch"], hint["block_gradient"]) == (
         "mse", 1e-4, "start_epoch", 4, True)
     assert (rk["model"]["booster"]["num_blocks"], rk["model"]["light"]["num_blocks"], rk["trainer"]["max_epochs"]) == (4, 1, 1)
     # topk_ml1m / ddp_ml1m: the benchmarked strategies, the same data, model and optimizer
-    tk, dd = ({k: yaml.safe_load(open(os.path.join(os.path.dirname(os.path.dirname(last[n])), "config.yaml")))[k]
-               for k in ("trainer", "data", "model", "optimizer")} for n in ("topk_ml1m", "ddp_ml1m"))
+    tk, dd = saved_config("topk_ml1m"), saved_config("ddp_ml1m")
     assert tk["trainer"]["strategy"]["_target_"].endswith("TopKAveragingStrategy")
     assert (tk["trainer"]["strategy"]["h"], tk["trainer"]["strategy"]["second_moment"]) == (32, "global_batch")
     assert dd["trainer"]["strategy"]["_target_"].endswith("MeteredDDPStrategy")
