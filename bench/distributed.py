@@ -181,7 +181,9 @@ def main() -> None:
         for key, gap in (("test", rel), ("val", rel_val), ("last", rel_last), ("test_last", rel_tlast)):
             if ddp and name.startswith("h32") and gap >= -0.01 and cratio <= 1 / 16:
                 verdict[key].append(name)
-    setting = (f"noisy rank: {args.noise}" + (" x10" if args.noise == "lr_scale" else "") + f"; SASRec d={args.d_model}, 2 blocks, dropout 0.2, max_len {args.max_len}, Adam lr {args.lr}, "
+    noisy_note = (f"noisy rank: {args.noise}" + (" x10" if args.noise == "lr_scale" else "") + "; "
+                  if any(n.startswith("noisy") for n in chosen) else "")
+    setting = (noisy_note + f"SASRec d={args.d_model}, 2 blocks, dropout 0.2, max_len {args.max_len}, Adam lr {args.lr}, "
                f"{args.devices} processes x batch {args.batch_size}, {args.epochs} epochs ({seqs} sequences per rank "
                f"per epoch), seed {args.seed}, `{os.path.basename(args.data)}`, full ranking; bytes = payload one "
                f"rank hands to all-reduce/all-gather (DDP: gradient buckets; top-k: one model + one distance per "
