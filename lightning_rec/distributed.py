@@ -511,11 +511,14 @@ class TopKAveragingStrategy(DDPStrategy):
             extra["svrg_mu"] = [m.detach().cpu().clone() for m in self._mu]  # the same on every rank
         if self._global is not None and self.steps_in_round:
             # mid-round: the file's weights are the global model; each rank's local model is kept too
-            names = [n for n, _ in module.named_parameters()]
-            local = {n: state[n].clone() for n in names if n in state}
-            for n, g in zip(names, self._global):
-                if n in state:
-                    state[n] = g.detach().clone()
+            # a parameter shared by two submodules (e.g. a rocket's embedding table) is in the state dict under
+            # every name it has; each of them must hold the global weights, or the alias loaded last wins
+            named = list(module.named_parameters())
+            local = {n: state[n].clone() for n, _ in named if n in state}
+            global_of = {id(p): g.detach().clone() for (_, p), g in zip(named, self._global)}
+            for n, p in module.named_parameters(remove_duplicate=False):
+                if n in state and id(p) in global_of:
+                    state[n] = global_of[id(p)]
             extra["local_states"] = self._gather_object(local)
         self._gathered = {"extra": extra}
         return state

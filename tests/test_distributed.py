@@ -384,6 +384,41 @@ def test_a_topk_run_that_ends_mid_round_ends_on_the_global_model(tmp_path):
     assert "end of training" in log
 
 
+def test_a_mid_round_topk_checkpoint_holds_the_global_model_under_every_name_of_a_shared_parameter(
+        tmp_path, monkeypatch):
+    # A rocket shares its item table (and here a block) between the nets, so the state dict has each shared
+    # tensor under two or more names. Mid-round, the file's weights are the global model under all of them;
+    # if an alias kept the local weights, loading the file would let it overwrite the global ones.
+    from lightning_rec import RocketModule
+    from lightning_rec.cli import run
+
+    for key in ("MASTER_PORT", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    args = tiny(tmp_path, "model=rocket", "callbacks=rocket", "model.booster.d_model=16",
+                      "model.light.d_model=16", "model.light.num_heads=2", "model.share_blocks=1",
+                      "trainer=topk", "trainer.devices=1", "trainer.strategy.h=1000", "trainer.limit_val_batches=0",
+                      "callbacks.model_checkpoint.monitor=null", "test_after_fit=false", epochs=1)
+    args.remove("model.d_model=16")
+    run(["fit", *args])
+    path = next((tmp_path / "runs").glob("*/*/checkpoints/last.ckpt"))
+    ck = torch.load(path, weights_only=False)
+    assert ck["topk_averaging"]["steps_in_round"] > 0  # written mid-round: global and local models differ
+    model = RocketModule(**ck["hyper_parameters"])
+    aliases = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(name)
+    shared = [names for names in aliases.values() if len(names) > 1]
+    assert any("light" in n for names in shared for n in names) and any("blocks" in n for names in shared for n in names)
+    local = ck["topk_averaging"]["local_states"][0]
+    for names in shared:
+        for n in names[1:]:
+            assert torch.equal(ck["state_dict"][n], ck["state_dict"][names[0]]), (n, names[0])
+        assert not torch.equal(ck["state_dict"][names[0]], local[names[0]])  # the global model, not the local one
+    loaded = RocketModule.load_from_checkpoint(path, weights_only=False)
+    for n, v in loaded.state_dict().items():
+        assert torch.equal(v, ck["state_dict"][n]), n
+
+
 @pytest.mark.ddp
 def test_warmup_rounds_come_every_warmup_h_steps_then_every_h(tmp_path):
     data = equal_length_file(tmp_path)  # 64 users: 4 steps of 8 per rank per epoch, 12 in 3 epochs
