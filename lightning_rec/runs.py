@@ -90,7 +90,8 @@ def claim_run_dir(path: str, hint: str | None = None) -> str:
     return path
 
 
-def find_last_checkpoint(runs_dir: str, name: str | None = None, option: str = "ckpt_path") -> str:
+def find_last_checkpoint(runs_dir: str, name: str | None = None, option: str = "ckpt_path",
+                         word: str = "last") -> str:
     """The newest ``last.ckpt`` among the runs named ``name`` under ``runs_dir``.
 
     Never another name's: its architecture and data would silently replace the ones asked for."""
@@ -102,17 +103,39 @@ def find_last_checkpoint(runs_dir: str, name: str | None = None, option: str = "
                      for p in glob.glob(os.path.join(runs_dir, "*", "*", "checkpoints", "last*.ckpt"))})
     hint = (f"runs with one: {', '.join(others[:8])}{' ...' if len(others) > 8 else ''}; pass name=<one of them> "
             f"or a checkpoint path" if others else "there are none; pass a checkpoint path")
-    raise ConfigError(f"{option}=last: no run named '{name}' under runs_dir={runs_dir} has checkpoints/last.ckpt "
+    raise ConfigError(f"{option}={word}: no run named '{name}' under runs_dir={runs_dir} has checkpoints/last.ckpt "
                       f"({hint})")
+
+
+def find_best_checkpoint(runs_dir: str, name: str | None = None, option: str = "ckpt_path") -> str:
+    """The best checkpoint (as ``result.json`` records it) of the newest run named ``name``: the one whose
+    ``last.ckpt`` ``last`` would pick. Never an older run's, which would silently be another model."""
+    last = find_last_checkpoint(runs_dir, name, option, word="best")
+    run = os.path.dirname(os.path.dirname(last))
+    best = None
+    if os.path.isfile(os.path.join(run, "result.json")):
+        with open(os.path.join(run, "result.json")) as f:
+            best = json.load(f).get("best_ckpt")
+    path = os.path.join(run, "checkpoints", os.path.basename(best)) if best else None
+    if not path or not os.path.isfile(path):
+        raise ConfigError(f"{option}=best: the newest run named '{name}' ({run}) has no recorded best checkpoint "
+                          f"(a fit that did not finish, or one with no monitored metric); pass {option}=last or a "
+                          f"checkpoint path")
+    return path
 
 
 def resolve_checkpoint(ckpt_path: str, runs_dir: str, name: str | None, prefer: str = "best",
                        option: str = "ckpt_path") -> str:
-    """A checkpoint file from ``last``, a file, or a run folder (its best checkpoint, as recorded in
+    """A checkpoint file from ``last``, ``best``, a file, or a run folder (its best checkpoint, as recorded in
     ``result.json``, or with ``prefer="last"`` its ``last.ckpt``: what a resume wants). ``option`` is the
     setting the path came from, named in errors."""
     if ckpt_path == "last":
         return find_last_checkpoint(runs_dir, name, option)
+    if ckpt_path == "best":
+        if prefer == "last":
+            raise ConfigError(f"{option}=best: a resume continues from where the run stopped; use {option}=last "
+                              f"(or init_from=best to start a new run from the best weights)")
+        return find_best_checkpoint(runs_dir, name, option)
     if os.path.isdir(ckpt_path):
         last = os.path.join(ckpt_path, "checkpoints", "last.ckpt")
         best = None

@@ -434,6 +434,24 @@ def test_ckpt_path_last_never_resumes_a_run_of_another_name(tmp_path):
     assert torch.load(tmp_path / "deep.ckpt", weights_only=True)["hyper_parameters"]["num_blocks"] == 4
 
 
+def test_ckpt_best_is_the_newest_runs_recorded_best_checkpoint(tmp_path):
+    out = fit(tmp_path, "test_after_fit=false", epochs=3)
+    from lightning_rec import runs
+
+    best = runs.resolve_checkpoint("best", str(tmp_path / "runs"), "sasrec-synthetic")
+    assert best == out["best_ckpt"] and os.path.basename(best) != "last.ckpt"
+    common = [f"runs_dir={tmp_path / 'runs'}", "trainer.enable_progress_bar=false",
+              "data.synthetic.num_users=200", "data.synthetic.num_items=50"]
+    assert run(["test", "ckpt=best", *common]) == run(["test", f"ckpt={best}", *common])
+    with pytest.raises(ConfigError, match="ckpt_path=best: a resume continues from where the run stopped"):
+        fit(tmp_path, "ckpt_path=best")
+    with pytest.raises(ConfigError, match="ckpt_path=best: no run named 'nextitnet-synthetic'"):
+        run(["test", "ckpt=best", "model=nextitnet", *common])
+    os.remove(os.path.join(out["run_dir"], "result.json"))  # as after a fit that was killed
+    with pytest.raises(ConfigError, match="has no recorded best checkpoint"):
+        run(["test", "ckpt=best", *common])
+
+
 def test_a_failed_fit_ends_its_wandb_run_as_failed(tmp_path, monkeypatch):
     import wandb
 

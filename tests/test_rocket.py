@@ -189,8 +189,11 @@ def test_rocket_cli_fit_export_test_predict(tmp_path, capsys):
     best_cb = [v for k, v in ck["callbacks"].items() if k.startswith("ModelCheckpoint")][0]
     assert best_cb["monitor"] == "val/light/ndcg@10"  # the shipped net picks the best epoch
     light = tmp_path / "light.ckpt"
-    run(["export", f"ckpt={out['best_ckpt']}", "net=light", f"out={light}", "latency_users=8"])
+    # the README's ship command: ckpt=best is the newest rocket run's best (light-net) checkpoint, not last.ckpt
+    run(["export", "ckpt=best", "model=rocket", f"runs_dir={tmp_path / 'runs'}", "net=light", f"out={light}",
+         "latency_users=8"])
     said = capsys.readouterr().out
+    assert f"exported the light net of {out['best_ckpt']} ->" in said
     assert "parameters" in said and "ms per batch of 8 users" in said and "light / booster" in said
     res = run(["test", f"ckpt_path={light}", "trainer.enable_progress_bar=false"])
     assert res["test/ndcg@10"] == pytest.approx(out["test"]["test/light/ndcg@10"], abs=1e-6)
