@@ -256,8 +256,12 @@ def _check_trainer_options(cfg: DictConfig) -> None:
 
 
 def _monitor(cfg: DictConfig) -> None:
-    if cfg.eval.protocol == "sampled" and cfg.eval.monitor.startswith("val/") and "sampled_" not in cfg.eval.monitor:
-        cfg.eval.monitor = cfg.eval.monitor.replace("val/", "val/sampled_")
+    """Under ``eval.protocol=sampled`` the ranking metrics are logged as ``sampled_<metric>``: monitor that
+    (``val/ndcg@10`` -> ``val/sampled_ndcg@10``, a rocket's ``val/light/ndcg@10`` -> ``val/light/sampled_ndcg@10``)."""
+    head, _, metric = str(cfg.eval.monitor).rpartition("/")
+    if (cfg.eval.protocol == "sampled" and head.split("/")[0] == "val"
+            and metric.split("@")[0] in ("hr", "ndcg", "mrr")):
+        cfg.eval.monitor = f"{head}/sampled_{metric}"
 
 
 # ---------------------------------------------------------------------- fit

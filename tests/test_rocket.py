@@ -205,6 +205,16 @@ def test_rocket_cli_fit_export_test_predict(tmp_path, capsys):
         run(["export", f"ckpt={light}", f"out={tmp_path / 'x.ckpt'}"])
 
 
+@pytest.mark.parametrize("monitor", [None, "val/light/ndcg@10", "val/booster/hr@10"])
+def test_rocket_under_the_sampled_protocol_monitors_the_sampled_metric_of_the_net_asked_for(tmp_path, monitor):
+    extra = ["eval.protocol=sampled", "eval.num_negatives=5"] + ([f"eval.monitor={monitor}"] if monitor else [])
+    out = run(["fit", *rocket_args(tmp_path, *extra, epochs=1)])
+    want = {None: "val/light/sampled_ndcg@10", "val/light/ndcg@10": "val/light/sampled_ndcg@10",
+            "val/booster/hr@10": "val/booster/sampled_hr@10"}[monitor]
+    assert out["monitor"] == want
+    assert {"test/light/sampled_ndcg@10", "test/booster/sampled_ndcg@10"} <= set(out["test"])
+
+
 def test_rocket_resume_with_a_scheduled_hint_is_exact(tmp_path):
     common = ["trainer.deterministic=true", "callbacks.hint.schedule=warmup", "callbacks.hint.warmup_steps=9",
               "model.loss=sampled_softmax", "model.num_negatives=20"]
