@@ -131,6 +131,10 @@ class HintLossCallback(pl.Callback):
         from lightning_rec.runs import load_checkpoint, resolve_checkpoint
 
         option = "callbacks.hint.teacher_ckpt"
+        if str(self.teacher_ckpt) in ("last", "best"):  # the callback does not know runs_dir and the teacher's name
+            raise ConfigError(f"{option}={self.teacher_ckpt}: give the teacher's checkpoint file or run folder "
+                              f"(e.g. {option}=runs/sasrec-ml-1m/<timestamp>); last/best would have to guess "
+                              f"which run is the teacher")
         self.teacher_ckpt = resolve_checkpoint(str(self.teacher_ckpt), "runs", None, option=option)
         ckpt = load_checkpoint(self.teacher_ckpt, option)
         hp = ckpt.get("hyper_parameters") or {}
@@ -140,6 +144,13 @@ class HintLossCallback(pl.Callback):
         if hp.get("num_items") != pl_module.hparams.num_items:
             raise ConfigError(f"callbacks.hint.teacher_ckpt={self.teacher_ckpt}: teacher has {hp.get('num_items')} "
                               f"items, the student {pl_module.hparams.num_items}; use the same data")
+        student_len = getattr(pl_module.hparams, "max_len", None)
+        if hp.get("arch") == "sasrec" and student_len and int(hp.get("max_len") or 0) < int(student_len):
+            # its position table ends there: the first longer batch would fail mid-training
+            raise ConfigError(f"callbacks.hint.teacher_ckpt={self.teacher_ckpt}: a SASRec teacher of max_len "
+                              f"{hp.get('max_len')}, shorter than the student's data.max_len={student_len}; train "
+                              f"the student with data.max_len={hp.get('max_len')} or use a teacher trained on "
+                              f"histories at least that long")
         teacher = SeqRecModule.load_from_checkpoint(self.teacher_ckpt, map_location="cpu", weights_only=True)
         teacher.eval().requires_grad_(False)
         n = sum(p.numel() for p in teacher.parameters())

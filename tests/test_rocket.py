@@ -251,3 +251,10 @@ def test_kd_from_a_frozen_teacher_checkpoint(tmp_path, monkeypatch):
     assert any(not torch.equal(kd[k], plain[k]) for k in kd if "metrics" not in k)
     with pytest.raises(ConfigError, match="needs callbacks.hint.teacher_ckpt"):
         run(["fit", *tiny(tmp_path / "x", "callbacks=kd", epochs=1)])
+    # a student whose histories are longer than the SASRec teacher's position table: one line, before training
+    with pytest.raises(ConfigError, match=r"a SASRec teacher of max_len 20, shorter than the student's "
+                                          r"data.max_len=30; train the student with data.max_len=20"):
+        run(["fit", *tiny(tmp_path / "y", "callbacks=kd", f"callbacks.hint.teacher_ckpt={teacher['best_ckpt']}",
+                          "data.max_len=30", epochs=1)])
+    with pytest.raises(ConfigError, match="teacher_ckpt=last: give the teacher's checkpoint file or run folder"):
+        run(["fit", *tiny(tmp_path / "z", "callbacks=kd", "callbacks.hint.teacher_ckpt=last", epochs=1)])
