@@ -10,7 +10,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 
 from lightning_rec.distill import HINT_KINDS, HintSpec, hint_kl, hint_mse, hint_mse_centered
-from lightning_rec.errors import ConfigError
+from lightning_rec.errors import ConfigError, check_int
 
 SCHEDULES = ("constant", "warmup", "start_epoch")
 
@@ -48,6 +48,9 @@ class HintLossCallback(pl.Callback):
             ``1 - alpha`` = 0.1 with ``weight`` = alpha = 0.9).
         teacher_ckpt: checkpoint of a trained model to distil from (plain modules only).
         l2_weight, kd_weight: see ``kind``.
+        chunk_rows: with a teacher checkpoint, the student's and teacher's logits, the loss and the term are
+            computed this many positions at a time (recomputed in backward), bounding memory at
+            ``chunk_rows x candidates``; None: all at once. A rocket takes ``model.loss_chunk_rows``.
     """
 
     def __init__(
@@ -63,6 +66,7 @@ class HintLossCallback(pl.Callback):
         teacher_ckpt: str | None = None,
         l2_weight: float = 1.0,
         kd_weight: float = 1.0,
+        chunk_rows: int | None = None,
     ):
         if kind not in HINT_KINDS:
             raise ConfigError(f"callbacks.hint.kind={kind}: expected one of {', '.join(HINT_KINDS)}")
@@ -77,6 +81,9 @@ class HintLossCallback(pl.Callback):
         self.block_gradient, self.temperature = bool(block_gradient), float(temperature)
         self.student_ce_weight, self.teacher_ckpt = float(student_ce_weight), teacher_ckpt
         self.l2_weight, self.kd_weight = float(l2_weight), float(kd_weight)
+        if chunk_rows is not None:
+            check_int(chunk_rows, "callbacks.hint.chunk_rows", 1)
+        self.chunk_rows = chunk_rows  # plain-model KD: positions per chunk (a rocket uses model.loss_chunk_rows)
         self.teacher = None
         # Federated distillation: per-label teacher logits (lightning_rec.federated.LabelLogits)
         # instead of a teacher model; set by the federated device before it trains.

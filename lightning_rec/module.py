@@ -338,10 +338,12 @@ class SeqRecModule(pl.LightningModule):
             negatives = draw_negatives(self.num_items, self.hparams.num_negatives, targets.device, log_q)
             log_q = log_q if self.hparams.logq_correction else None
         spec = hint_cb.spec(self.trainer)
-        parts = joint_losses(hidden, self.output_weight(), targets, negatives, ht[mask], wt, hint=spec, log_q=log_q)
+        parts = joint_losses(hidden, self.output_weight(), targets, negatives, ht[mask], wt, hint=spec, log_q=log_q,
+                             chunk_rows=hint_cb.chunk_rows)
         n = int(targets.numel())
         if log:
-            self.log("train/hint", parts["hint"], on_step=True, on_epoch=True, batch_size=n)
+            self.log("train/hint_step", parts["hint"], on_step=True, on_epoch=False, batch_size=n)
+            self.log("train/hint_epoch", parts["hint"], on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
             self.log("train/student_ce", parts["student_ce"], on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
         return spec.student_ce_weight * parts["student_ce"] + spec.weight * parts["hint"]
 

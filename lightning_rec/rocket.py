@@ -17,7 +17,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from .distill import joint_losses
-from .errors import ConfigError
+from .errors import ConfigError, check_int
 from .losses import draw_negatives
 from .metrics import metrics_from_ranks
 from .models import ENCODERS, build_encoder, check_shape_options
@@ -54,6 +54,30 @@ def _net_conf(conf: dict[str, Any] | None, role: str) -> dict[str, Any]:
         raise ConfigError(f"model.{role}.arch: expected one of {', '.join(ENCODERS)}, got {conf.get('arch')!r}")
     check_shape_options(conf, f"model.{role}")
     return conf
+
+
+def _block_difference(a: nn.Module, b: nn.Module) -> str:
+    """The first way two blocks are built differently (parameter shapes, layer settings such as a dilation or a
+    layout), or '' when they are alike. Dropout rates are not compared: a shared block trains with the booster's."""
+    def signature(block: nn.Module) -> dict[str, Any]:
+        sig: dict[str, Any] = {}
+        for name, mod in block.named_modules():
+            sig[f"{name or 'block'} type"] = type(mod).__name__
+            if isinstance(mod, nn.Dropout):
+                continue
+            for k, v in vars(mod).items():
+                if (not k.startswith("_") and k != "training" and "dropout" not in k
+                        and isinstance(v, (bool, int, float, str, tuple))):
+                    sig[f"{name + '.' if name else ''}{k}"] = v
+        for name, t in block.state_dict().items():
+            sig[f"{name} shape"] = tuple(t.shape)
+        return sig
+
+    sa, sb = signature(a), signature(b)
+    for key in sorted(set(sa) | set(sb)):
+        if sa.get(key) != sb.get(key):
+            return f"{key}: {sa.get(key, 'absent')} in the booster, {sb.get(key, 'absent')} in the light net"
+    return ""
 
 
 class RocketModule(SeqRecModule):
@@ -110,11 +134,13 @@ class RocketModule(SeqRecModule):
             raise ConfigError(f"model.loss={loss}: the rocket module compares logits over a candidate set; "
                               f"expected ce or sampled_softmax")
         check_training_options(optimizer, scheduler, eval_protocol)
-        if share_blocks:
-            same = all(booster.get(k) == light.get(k) for k in ("arch", "d_model", "num_heads", "ffn_dim"))
-            if not same or share_blocks > min(booster.get("num_blocks", 2), light.get("num_blocks", 1)):
-                raise ConfigError(f"model.share_blocks={share_blocks}: needs the same arch, d_model and heads in both "
-                                  f"nets and at most as many blocks as the shallower net has")
+        check_int(share_blocks, "model.share_blocks", 0)
+        if loss_chunk_rows is not None:
+            check_int(loss_chunk_rows, "model.loss_chunk_rows", 1)
+        if share_blocks and (booster["arch"] != light["arch"]
+                             or share_blocks > min(booster.get("num_blocks", 2), light.get("num_blocks", 1))):
+            raise ConfigError(f"model.share_blocks={share_blocks}: needs the same arch in both nets and at most as "
+                              f"many blocks as the shallower net has")
         self.save_hyperparameters(args)
         self.hparams.update(booster=booster, light=light, optimizer=optimizer, scheduler=scheduler, eval_ks=eval_ks)
 
@@ -128,6 +154,13 @@ class RocketModule(SeqRecModule):
             self.light.item_embedding = (shared if self.light.d_model == self.booster.d_model
                                          else ProjectedEmbedding(shared, self.light.d_model))
         for i in range(share_blocks):
+            # the light net runs (and export_net rebuilds) this block from its own settings: they must build the same
+            differ = _block_difference(self.booster.blocks[i], self.light.blocks[i])
+            if differ:
+                raise ConfigError(f"model.share_blocks={share_blocks}: block {i} of the booster and of the light net "
+                                  f"are built differently ({differ}); sharing needs the same block settings "
+                                  f"(d_model, num_heads, ffn_dim, layout, norm_first, residual_alpha, attention_m; "
+                                  f"kernel_size and dilations for nextitnet)")
             self.light.blocks[i] = self.booster.blocks[i]
         self.booster_head = self.light_head = None
         if own_heads:
@@ -232,7 +265,8 @@ class RocketModule(SeqRecModule):
             loss = loss + spec.weight * parts["hint"]
         if log:
             if spec is not None:
-                self.log("train/hint", parts["hint"], on_step=True, on_epoch=True, batch_size=n)
+                self.log("train/hint_step", parts["hint"], on_step=True, on_epoch=False, batch_size=n)
+                self.log("train/hint_epoch", parts["hint"], on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
                 self.log("train/hint_weight", float(spec.weight), on_step=True, on_epoch=False, batch_size=1)
             self.log("train/loss_step", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=n)
             # epoch means are reduced over ranks once per epoch; step values stay local (no per-step sync)

@@ -4,6 +4,7 @@ import csv
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -144,6 +145,22 @@ def test_bad_rocket_settings_name_the_option():
         rocket(share_blocks=1)
     with pytest.raises(ConfigError, match="model.loss=bce"):
         rocket(loss="bce")
+    with pytest.raises(ConfigError, match="model.loss_chunk_rows=-1: expected an integer >= 1"):
+        rocket(loss_chunk_rows=-1)
+    # shared blocks must be built alike in both nets, or the light net (and its export) would run another block
+    sas = {"arch": "sasrec", "d_model": 16, "num_blocks": 2, "num_heads": 2}
+    nin = {"arch": "nextitnet", "d_model": 16, "num_blocks": 2, "dilations": [1, 2]}
+    for light, why in (({**sas, "num_blocks": 1, "layout": "post"}, "layout: pre in the booster, post in the light"),
+                       ({**sas, "num_blocks": 1, "num_heads": 1}, "dk: 8 in the booster, 16 in the light"),
+                       ({**sas, "num_blocks": 1, "residual_alpha": False}, "alpha_att shape: (1,) in the booster, absent"),
+                       ({**nin, "num_blocks": 1, "dilations": [2]}, "conv1.dilation: (1,) in the booster, (2,)")):
+        booster = nin if light["arch"] == "nextitnet" else sas
+        with pytest.raises(ConfigError, match=re.escape(f"model.share_blocks=1: block 0 of the booster and of the "
+                                                        f"light net are built differently ({why}")):
+            rocket(booster=booster, light=light, share_blocks=1)
+    # what may differ: dropout (the shared block trains with the booster's), and heads for nextitnet (it has none)
+    rocket(booster={**sas, "dropout": 0.3}, light={**sas, "num_blocks": 1, "dropout": 0.1}, share_blocks=1)
+    rocket(booster={**nin, "num_heads": 2}, light={**nin, "num_blocks": 1, "num_heads": 1}, share_blocks=1)
     with pytest.raises(ConfigError, match="kind=l1"):
         HintLossCallback(kind="l1")
 
@@ -152,11 +169,17 @@ def test_bad_rocket_settings_name_the_option():
 @pytest.mark.parametrize("light", [
     {"arch": "nextitnet", "d_model": 16, "num_blocks": 1, "dropout": 0.0},
     {"arch": "sasrec", "d_model": 8, "num_blocks": 1, "num_heads": 1, "dropout": 0.0},  # projected table
+    {"arch": "nextitnet", "d_model": 16, "num_blocks": 2, "dilations": [1, 4], "dropout": 0.0, "share": 1},
+    {"arch": "sasrec", "d_model": 16, "num_blocks": 2, "num_heads": 2, "layout": "post", "dropout": 0.0, "share": 2},
 ])
 @pytest.mark.parametrize("own_heads", [True, False])
 def test_exported_light_net_scores_exactly_as_inside_the_rocket(light, own_heads):
     torch.manual_seed(0)
-    m = rocket(light=light, own_heads=own_heads).eval()
+    shared = light.get("share")
+    if shared:  # the light net's first block is the booster's
+        light = {k: v for k, v in light.items() if k != "share"}
+    m = rocket(light=light, own_heads=own_heads, share_blocks=shared or 0,
+               **({"booster": {**light, "num_blocks": 3}} if shared else {})).eval()
     with torch.no_grad():  # move every weight off its initial value (alphas included)
         for p in m.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -249,6 +272,21 @@ def test_kd_from_a_frozen_teacher_checkpoint(tmp_path, monkeypatch):
     # the teacher loaded the same way) ends with other weights.
     plain, _ = student("z", 0.0)
     assert any(not torch.equal(kd[k], plain[k]) for k in kd if "metrics" not in k)
+    # callbacks.hint.chunk_rows bounds the KD loss's memory: it reaches the loss, and the result is the same
+    import lightning_rec.distill as distill
+
+    seen, joint = [], distill.joint_losses
+    monkeypatch.setattr(distill, "joint_losses", lambda *a, **k: seen.append(k.get("chunk_rows")) or joint(*a, **k))
+    chunked = run(["fit", *tiny(tmp_path / "c", "model=sasrec", "model.num_blocks=1", "callbacks=kd",
+                                f"callbacks.hint.teacher_ckpt={teacher['best_ckpt']}", "callbacks.hint.weight=0.9",
+                                "callbacks.hint.chunk_rows=7", "trainer.deterministic=true", epochs=2)])
+    assert seen and set(seen) == {7}
+    weights = torch.load(os.path.join(chunked["run_dir"], "checkpoints", "last.ckpt"), weights_only=True)["state_dict"]
+    for k in kd:
+        if "metrics" not in k:
+            torch.testing.assert_close(weights[k], kd[k], rtol=1e-4, atol=1e-5, msg=k)
+    with pytest.raises(ConfigError, match="callbacks.hint.chunk_rows=0: expected an integer >= 1"):
+        HintLossCallback(chunk_rows=0)
     with pytest.raises(ConfigError, match="needs callbacks.hint.teacher_ckpt"):
         run(["fit", *tiny(tmp_path / "x", "callbacks=kd", epochs=1)])
     # a student whose histories are longer than the SASRec teacher's position table: one line, before training
