@@ -224,6 +224,25 @@ class TopKAveragingStrategy(DDPStrategy):
         # Lightning restores checkpoint weights before this, so the global model is the resumed one.
         self._check_svrg()
         self._sync_from_rank0()
+        self._sigterm_check_per_round()
+
+    def _sigterm_check_per_round(self) -> None:
+        """Lightning broadcasts rank 0's SIGTERM flag before every training batch when there are several ranks:
+        a collective each step, which holds every rank to the slowest one's pace. Under top-k it runs only at the
+        first batch of a round (all ranks count the same steps, so all of them call it together); a SIGTERM then
+        stops training at the next round boundary, at most ``h`` steps later."""
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+        original = getattr(loop, "_broadcast_sigterm_tensor", None)
+        if original is None or getattr(original, "_per_round", False):
+            return
+
+        def per_round() -> None:
+            if self.steps_in_round == 0:
+                original()
+
+        per_round._per_round = True
+        loop._broadcast_sigterm_tensor = per_round
 
     def _check_svrg(self) -> None:
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None

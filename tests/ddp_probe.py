@@ -99,3 +99,22 @@ class Boom(pl.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module):
         raise RuntimeError("boom")
+
+
+class BroadcastCount(pl.Callback):
+    """Each rank counts torch.distributed.broadcast calls made during training batches (Lightning's SIGTERM
+    check is the only broadcast there; top-k's exchange all-gathers and all-reduces)."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.calls, self._orig = 0, torch.distributed.broadcast
+
+        def counted(*a, **k):
+            self.calls += 1
+            return self._orig(*a, **k)
+
+        torch.distributed.broadcast = counted
+
+    def on_train_end(self, trainer, pl_module):
+        torch.distributed.broadcast = self._orig
+        with open(os.path.join(os.environ["PROBE_DIR"], f"broadcasts{trainer.global_rank}.json"), "w") as f:
+            json.dump({"calls": self.calls, "steps": trainer.global_step}, f)

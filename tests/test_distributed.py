@@ -420,6 +420,23 @@ def test_a_mid_round_topk_checkpoint_holds_the_global_model_under_every_name_of_
 
 
 @pytest.mark.ddp
+def test_topk_checks_for_sigterm_once_a_round_not_every_step(tmp_path):
+    # Lightning broadcasts rank 0's SIGTERM flag before every batch with several ranks: a per-step collective
+    # that top-k exists to avoid. Under top-k it comes at the first batch of each round only.
+    data = equal_length_file(tmp_path)  # 64 users: 4 steps of 8 per rank per epoch, 8 in 2 epochs
+    launch(tmp_path, "sig", "data=file", f"data.path={data}", "data.max_len=12", "data.batch_size=8",
+           "trainer=topk", "trainer.devices=2", "trainer.strategy.h=3", "trainer.strategy.k=2",
+           "trainer.limit_val_batches=0", "+callbacks.bc._target_=ddp_probe.BroadcastCount", epochs=2)
+    got = [json.load(open(tmp_path / "probe-sig" / f"broadcasts{r}.json")) for r in (0, 1)]
+    # rounds end after steps 3 and 6, so batches 1, 4 and 7 start a round
+    assert got[0] == got[1] == {"calls": 3, "steps": 8}
+    launch(tmp_path, "sigddp", "data=file", f"data.path={data}", "data.max_len=12", "data.batch_size=8",
+           "trainer=ddp", "trainer.devices=2", "trainer.limit_val_batches=0",
+           "+callbacks.bc._target_=ddp_probe.BroadcastCount", epochs=2)
+    assert json.load(open(tmp_path / "probe-sigddp" / "broadcasts0.json")) == {"calls": 8, "steps": 8}  # DDP: each
+
+
+@pytest.mark.ddp
 def test_warmup_rounds_come_every_warmup_h_steps_then_every_h(tmp_path):
     data = equal_length_file(tmp_path)  # 64 users: 4 steps of 8 per rank per epoch, 12 in 3 epochs
     _, log = launch(tmp_path, "warm", "data=file", f"data.path={data}", "data.max_len=12", "data.batch_size=8",
