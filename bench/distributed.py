@@ -66,9 +66,13 @@ def overrides_for(name: str, noise: str = "shuffle_targets", outer: tuple[float,
 
 
 def read_metrics(run_dir: str) -> list[dict[str, str]]:
-    path = glob.glob(os.path.join(run_dir, "csv", "version_*", "metrics.csv"))
-    with open(sorted(path)[-1]) as f:
-        return list(csv.DictReader(f))
+    """Every row a run logged, in order: a resumed run logs each part to the next csv/version_<n>."""
+    paths = glob.glob(os.path.join(run_dir, "csv", "version_*", "metrics.csv"))
+    rows: list[dict[str, str]] = []
+    for path in sorted(paths, key=lambda p: int(os.path.basename(os.path.dirname(p)).split("_")[-1])):
+        with open(path) as f:
+            rows += list(csv.DictReader(f))
+    return rows
 
 
 def main() -> None:
@@ -141,6 +145,8 @@ def main() -> None:
             run_dir = re.findall(r"run folder: (\S+)", log)[-1]
             with open(out_json) as f:
                 test = json.load(f)
+            with open(os.path.join(run_dir, "result.json")) as f:  # fit alone, as for a reused run
+                wall = float(json.load(f).get("fit_seconds", wall))
         rows = read_metrics(run_dir)
         vals = [float(r["val/ndcg@10"]) for r in rows if r.get("val/ndcg@10")]
         comm = max((float(r["comm/bytes"]) for r in rows if r.get("comm/bytes")), default=0.0)
@@ -187,7 +193,8 @@ def main() -> None:
                f"{args.devices} processes x batch {args.batch_size}, {args.epochs} epochs ({seqs} sequences per rank "
                f"per epoch), seed {args.seed}, `{os.path.basename(args.data)}`, full ranking; bytes = payload one "
                f"rank hands to all-reduce/all-gather (DDP: gradient buckets; top-k: one model + one distance per "
-               f"round); a round also ends before each validation"
+               f"round; checkpoint saves communicate nothing: each rank writes its own optimizer state beside the file); "
+               f"a round also ends before each validation; wall = fit alone"
                + (f"; *_outer runs: outer Nesterov momentum {args.outer_momentum}, outer lr {args.outer_lr}"
                   if any("_outer" in n for n in chosen) else "")
                + (f"; *_state runs: Adam state [{args.average_state}] averaged with the models each round"

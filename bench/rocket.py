@@ -93,6 +93,9 @@ def main() -> None:
     unknown = [r for r in chosen if r not in runs]
     if unknown:
         raise SystemExit(f"--only: unknown run '{unknown[0]}'; expected some of {','.join(ORDER)}")
+    if "rocket_kd" in chosen and args.hint_kind != "mse":
+        raise SystemExit(f"--hint-kind {args.hint_kind}: rocket_kd uses the plain MSE hint plus KD "
+                         f"(callbacks.hint.kind=mse+kl); run it in an invocation without --hint-kind")
     common = [
         "data=file", f"data.path={args.data}", "data.format=sasrec", f"data.max_len={args.max_len}",
         f"data.batch_size={args.batch_size}", f"optimizer.lr={args.lr}", "model.dropout=0.2", f"runs_dir={RUNS}", "logger=csv",

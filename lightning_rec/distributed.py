@@ -11,7 +11,8 @@ all-gathered (one number per rank), the ``k`` closest ranks are chosen (ties to 
 every rank chooses the same), and one all-reduce of the chosen models (the others contribute
 zeros) gives their mean, the new ``w``, which every rank then continues from. A round also ends
 before each validation and when training ends, so evaluation, checkpoint selection and the saved
-weights are always the global model. Optimizer state (e.g. Adam moments) stays local to each rank.
+weights are always the global model. Optimizer state (e.g. Adam moments) stays local to each rank;
+a checkpoint holds rank 0's, and each other rank writes its own to ``<checkpoint>.rank<r>``.
 
 Outer optimizer (``outer_lr``, ``outer_momentum``; defaults 1 and 0 are the plain mean): the mean
 ``m`` of the chosen models is treated as a step, not a destination. With the pseudo-gradient
@@ -209,7 +210,9 @@ class TopKAveragingStrategy(DDPStrategy):
         self._mu: list[torch.Tensor] | None = None
         self._snapshot_batch: Any = None
         self._restored: dict[str, Any] | None = None
-        self._gathered: dict[str, Any] = {}
+        self._own: dict[str, Any] | None = None      # this rank's part of the checkpoint being written
+        self._extra: dict[str, Any] | None = None
+        self._restored_own: dict[str, Any] | None = None
         self._state_names_seen = False  # average_state names found in the optimizer once
         self._state_note_said = False
 
@@ -517,63 +520,105 @@ class TopKAveragingStrategy(DDPStrategy):
         if trainer is not None and trainer.state.fn == TrainerFn.FITTING and self.steps_in_round:
             self._exchange("validation")
 
-    # -- checkpoints: global model + round state, every rank's optimizer (and mid-round local) state
+    # -- checkpoints: global model + round state in the file; each rank's own optimizer state (and mid-round
+    # local model) beside it, written by that rank, so a save costs no communication and rank 0 never holds
+    # every rank's Adam state at once: rank 0's goes in the file as usual, rank r's in <file>.rank<r>
     def lightning_module_state_dict(self) -> dict[str, Any]:
         module = self.lightning_module
         state = module.state_dict()
+        trainer = module.trainer
+        # the same on every rank without communicating: ties each rank's file to this save
+        token = [int(trainer.global_step) if trainer is not None else 0, self.round, self.steps_in_round]
         extra: dict[str, Any] = {"round": self.round, "steps_in_round": self.steps_in_round,
                                  "world_size": self.world_size, "comm_bytes": self.comm_bytes,
-                                 "history": self.history[-20:]}
+                                 "history": self.history[-20:], "save_token": token}
         if self._outer_buf is not None:
             extra["outer_buffers"] = [b.detach().cpu().clone() for b in self._outer_buf]
         if self._mu is not None and self.steps_in_round:
             extra["svrg_mu"] = [m.detach().cpu().clone() for m in self._mu]  # the same on every rank
+        own: dict[str, Any] = {"rank": self.global_rank, "world_size": self.world_size, "save_token": token,
+                               "optimizer_states": []}
         if self._global is not None and self.steps_in_round:
             # mid-round: the file's weights are the global model; each rank's local model is kept too
             # a parameter shared by two submodules (e.g. a rocket's embedding table) is in the state dict under
             # every name it has; each of them must hold the global weights, or the alias loaded last wins
             named = list(module.named_parameters())
-            local = {n: state[n].clone() for n, _ in named if n in state}
+            own["local_state"] = _to_cpu({n: state[n].clone() for n, _ in named if n in state})
             global_of = {id(p): g.detach().clone() for (_, p), g in zip(named, self._global)}
             for n, p in module.named_parameters(remove_duplicate=False):
                 if n in state and id(p) in global_of:
                     state[n] = global_of[id(p)]
-            extra["local_states"] = self._gather_object(local)
-        self._gathered = {"extra": extra}
+        self._own = own
+        self._extra = extra
         return state
 
     def optimizer_state(self, optimizer) -> dict[str, Any]:
-        own = super().optimizer_state(optimizer)
-        self._gathered.setdefault("optimizers", []).append(self._gather_object(own))
-        return own
+        state = super().optimizer_state(optimizer)
+        if self._own is not None:
+            self._own["optimizer_states"].append(_to_cpu(state))
+        return state
+
+    @staticmethod
+    def rank_file(filepath, rank: int) -> str:
+        """Where rank ``rank`` (>= 1) keeps its own state for the checkpoint ``filepath``."""
+        return f"{filepath}.rank{rank}"
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options=None) -> None:
-        extra = dict(self._gathered.get("extra", {}))
-        if "optimizers" in self._gathered:
-            extra["optimizer_states"] = self._gathered["optimizers"]  # [optimizer][rank]
+        extra, own = self._extra or {}, self._own
+        self._extra = self._own = None
+        if own is not None and "local_state" in own and self.global_rank == 0:
+            extra["local_state"] = own["local_state"]
         checkpoint["topk_averaging"] = extra
-        self._gathered = {}
+        if own is not None and self.global_rank > 0:
+            from .checkpoint_io import atomic_torch_save
+
+            atomic_torch_save(own, self.rank_file(filepath, self.global_rank))
         super().save_checkpoint(checkpoint, filepath, storage_options)
 
-    def _gather_object(self, obj: Any) -> list[Any]:
-        if self.world_size == 1:
-            return [obj]
-        out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, _to_cpu(obj))
-        return out
+    def remove_checkpoint(self, filepath) -> None:
+        super().remove_checkpoint(filepath)  # rank 0: the file
+        if self.global_rank > 0 and os.path.exists(self.rank_file(filepath, self.global_rank)):
+            os.remove(self.rank_file(filepath, self.global_rank))
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
         ckpt = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
-        self._restored = ckpt.get("topk_averaging")
+        self._restored = extra = ckpt.get("topk_averaging") or {}
+        self._restored_own = None  # this rank's optimizer state and mid-round local model, when it has them
+        if not extra or extra.get("world_size") != self.world_size:
+            return ckpt
+        if "optimizer_states" in extra:  # written before per-rank files: every rank's state is in the file
+            r = self.global_rank
+            self._restored_own = {"optimizer_states": [states[r] for states in extra["optimizer_states"]]}
+            if extra.get("local_states"):
+                self._restored_own["local_state"] = extra["local_states"][r]
+        elif self.global_rank == 0:  # its optimizer state is the file's own (Lightning loads it)
+            self._restored_own = {"local_state": extra["local_state"]} if "local_state" in extra else {}
+        else:
+            path = self.rank_file(checkpoint_path, self.global_rank)
+            own = torch.load(path, map_location="cpu", weights_only=True) if os.path.isfile(path) else None
+            if own is not None and own.get("save_token") == extra.get("save_token"):
+                self._restored_own = own
+            else:
+                why = "missing" if own is None else "from another save of that checkpoint"
+                print(f"warning: top-k averaging: {path} is {why}", flush=True)
         return ckpt
 
     def load_optimizer_state_dict(self, checkpoint) -> None:
         extra = self._restored or {}
-        per_rank = extra.get("optimizer_states")
         same_world = extra.get("world_size") == self.world_size
-        if per_rank and same_world:
-            for optimizer, states in zip(self.optimizers, per_rank):
-                optimizer.load_state_dict(states[self.global_rank])
+        own = self._restored_own
+        exact = own is not None
+        if same_world and self.world_size > 1:  # every rank must take the same path, or rounds would not line up
+            flag = torch.tensor([int(exact)], device=self.root_device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            exact = bool(flag.item())
+            if not exact:
+                rank_zero_info("warning: top-k averaging: a rank's own state for this checkpoint is missing (its "
+                               "<checkpoint>.rank<r> file); every rank starts from rank 0's optimizer state and the "
+                               "global model, a new round, so this resume is not exact")
+        if exact and own.get("optimizer_states"):
+            for optimizer, state in zip(self.optimizers, own["optimizer_states"]):
+                optimizer.load_state_dict(state)
             from lightning_fabric.utilities.optimizer import _optimizers_to_device
 
             _optimizers_to_device(self.optimizers, self.root_device)
@@ -582,9 +627,9 @@ class TopKAveragingStrategy(DDPStrategy):
                 rank_zero_warn(f"top-k averaging: the checkpoint was written by {extra.get('world_size')} ranks, "
                                f"this run has {self.world_size}; every rank starts from rank 0's optimizer state")
             super().load_optimizer_state_dict(checkpoint)
-        self._restore_round_state(extra, same_world)
+        self._restore_round_state(extra, same_world, exact)
 
-    def _restore_round_state(self, extra: dict[str, Any], same_world: bool) -> None:
+    def _restore_round_state(self, extra: dict[str, Any], same_world: bool, exact: bool) -> None:
         if not extra:
             return
         self.round = int(extra.get("round", 0))
@@ -594,20 +639,19 @@ class TopKAveragingStrategy(DDPStrategy):
         bufs = extra.get("outer_buffers")
         if bufs is not None and [tuple(b.shape) for b in bufs] == [tuple(g.shape) for g in self._global]:
             self._outer_buf = [b.to(g.device, g.dtype) for b, g in zip(bufs, self._global)]
-        locals_ = extra.get("local_states")
-        if locals_ and same_world:
-            own = locals_[self.global_rank]
+        own_local = (self._restored_own or {}).get("local_state") if exact else None
+        if own_local is not None and same_world:
             with torch.no_grad():
                 for n, p in self.lightning_module.named_parameters():
-                    if n in own:
-                        p.data.copy_(own[n].to(p.device))
+                    if n in own_local:
+                        p.data.copy_(own_local[n].to(p.device))
             self.steps_in_round = int(extra.get("steps_in_round", 0))
             mu = extra.get("svrg_mu")
             if self.svrg and self.steps_in_round and mu is not None and len(mu) == len(self._global):
                 self._mu = [m.to(g.device, g.dtype) for m, g in zip(mu, self._global)]  # this round's snapshot gradient
         else:
             self.steps_in_round = 0
-        self._restored = None
+        self._restored = self._restored_own = None
 
 
 def global_batch_second_moment(optimizer: torch.optim.Optimizer, world: int) -> list | None:

@@ -118,3 +118,37 @@ class BroadcastCount(pl.Callback):
         torch.distributed.broadcast = self._orig
         with open(os.path.join(os.environ["PROBE_DIR"], f"broadcasts{trainer.global_rank}.json"), "w") as f:
             json.dump({"calls": self.calls, "steps": trainer.global_step}, f)
+
+
+class SaveCollectives(pl.Callback):
+    """Each rank counts the gather/reduce collectives run inside trainer.save_checkpoint (its barrier aside)."""
+
+    NAMES = ("all_gather_object", "all_gather", "all_reduce", "gather_object", "broadcast_object_list")
+
+    def on_train_start(self, trainer, pl_module):
+        self.calls, self.saves = 0, 0
+        dist, save = torch.distributed, trainer.save_checkpoint
+
+        def counting(*a, **k):
+            originals = {n: getattr(dist, n) for n in self.NAMES}
+
+            def wrap(f):
+                def g(*x, **y):
+                    self.calls += 1
+                    return f(*x, **y)
+                return g
+
+            for n, f in originals.items():
+                setattr(dist, n, wrap(f))
+            try:
+                self.saves += 1
+                return save(*a, **k)
+            finally:
+                for n, f in originals.items():
+                    setattr(dist, n, f)
+
+        trainer.save_checkpoint = counting
+
+    def on_train_end(self, trainer, pl_module):
+        with open(os.path.join(os.environ["PROBE_DIR"], f"save{trainer.global_rank}.json"), "w") as f:
+            json.dump({"calls": self.calls, "saves": self.saves}, f)

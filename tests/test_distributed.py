@@ -409,7 +409,7 @@ def test_a_mid_round_topk_checkpoint_holds_the_global_model_under_every_name_of_
         aliases.setdefault(id(p), []).append(name)
     shared = [names for names in aliases.values() if len(names) > 1]
     assert any("light" in n for names in shared for n in names) and any("blocks" in n for names in shared for n in names)
-    local = ck["topk_averaging"]["local_states"][0]
+    local = ck["topk_averaging"]["local_state"]  # rank 0's local model (other ranks keep theirs beside the file)
     for names in shared:
         for n in names[1:]:
             assert torch.equal(ck["state_dict"][n], ck["state_dict"][names[0]]), (n, names[0])
@@ -460,15 +460,25 @@ def test_topk_resume_mid_run_equals_an_uninterrupted_run(tmp_path):
     common = ("data=file", f"data.path={data}", "model.dropout=0", "data.max_len=12", "data.batch_size=8",
               "trainer=topk", "trainer.devices=2", "trainer.strategy.h=3", "trainer.strategy.k=1",
               "trainer.strategy.outer_lr=0.8", "trainer.strategy.outer_momentum=0.5")  # the buffer must resume too
-    full, _ = launch(tmp_path, "full", *common, epochs=3)
+    full, _ = launch(tmp_path, "full", *common, "+callbacks.save._target_=ddp_probe.SaveCollectives", epochs=3)
+    # a save communicates nothing: each rank writes its own state (rank 0's in the file)
+    saves = [json.load(open(tmp_path / "probe-full" / f"save{r}.json")) for r in (0, 1)]
+    assert saves[0]["saves"] >= 3 and saves[0] == saves[1] and saves[0]["calls"] == 0
+    # no rank file outlives its checkpoint (the best checkpoint is replaced as validation improves)
+    folder = next((tmp_path / "full" / "runs").glob("*/*/checkpoints"))
+    ckpts = sorted(p.name for p in folder.glob("*.ckpt"))
+    assert sorted(p.name for p in folder.glob("*.rank1")) == [f"{c}.rank1" for c in ckpts] and len(ckpts) >= 2
     launch(tmp_path, "part", *common, epochs=1)
     last = next((tmp_path / "part" / "runs").glob("*/*/checkpoints/last.ckpt"))
     ck = torch.load(last, weights_only=False)
     state = ck["topk_averaging"]
-    assert state["round"] == 2 and state["world_size"] == 2 and len(state["optimizer_states"][0]) == 2
+    assert state["round"] == 2 and state["world_size"] == 2 and "optimizer_states" not in state
+    # rank 1's optimizer state is in its own file beside the checkpoint, written by rank 1 (no gather)
+    own = torch.load(f"{last}.rank1", weights_only=True)
+    assert own["rank"] == 1 and own["save_token"] == state["save_token"]
     assert any(b.abs().sum() > 0 for b in state["outer_buffers"])
     # ranks keep their own Adam moments: the two saved optimizer states differ
-    m0, m1 = (state["optimizer_states"][0][r]["state"][0]["exp_avg"] for r in (0, 1))
+    m0, m1 = ck["optimizer_states"][0]["state"][0]["exp_avg"], own["optimizer_states"][0]["state"][0]["exp_avg"]
     assert not torch.equal(m0, m1)
     resumed, log = launch(tmp_path, "part2", *common, f"ckpt_path={last}", epochs=3)
     for r in (0, 1):
@@ -489,10 +499,28 @@ def test_topk_svrg_resume_from_a_mid_round_checkpoint_is_exact(tmp_path):
     launch(tmp_path, "part", *common, epochs=1)
     last = next((tmp_path / "part" / "runs").glob("*/*/checkpoints/last.ckpt"))
     state = torch.load(last, weights_only=False)["topk_averaging"]
-    assert state["steps_in_round"] > 0 and "local_states" in state and "svrg_mu" in state
+    assert state["steps_in_round"] > 0 and "local_state" in state and "svrg_mu" in state
+    assert "local_state" in torch.load(f"{last}.rank1", weights_only=True)
+    # kept aside: the resume goes on in the run's folder and rewrites last.ckpt
+    ck, own = torch.load(last, weights_only=False), torch.load(f"{last}.rank1", weights_only=False)
+    lone = tmp_path / "lone.ckpt"
+    torch.save(ck, lone)
     resumed, _ = launch(tmp_path, "part2", *common, f"ckpt_path={last}", epochs=3)
     for r in (0, 1):
         assert max_diff(full[r]["params"], resumed[r]["params"]) < 1e-6
+    # a checkpoint written before per-rank files (every rank's state gathered into it) resumes exactly too
+    ck["topk_averaging"]["optimizer_states"] = [[ck["optimizer_states"][0], own["optimizer_states"][0]]]
+    ck["topk_averaging"]["local_states"] = [ck["topk_averaging"].pop("local_state"), own["local_state"]]
+    old = tmp_path / "old.ckpt"
+    torch.save(ck, old)
+    resumed, _ = launch(tmp_path, "part3", *common, f"ckpt_path={old}", epochs=3)
+    for r in (0, 1):
+        assert max_diff(full[r]["params"], resumed[r]["params"]) < 1e-6
+    # without rank 1's file every rank starts a new round from the global model and rank 0's Adam state: said
+    # in one line, and the run goes on (no rank waits for a round the others do not run)
+    resumed, log = launch(tmp_path, "part4", *common, f"ckpt_path={lone}", epochs=3)
+    assert "lone.ckpt.rank1 is missing" in log and "this resume is not exact" in log
+    assert resumed[0]["round"] == resumed[1]["round"] > 0
 
 
 def test_topk_svrg_through_lightning_corrects_the_gradient_to_mu_at_the_snapshot(tmp_path, monkeypatch):
