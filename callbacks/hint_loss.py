@@ -16,7 +16,10 @@ SCHEDULES = ("constant", "warmup", "start_epoch")
 
 
 def _kl_l2(zs, zt, valid, temperature, l2_weight):
-    return hint_kl(zs, zt, valid, temperature) + l2_weight * hint_mse(zs, zt, valid) / zs.shape[-1]
+    # the squared difference is a mean over the row's candidates: masked ones (a sampled negative equal to the
+    # target) are not candidates
+    n = zs.shape[-1] if valid is None else valid.sum(-1).clamp_min(1)
+    return hint_kl(zs, zt, valid, temperature) + l2_weight * hint_mse(zs, zt, valid) / n
 
 
 def _mse_kl(zs, zt, valid, temperature, kd_weight):

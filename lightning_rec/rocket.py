@@ -257,7 +257,7 @@ class RocketModule(SeqRecModule):
     def train_loss(self, batch: dict[str, torch.Tensor], log: bool = False) -> torch.Tensor:
         """Both nets' losses plus the weighted hint for one batch; logs only when ``log``."""
         hint_cb = self.__dict__.get("hint_callback")
-        spec = hint_cb.spec(self.trainer) if hint_cb is not None else None
+        spec = hint_cb.spec(self._trainer) if hint_cb is not None else None  # also outside a Trainer (no schedule)
         parts = self.loss_parts(batch, spec)
         n = int((batch["targets"] != 0).sum())
         loss = parts["student_ce"] * (spec.student_ce_weight if spec else 1.0) + parts["teacher_ce"]
