@@ -116,7 +116,7 @@ def main() -> None:
         "trainer.log_every_n_steps=1", f"seed={args.seed}",
     ]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "WANDB_MODE": "offline"}
-    if not any(o.startswith("trainer.accelerator=gpu") for o in args.overrides):
+    if not _on_gpu(args):
         env["OMP_NUM_THREADS"] = "1"  # one thread per process: 4 processes share the CPU cores
         common.append("trainer.accelerator=cpu")
     res = {}
@@ -221,15 +221,18 @@ def _test_last(run_dir: str, args, env: dict[str, str]) -> float:
     if not os.path.exists(ckpt):
         raise SystemExit(f"{run_dir}: no checkpoints/last.ckpt to test")
     out_json = os.path.join(RUNS, f"dist-last-{time.time_ns()}.json")
-    gpu = any(o.startswith("trainer.accelerator=gpu") for o in args.overrides)
     cmd = [sys.executable, "-m", "lightning_rec", "test", f"ckpt_path={ckpt}", f"metrics_out={out_json}",
-           "logger=none", "trainer.devices=1", f"trainer.accelerator={'gpu' if gpu else 'cpu'}"]
+           "logger=none", "trainer.devices=1", f"trainer.accelerator={'gpu' if _on_gpu(args) else 'cpu'}"]
     p = subprocess.run(cmd, capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": str(os.cpu_count() or 1)})
     if p.returncode != 0:
         print((p.stdout + p.stderr)[-3000:])
         raise SystemExit(f"test of {ckpt} failed")
     with open(out_json) as f:
         return float(json.load(f)["test/ndcg@10"])
+
+
+def _on_gpu(args) -> bool:
+    return any(o.startswith("trainer.accelerator=gpu") for o in args.overrides)
 
 
 def _vs(x: float, spec: str) -> str:

@@ -554,7 +554,7 @@ class TopKAveragingStrategy(DDPStrategy):
 
     def optimizer_state(self, optimizer) -> dict[str, Any]:
         state = super().optimizer_state(optimizer)
-        if self._own is not None:
+        if self._own is not None and self.global_rank > 0:  # rank 0's is the file's own optimizer state
             self._own["optimizer_states"].append(_to_cpu(state))
         return state
 

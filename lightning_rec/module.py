@@ -325,6 +325,11 @@ class SeqRecModule(pl.LightningModule):
                      sync_dist=True)
         return spec.student_ce_weight * own + spec.weight * term
 
+    def _log_hint(self, hint: torch.Tensor, n: int) -> None:
+        """The distillation term: each step's value (local), and the epoch mean reduced over ranks."""
+        self.log("train/hint_step", hint, on_step=True, on_epoch=False, batch_size=n)
+        self.log("train/hint_epoch", hint, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
+
     def _distilled_loss(self, hint_cb, inputs, hidden, targets, mask, log: bool = True) -> torch.Tensor:
         """Own loss plus the callback's term against a frozen teacher, on the same candidates."""
         from .distill import joint_losses
@@ -342,8 +347,7 @@ class SeqRecModule(pl.LightningModule):
                              chunk_rows=hint_cb.chunk_rows)
         n = int(targets.numel())
         if log:
-            self.log("train/hint_step", parts["hint"], on_step=True, on_epoch=False, batch_size=n)
-            self.log("train/hint_epoch", parts["hint"], on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
+            self._log_hint(parts["hint"], n)
             self.log("train/student_ce", parts["student_ce"], on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
         return spec.student_ce_weight * parts["student_ce"] + spec.weight * parts["hint"]
 

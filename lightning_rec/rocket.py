@@ -265,8 +265,7 @@ class RocketModule(SeqRecModule):
             loss = loss + spec.weight * parts["hint"]
         if log:
             if spec is not None:
-                self.log("train/hint_step", parts["hint"], on_step=True, on_epoch=False, batch_size=n)
-                self.log("train/hint_epoch", parts["hint"], on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
+                self._log_hint(parts["hint"], n)
                 self.log("train/hint_weight", float(spec.weight), on_step=True, on_epoch=False, batch_size=1)
             self.log("train/loss_step", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=n)
             # epoch means are reduced over ranks once per epoch; step values stay local (no per-step sync)

@@ -107,17 +107,24 @@ def find_last_checkpoint(runs_dir: str, name: str | None = None, option: str = "
                       f"({hint})")
 
 
+def recorded_best(run_dir: str) -> str | None:
+    """The best checkpoint a finished fit recorded in ``result.json``, looked for in this folder (the record is
+    relative to where fit ran, and the folder may have moved); None when there is none."""
+    result = os.path.join(run_dir, "result.json")
+    if not os.path.isfile(result):
+        return None
+    with open(result) as f:
+        best = json.load(f).get("best_ckpt")
+    path = os.path.join(run_dir, "checkpoints", os.path.basename(best)) if best else None
+    return path if path and os.path.isfile(path) else None
+
+
 def find_best_checkpoint(runs_dir: str, name: str | None = None, option: str = "ckpt_path") -> str:
     """The best checkpoint (as ``result.json`` records it) of the newest run named ``name``: the one whose
     ``last.ckpt`` ``last`` would pick. Never an older run's, which would silently be another model."""
-    last = find_last_checkpoint(runs_dir, name, option, word="best")
-    run = os.path.dirname(os.path.dirname(last))
-    best = None
-    if os.path.isfile(os.path.join(run, "result.json")):
-        with open(os.path.join(run, "result.json")) as f:
-            best = json.load(f).get("best_ckpt")
-    path = os.path.join(run, "checkpoints", os.path.basename(best)) if best else None
-    if not path or not os.path.isfile(path):
+    run = os.path.dirname(os.path.dirname(find_last_checkpoint(runs_dir, name, option, word="best")))
+    path = recorded_best(run)
+    if path is None:
         raise ConfigError(f"{option}=best: the newest run named '{name}' ({run}) has no recorded best checkpoint "
                           f"(a fit that did not finish, or one with no monitored metric); pass {option}=last or a "
                           f"checkpoint path")
@@ -138,12 +145,7 @@ def resolve_checkpoint(ckpt_path: str, runs_dir: str, name: str | None, prefer: 
         return find_best_checkpoint(runs_dir, name, option)
     if os.path.isdir(ckpt_path):
         last = os.path.join(ckpt_path, "checkpoints", "last.ckpt")
-        best = None
-        if prefer == "best" and os.path.isfile(os.path.join(ckpt_path, "result.json")):
-            with open(os.path.join(ckpt_path, "result.json")) as f:
-                best = json.load(f).get("best_ckpt")
-        if best:  # recorded relative to where fit ran: find it in this folder
-            best = os.path.join(ckpt_path, "checkpoints", os.path.basename(best))
+        best = recorded_best(ckpt_path) if prefer == "best" else None
         for path in (best, last):
             if path and os.path.isfile(path):
                 rank_zero_info(f"{option}={ckpt_path}: a run folder; using {path}")

@@ -1,5 +1,6 @@
 """A callback used by DDP tests: each rank writes a fingerprint of its weights at the end of fit."""
 
+import contextlib
 import json
 import os
 
@@ -101,23 +102,39 @@ class Boom(pl.Callback):
         raise RuntimeError("boom")
 
 
+@contextlib.contextmanager
+def counting(names, counter: dict[str, int]):
+    """Count calls of the named torch.distributed functions into ``counter["calls"]`` while inside."""
+    dist, originals = torch.distributed, {n: getattr(torch.distributed, n) for n in names}
+
+    def wrap(f):
+        def counted(*a, **k):
+            counter["calls"] += 1
+            return f(*a, **k)
+        return counted
+
+    for n, f in originals.items():
+        setattr(dist, n, wrap(f))
+    try:
+        yield
+    finally:
+        for n, f in originals.items():
+            setattr(dist, n, f)
+
+
 class BroadcastCount(pl.Callback):
-    """Each rank counts torch.distributed.broadcast calls made during training batches (Lightning's SIGTERM
-    check is the only broadcast there; top-k's exchange all-gathers and all-reduces)."""
+    """Each rank counts torch.distributed.broadcast calls made during training (Lightning's SIGTERM check is
+    the only broadcast there; top-k's exchange all-gathers and all-reduces)."""
 
     def on_train_start(self, trainer, pl_module):
-        self.calls, self._orig = 0, torch.distributed.broadcast
-
-        def counted(*a, **k):
-            self.calls += 1
-            return self._orig(*a, **k)
-
-        torch.distributed.broadcast = counted
+        self.counter = {"calls": 0}
+        self._inside = counting(["broadcast"], self.counter)
+        self._inside.__enter__()
 
     def on_train_end(self, trainer, pl_module):
-        torch.distributed.broadcast = self._orig
+        self._inside.__exit__(None, None, None)
         with open(os.path.join(os.environ["PROBE_DIR"], f"broadcasts{trainer.global_rank}.json"), "w") as f:
-            json.dump({"calls": self.calls, "steps": trainer.global_step}, f)
+            json.dump({"calls": self.counter["calls"], "steps": trainer.global_step}, f)
 
 
 class SaveCollectives(pl.Callback):
@@ -126,29 +143,15 @@ class SaveCollectives(pl.Callback):
     NAMES = ("all_gather_object", "all_gather", "all_reduce", "gather_object", "broadcast_object_list")
 
     def on_train_start(self, trainer, pl_module):
-        self.calls, self.saves = 0, 0
-        dist, save = torch.distributed, trainer.save_checkpoint
+        self.counter, self.saves, save = {"calls": 0}, 0, trainer.save_checkpoint
 
-        def counting(*a, **k):
-            originals = {n: getattr(dist, n) for n in self.NAMES}
-
-            def wrap(f):
-                def g(*x, **y):
-                    self.calls += 1
-                    return f(*x, **y)
-                return g
-
-            for n, f in originals.items():
-                setattr(dist, n, wrap(f))
-            try:
-                self.saves += 1
+        def counted_save(*a, **k):
+            self.saves += 1
+            with counting(self.NAMES, self.counter):
                 return save(*a, **k)
-            finally:
-                for n, f in originals.items():
-                    setattr(dist, n, f)
 
-        trainer.save_checkpoint = counting
+        trainer.save_checkpoint = counted_save
 
     def on_train_end(self, trainer, pl_module):
         with open(os.path.join(os.environ["PROBE_DIR"], f"save{trainer.global_rank}.json"), "w") as f:
-            json.dump({"calls": self.calls, "saves": self.saves}, f)
+            json.dump({"calls": self.counter["calls"], "saves": self.saves}, f)

@@ -255,39 +255,6 @@ def test_distributed_evaluation_equals_single_process(tmp_path, strategy):
         assert abs(m1[k] - m2[k]) < 1e-6, (k, m1[k], m2[k])
 
 
-@pytest.mark.ddp
-def test_validation_and_test_inside_a_two_process_topk_fit_equal_one_process(tmp_path):
-    """The validation that picks top-k's best checkpoint, and the test after fit, run on the global model
-    over users sharded between the ranks: one process evaluating the saved checkpoint gets the same."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    args = tiny(tmp_path, "data.synthetic.num_users=201", "trainer=topk", "trainer.devices=2",
-                "trainer.strategy.h=3", "trainer.strategy.k=2", f"metrics_out={tmp_path / 'fit.json'}", epochs=2)
-    p = subprocess.run([sys.executable, "-m", "lightning_rec", "fit", *args], capture_output=True, text=True,
-                       cwd=tmp_path, env=env, timeout=600)
-    assert p.returncode == 0, p.stderr[-2000:]
-    run_dir = re.findall(r"run folder: (\S+)", p.stdout + p.stderr)[-1]
-    result = json.load(open(os.path.join(run_dir, "result.json")))
-    rows = list(csv.DictReader(open(os.path.join(run_dir, "csv", "version_0", "metrics.csv"))))
-    val = [float(r["val/ndcg@10"]) for r in rows if r.get("val/ndcg@10")]
-    assert result["best_score"] == pytest.approx(max(val), abs=1e-7)
-    import pytorch_lightning as pl
-
-    from lightning_rec.cli import _build_datamodule
-    from lightning_rec.config import load_config, to_plain
-
-    best = SeqRecModule.load_from_checkpoint(result["best_ckpt"], map_location="cpu", weights_only=True)
-    cfg = load_config(tiny(tmp_path / "one", "data.synthetic.num_users=201", epochs=2))
-    dm = _build_datamodule(to_plain(cfg)["data"])
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                         enable_checkpointing=False)
-    one_val = trainer.validate(best, datamodule=dm, verbose=False)[0]["val/ndcg@10"]
-    assert one_val == pytest.approx(max(val), abs=1e-6)  # the best epoch's sharded validation, redone in one process
-    one_test = trainer.test(best, datamodule=dm, verbose=False)[0]
-    fit_test = json.load(open(tmp_path / "fit.json"))
-    for k, v in fit_test.items():
-        assert one_test[k] == pytest.approx(v, abs=1e-6), k
-
-
 def test_resume_guards(tmp_path):
     out = fit(tmp_path, "model=nextitnet", "model.num_blocks=2", epochs=1)
     other = tmp_path / "other.txt"
