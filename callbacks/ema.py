@@ -8,8 +8,11 @@ Built on Lightning's :class:`~pytorch_lightning.callbacks.EMAWeightAveraging` (a
   outside fitting keeps its ``state_dict``, which is the average, as ``test``/``predict``/``export`` read it.
 * A StackRec stack changes the model's shape mid-fit: the average restarts from the stacked weights (its
   shape must match the model's for validation to swap them), also when resuming across a stack.
-* Top-k model averaging keeps a different local model on each rank; an average of it would differ between
-  ranks, so the combination is refused at setup.
+* Under top-k model averaging (``trainer=topk``) each rank trains its own local model between rounds, so an
+  average of it would differ between ranks. There the average follows the global model instead: it is updated
+  right after each round's exchange, when every rank holds the same weights, as ``w_ema <- decay^n * w_ema +
+  (1 - decay^n) * w_global`` with ``n`` the optimizer steps since its last update (so ``decay`` keeps its
+  per-step meaning: 0.995 spans about 200 steps under DDP and under top-k alike). It costs no communication.
 
 Checkpoints hold the average as ``state_dict`` (what every command loads) and the raw weights as
 ``current_model_state``, so ``fit ckpt_path=`` resumes both exactly.
@@ -17,6 +20,7 @@ Checkpoints hold the average as ``state_dict`` (what every command loads) and th
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import pytorch_lightning as pl
@@ -48,14 +52,51 @@ class EMACallback(EMAWeightAveraging):
         super().__init__(decay=float(decay), use_buffers=True, update_every_n_steps=int(every_n_steps),
                          update_starting_at_step=int(start_step))
         self.decay = float(decay)
+        self.every_n_steps = int(every_n_steps)
+        self._round_seen: int | None = None  # trainer=topk: the strategy's round the average last looked at
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    @staticmethod
+    def _topk(trainer: pl.Trainer):
+        """The top-k averaging strategy, or None under any other."""
         from lightning_rec.distributed import TopKAveragingStrategy
 
-        if isinstance(trainer.strategy, TopKAveragingStrategy):
-            raise ConfigError("callbacks.ema: does not work with trainer=topk (each rank trains its own local "
-                              "model between rounds); drop callbacks.ema or use trainer=ddp")
+        strategy = trainer.strategy
+        return strategy if isinstance(strategy, TopKAveragingStrategy) else None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._topk(trainer) is not None and self.every_n_steps != 1:
+            raise ConfigError(f"callbacks.ema.every_n_steps={self.every_n_steps}: under trainer=topk the average "
+                              "updates once a round (every trainer.strategy.h steps); leave it at 1")
         super().setup(trainer, pl_module, stage)
+
+    # -- trainer=topk: the average of the global model, updated at each round's exchange
+    def _topk_update(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """After an exchange (the strategy's round counter moved) every rank holds the global model: fold it in."""
+        strategy = self._topk(trainer)
+        if strategy.round == self._round_seen or self._average_model is None:
+            return
+        self._round_seen = strategy.round
+        if trainer.global_step - 1 < (self.update_starting_at_step or 0):
+            return
+        avg = self._average_model
+        steps = max(1, trainer.global_step - self._latest_update_step)
+        keep = self.decay ** steps
+        with torch.no_grad():
+            pairs = zip(itertools.chain(avg.module.parameters(), avg.module.buffers()),
+                        itertools.chain(pl_module.parameters(), pl_module.buffers()))
+            for a, c in pairs:
+                if int(avg.n_averaged) == 0 or not a.is_floating_point():
+                    a.copy_(c)  # the first update copies, as Lightning's EMA does
+                else:
+                    a.mul_(keep).add_(c.to(a.device), alpha=1.0 - keep)
+        avg.n_averaged += 1
+        self._latest_update_step = trainer.global_step
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        strategy = self._topk(trainer)
+        if strategy is not None and self._round_seen is None:
+            self._round_seen = strategy.round  # rounds before this one (a resume's) are in the restored average
 
     # -- the average follows the model's shape (StackRec), and is the model itself until its first update
     def _match_shape(self, pl_module: pl.LightningModule) -> None:
@@ -76,17 +117,35 @@ class EMACallback(EMAWeightAveraging):
             with torch.no_grad():
                 for a, c in zip(avg.module.state_dict().values(), pl_module.state_dict().values()):
                     a.copy_(c)
+                trainer = getattr(pl_module, "_trainer", None)
+                strategy = self._topk(trainer) if trainer is not None else None
+                if strategy is not None and strategy.global_params is not None:
+                    # mid-round the module is this rank's local model; the average stands for the global one
+                    for a, g in zip(avg.module.parameters(), strategy.global_params):
+                        if a.shape == g.shape:
+                            a.copy_(g)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         self._match_shape(pl_module)
+        if self._topk(trainer) is not None:
+            self._topk_update(trainer, pl_module)
+            return
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._topk(trainer) is not None and trainer.state.fn == TrainerFn.FITTING:
+            self._match_shape(pl_module)
+            self._topk_update(trainer, pl_module)  # the strategy ended the round before validation
         self._ready(pl_module)
         super().on_validation_epoch_start(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        strategy = self._topk(trainer)
+        if strategy is not None:  # this hook runs before the strategy's: end its last round here
+            strategy.finish_round()
+            self._match_shape(pl_module)
+            self._topk_update(trainer, pl_module)
         self._ready(pl_module)
         super().on_train_end(trainer, pl_module)
 
@@ -110,8 +169,10 @@ class EMACallback(EMAWeightAveraging):
         super().on_load_checkpoint(trainer, pl_module, checkpoint)
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "latest_update_epoch": self._latest_update_epoch}
+        return {**super().state_dict(), "latest_update_epoch": self._latest_update_epoch,
+                "round_seen": self._round_seen}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._latest_update_epoch = int(state_dict.get("latest_update_epoch", self._latest_update_epoch))
+        self._round_seen = state_dict.get("round_seen")

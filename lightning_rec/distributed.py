@@ -508,10 +508,21 @@ class TopKAveragingStrategy(DDPStrategy):
 
     def on_train_end(self) -> None:
         super().on_train_end()
+        self.finish_round()
+
+    def finish_round(self, reason: str = "end of training") -> None:
+        """End a round now if local steps were taken since the last one (a collective: every rank calls it).
+
+        A run that ends mid-round (no validation at its end) tests and keeps the global model, not each rank's
+        local one; the EMA callback calls this from its own ``on_train_end``, which runs before this strategy's.
+        """
         if self.steps_in_round and self._global is not None:
-            # a run that ends mid-round (no validation at its end) tests and keeps the global model, not each
-            # rank's local one
-            self._exchange("end of training")
+            self._exchange(reason)
+
+    @property
+    def global_params(self) -> list[torch.Tensor] | None:
+        """The global model's parameters (in ``module.parameters()`` order), the same on every rank."""
+        return self._global
 
     # -- evaluation sees the global model
     def on_validation_start(self) -> None:

@@ -126,12 +126,63 @@ def test_bad_options_are_one_line_errors(kw, option):
         EMACallback(**kw)
 
 
-def test_ema_under_topk_averaging_is_refused():
+def test_under_topk_the_average_follows_the_global_model_once_a_round(tmp_path, monkeypatch):
+    # 200 users / batch 32 = 7 steps an epoch; h=3: rounds after steps 3 and 6, and one of 1 step before each
+    # validation. Each round folds the global model in with decay ** (steps since the last update).
+    rounds = []
+    exchange = TopKAveragingStrategy._exchange
+
+    def recording(self, *args, **kwargs):
+        steps = self.steps_in_round
+        exchange(self, *args, **kwargs)
+        rounds.append((steps, {n: t.detach().clone() for n, t in self.lightning_module.state_dict().items()}))
+
+    monkeypatch.setattr(TopKAveragingStrategy, "_exchange", recording)
+    out = fit(tmp_path, "callbacks.ema.decay=0.7", "trainer=topk", "trainer.devices=1", "trainer.strategy.h=3",
+              "test_after_fit=false")
+    assert [n for n, _ in rounds] == [3, 3, 1, 3, 3, 1]
+    ema = {k: v.clone() for k, v in rounds[0][1].items()}  # the first update copies the weights
+    for n, w in rounds[1:]:
+        for k in ema:
+            ema[k] = 0.7 ** n * ema[k] + (1 - 0.7 ** n) * w[k]
+    ck = last(out)
+    for k in ema:
+        torch.testing.assert_close(ck["state_dict"][k], ema[k], rtol=1e-5, atol=1e-6, msg=k)
+        torch.testing.assert_close(ck["current_model_state"][k], rounds[-1][1][k], rtol=0, atol=0, msg=k)
+    assert any(not torch.equal(ema[k], rounds[-1][1][k]) for k in ema)
+    assert ck["callbacks"]["EMACallback"]["round_seen"] == 6
+
+
+def test_ema_every_n_steps_under_topk_is_refused():
     class FakeTrainer:
         strategy = TopKAveragingStrategy(k=2, h=4)
 
-    with pytest.raises(ConfigError, match="trainer=topk"):
-        EMACallback().setup(FakeTrainer(), torch.nn.Linear(2, 2), "fit")
+    with pytest.raises(ConfigError, match="callbacks.ema.every_n_steps=2: under trainer=topk"):
+        EMACallback(every_n_steps=2).setup(FakeTrainer(), torch.nn.Linear(2, 2), "fit")
+
+
+@pytest.mark.ddp
+def test_ema_under_two_process_topk_is_the_same_on_both_ranks_and_resumes_exactly(tmp_path):
+    from test_distributed import equal_length_file, launch, max_diff
+
+    # 64 users: 4 steps of 8 per rank per epoch; h=3 and no validation: rounds cross epochs, and an epoch's
+    # last.ckpt is written mid-round
+    data = equal_length_file(tmp_path)
+    common = ("callbacks=ema", "callbacks.ema.decay=0.8", "data=file", f"data.path={data}", "model.dropout=0",
+              "data.max_len=12", "data.batch_size=8", "trainer=topk", "trainer.devices=2", "trainer.strategy.h=3",
+              "trainer.strategy.k=2", "trainer.limit_val_batches=0")
+    full, _ = launch(tmp_path, "full", *common, epochs=3)
+    assert max_diff(full[0]["params"], full[1]["params"]) == 0.0  # every rank ends on the one average
+    ck = torch.load(next((tmp_path / "full" / "runs").glob("*/*/checkpoints/last.ckpt")), weights_only=True)
+    assert max_diff(full[0]["params"], ck["state_dict"]) == 0.0
+    assert max_diff(full[0]["params"], ck["current_model_state"]) > 0  # the global model is not the average
+    launch(tmp_path, "part", *common, epochs=1)
+    part = next((tmp_path / "part" / "runs").glob("*/*/checkpoints/last.ckpt"))
+    state = torch.load(part, weights_only=False)
+    assert state["topk_averaging"]["steps_in_round"] == 1 and state["callbacks"]["EMACallback"]["round_seen"] == 1
+    resumed, _ = launch(tmp_path, "resumed", *common, f"ckpt_path={part}", epochs=3)
+    for r in (0, 1):
+        assert max_diff(full[r]["params"], resumed[r]["params"]) < 1e-6
 
 
 @pytest.mark.ddp
