@@ -12,7 +12,9 @@ Built on Lightning's :class:`~pytorch_lightning.callbacks.EMAWeightAveraging` (a
   average of it would differ between ranks. There the average follows the global model instead: it is updated
   right after each round's exchange, when every rank holds the same weights, as ``w_ema <- decay^n * w_ema +
   (1 - decay^n) * w_global`` with ``n`` the optimizer steps since its last update (so ``decay`` keeps its
-  per-step meaning: 0.995 spans about 200 steps under DDP and under top-k alike). It costs no communication.
+  per-step meaning: 0.995 spans about 200 steps under DDP and under top-k alike). It starts from the model
+  every rank starts from (with ``start_step``: the first global model at or after it) and costs no
+  communication.
 
 Checkpoints hold the average as ``state_dict`` (what every command loads) and the raw weights as
 ``current_model_state``, so ``fit ckpt_path=`` resumes both exactly.
@@ -95,8 +97,20 @@ class EMACallback(EMAWeightAveraging):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         strategy = self._topk(trainer)
-        if strategy is not None and self._round_seen is None:
+        if strategy is None:
+            return
+        if self._round_seen is None:
             self._round_seen = strategy.round  # rounds before this one (a resume's) are in the restored average
+        avg = self._average_model
+        if avg is not None and int(avg.n_averaged) == 0 and trainer.global_step >= (self.update_starting_at_step or 0):
+            # every rank starts from the same (global) model: the average starts there, as Lightning's starts
+            # from the weights after the first step, instead of at the end of the first round
+            with torch.no_grad():
+                for a, c in zip(itertools.chain(avg.module.parameters(), avg.module.buffers()),
+                                itertools.chain(pl_module.parameters(), pl_module.buffers())):
+                    a.copy_(c)
+            avg.n_averaged += 1
+            self._latest_update_step = trainer.global_step
 
     # -- the average follows the model's shape (StackRec), and is the model itself until its first update
     def _match_shape(self, pl_module: pl.LightningModule) -> None:

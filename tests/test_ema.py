@@ -137,11 +137,18 @@ def test_under_topk_the_average_follows_the_global_model_once_a_round(tmp_path, 
         exchange(self, *args, **kwargs)
         rounds.append((steps, {n: t.detach().clone() for n, t in self.lightning_module.state_dict().items()}))
 
+    start = EMACallback.on_train_start
+
+    def recording_start(self, trainer, pl_module):
+        rounds.append((0, {n: t.detach().clone() for n, t in pl_module.state_dict().items()}))
+        start(self, trainer, pl_module)
+
     monkeypatch.setattr(TopKAveragingStrategy, "_exchange", recording)
+    monkeypatch.setattr(EMACallback, "on_train_start", recording_start)
     out = fit(tmp_path, "callbacks.ema.decay=0.7", "trainer=topk", "trainer.devices=1", "trainer.strategy.h=3",
               "test_after_fit=false")
-    assert [n for n, _ in rounds] == [3, 3, 1, 3, 3, 1]
-    ema = {k: v.clone() for k, v in rounds[0][1].items()}  # the first update copies the weights
+    assert [n for n, _ in rounds] == [0, 3, 3, 1, 3, 3, 1]
+    ema = {k: v.clone() for k, v in rounds[0][1].items()}  # the average starts from the model every rank starts from
     for n, w in rounds[1:]:
         for k in ema:
             ema[k] = 0.7 ** n * ema[k] + (1 - 0.7 ** n) * w[k]
