@@ -102,9 +102,11 @@ class EMACallback(EMAWeightAveraging):
         if self._round_seen is None:
             self._round_seen = strategy.round  # rounds before this one (a resume's) are in the restored average
         avg = self._average_model
-        if avg is not None and int(avg.n_averaged) == 0 and trainer.global_step >= (self.update_starting_at_step or 0):
-            # every rank starts from the same (global) model: the average starts there, as Lightning's starts
-            # from the weights after the first step, instead of at the end of the first round
+        if avg is not None and int(avg.n_averaged) == 0 and trainer.global_step == 0 and not self.update_starting_at_step:
+            # a fresh start: every rank starts from the same (global) model, so the average starts there, as
+            # Lightning's starts from the weights after the first step, not at the end of the first round. On a
+            # resume (or with start_step) the first exchange at or after start_step makes the first copy, as it
+            # would have without the interruption; a mid-round module here is this rank's local model
             with torch.no_grad():
                 for a, c in zip(itertools.chain(avg.module.parameters(), avg.module.buffers()),
                                 itertools.chain(pl_module.parameters(), pl_module.buffers())):

@@ -125,6 +125,9 @@ class HintLossCallback(pl.Callback):
                 raise ConfigError("federated distillation trains single models (model=sasrec or nextitnet)")
             pl_module.__dict__["hint_callback"] = self
             return
+        if rocket and self.chunk_rows is not None:
+            raise ConfigError(f"callbacks.hint.chunk_rows={self.chunk_rows}: a rocket computes its losses and hint "
+                              f"in chunks of model.loss_chunk_rows; set model.loss_chunk_rows={self.chunk_rows} instead")
         if rocket and self.teacher_ckpt:
             raise ConfigError("callbacks.hint.teacher_ckpt: the rocket module's teacher is its booster; "
                               "a teacher checkpoint is for distilling a plain model")

@@ -232,8 +232,9 @@ class TopKAveragingStrategy(DDPStrategy):
     def _sigterm_check_per_round(self) -> None:
         """Lightning broadcasts rank 0's SIGTERM flag before every training batch when there are several ranks:
         a collective each step, which holds every rank to the slowest one's pace. Under top-k it runs only at the
-        first batch of a round (all ranks count the same steps, so all of them call it together); a SIGTERM then
-        stops training at the next round boundary, at most ``h`` steps later."""
+        first batch of a round (all ranks count the same steps, so all of them call it together). A rank that
+        receives SIGTERM itself still stops after its current batch (Lightning checks its own flag every batch);
+        rank 0's flag reaches the ranks that did not receive it at the start of the next round."""
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
         loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
         original = getattr(loop, "_broadcast_sigterm_tensor", None)

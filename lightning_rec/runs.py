@@ -120,9 +120,18 @@ def recorded_best(run_dir: str) -> str | None:
 
 
 def find_best_checkpoint(runs_dir: str, name: str | None = None, option: str = "ckpt_path") -> str:
-    """The best checkpoint (as ``result.json`` records it) of the newest run named ``name``: the one whose
-    ``last.ckpt`` ``last`` would pick. Never an older run's, which would silently be another model."""
-    run = os.path.dirname(os.path.dirname(find_last_checkpoint(runs_dir, name, option, word="best")))
+    """The best checkpoint (as ``result.json`` records it) of the newest run named ``name`` that wrote a
+    checkpoint (the newest file in its ``checkpoints/``; with or without ``last.ckpt``, which
+    ``callbacks.model_checkpoint.save_last=false`` leaves out). Never an older run's: that would silently be
+    another model."""
+    runs = {}
+    if name:
+        for ck in glob.glob(os.path.join(runs_dir, name.replace("/", "_"), "*", "checkpoints", "*.ckpt")):
+            run = os.path.dirname(os.path.dirname(ck))
+            runs[run] = max(runs.get(run, 0.0), os.path.getmtime(ck))
+    if not runs:
+        find_last_checkpoint(runs_dir, name, option, word="best")  # says which names have runs
+    run = max(runs, key=runs.get)
     path = recorded_best(run)
     if path is None:
         raise ConfigError(f"{option}=best: the newest run named '{name}' ({run}) has no recorded best checkpoint "

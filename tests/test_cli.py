@@ -452,6 +452,10 @@ def test_ckpt_best_is_the_newest_runs_recorded_best_checkpoint(tmp_path):
     os.remove(os.path.join(out["run_dir"], "result.json"))  # as after a fit that was killed
     with pytest.raises(ConfigError, match="has no recorded best checkpoint"):
         run(["test", "ckpt=best", *common])
+    # a newer run that kept no last.ckpt is still the newest run: its best, not the older run's
+    newer = fit(tmp_path, "test_after_fit=false", "callbacks.model_checkpoint.save_last=false", epochs=2)
+    assert not os.path.exists(os.path.join(newer["run_dir"], "checkpoints", "last.ckpt"))
+    assert runs.resolve_checkpoint("best", str(tmp_path / "runs"), "sasrec-synthetic") == newer["best_ckpt"]
 
 
 def test_a_failed_fit_ends_its_wandb_run_as_failed(tmp_path, monkeypatch):

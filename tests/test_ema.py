@@ -86,6 +86,21 @@ def test_resume_with_ema_is_exact(tmp_path):
             torch.testing.assert_close(a[part][k], b[part][k], rtol=0, atol=0, msg=f"{part} {k}")
 
 
+def test_topk_resume_before_the_averages_first_update_is_exact(tmp_path):
+    # start_step=7: the epoch-1 checkpoint (7 steps) holds no average yet; the resume must make its first copy
+    # at the same round as the uninterrupted run, not at the resume
+    common = ["callbacks.ema.decay=0.8", "callbacks.ema.start_step=7", "trainer=topk", "trainer.devices=1",
+              "trainer.strategy.h=3", "trainer.deterministic=true", "model.dropout=0", "test_after_fit=false"]
+    full = fit(tmp_path / "a", *common, epochs=2)
+    part = fit(tmp_path / "b", *common, epochs=1)
+    assert int(last(part)["averaging_state"]["n_averaged"]) == 0
+    resumed = fit(tmp_path / "b", *common, "ckpt_path=last", epochs=2)
+    a, b = last(full), last(resumed)
+    for part_name in ("state_dict", "current_model_state"):
+        for k in a[part_name]:
+            torch.testing.assert_close(a[part_name][k], b[part_name][k], rtol=0, atol=0, msg=f"{part_name} {k}")
+
+
 def test_resuming_with_another_decay_says_so(tmp_path, caplog):
     fit(tmp_path, "callbacks.ema.decay=0.8", "test_after_fit=false", epochs=1)
     caplog.clear()

@@ -209,6 +209,9 @@ def test_bad_rocket_settings_name_the_option():
     rocket(booster={**nin, "num_heads": 2}, light={**nin, "num_blocks": 1, "num_heads": 1}, share_blocks=1)
     with pytest.raises(ConfigError, match="kind=l1"):
         HintLossCallback(kind="l1")
+    # the rocket chunks with its own option; the KD one would be silently unused
+    with pytest.raises(ConfigError, match="callbacks.hint.chunk_rows=4: a rocket .*model.loss_chunk_rows=4 instead"):
+        HintLossCallback(chunk_rows=4).setup(None, rocket(), "fit")
 
 
 # ---------------------------------------------------------------------- export
