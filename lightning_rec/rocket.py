@@ -62,9 +62,9 @@ def _block_difference(a: nn.Module, b: nn.Module) -> str:
     def signature(block: nn.Module) -> dict[str, Any]:
         sig: dict[str, Any] = {}
         for name, mod in block.named_modules():
+            if isinstance(mod, nn.Dropout) or "dropout" in name.rsplit(".", 1)[-1]:
+                continue  # a dropout, or the Identity that stands for one switched off (attn_out_dropout=false)
             sig[f"{name or 'block'} type"] = type(mod).__name__
-            if isinstance(mod, nn.Dropout):
-                continue
             for k, v in vars(mod).items():
                 if (not k.startswith("_") and k != "training" and "dropout" not in k
                         and isinstance(v, (bool, int, float, str, tuple))):

@@ -206,6 +206,7 @@ def test_bad_rocket_settings_name_the_option():
             rocket(booster=booster, light=light, share_blocks=1)
     # what may differ: dropout (the shared block trains with the booster's), and heads for nextitnet (it has none)
     rocket(booster={**sas, "dropout": 0.3}, light={**sas, "num_blocks": 1, "dropout": 0.1}, share_blocks=1)
+    rocket(booster=sas, light={**sas, "num_blocks": 1, "attn_out_dropout": False}, share_blocks=1)
     rocket(booster={**nin, "num_heads": 2}, light={**nin, "num_blocks": 1, "num_heads": 1}, share_blocks=1)
     with pytest.raises(ConfigError, match="kind=l1"):
         HintLossCallback(kind="l1")
