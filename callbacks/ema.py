@@ -54,65 +54,56 @@ class EMACallback(EMAWeightAveraging):
         super().__init__(decay=float(decay), use_buffers=True, update_every_n_steps=int(every_n_steps),
                          update_starting_at_step=int(start_step))
         self.decay = float(decay)
-        self.every_n_steps = int(every_n_steps)
+        self._topk = None  # the top-k averaging strategy of this fit, or None under any other (set in setup)
         self._round_seen: int | None = None  # trainer=topk: the strategy's round the average last looked at
 
-    @staticmethod
-    def _topk(trainer: pl.Trainer):
-        """The top-k averaging strategy, or None under any other."""
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         from lightning_rec.distributed import TopKAveragingStrategy
 
-        strategy = trainer.strategy
-        return strategy if isinstance(strategy, TopKAveragingStrategy) else None
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._topk(trainer) is not None and self.every_n_steps != 1:
-            raise ConfigError(f"callbacks.ema.every_n_steps={self.every_n_steps}: under trainer=topk the average "
-                              "updates once a round (every trainer.strategy.h steps); leave it at 1")
+        self._topk = trainer.strategy if isinstance(trainer.strategy, TopKAveragingStrategy) else None
+        if self._topk is not None and self.update_every_n_steps != 1:
+            raise ConfigError(f"callbacks.ema.every_n_steps={self.update_every_n_steps}: under trainer=topk the "
+                              "average updates once a round (every trainer.strategy.h steps); leave it at 1")
         super().setup(trainer, pl_module, stage)
 
     # -- trainer=topk: the average of the global model, updated at each round's exchange
-    def _topk_update(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """After an exchange (the strategy's round counter moved) every rank holds the global model: fold it in."""
-        strategy = self._topk(trainer)
-        if strategy.round == self._round_seen or self._average_model is None:
-            return
-        self._round_seen = strategy.round
-        if trainer.global_step - 1 < (self.update_starting_at_step or 0):
-            return
+    def _fold_in(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Fold the module (the global model: every rank holds it) into the average with decay ** (steps since
+        the last update); the first update copies, as Lightning's EMA does."""
         avg = self._average_model
-        steps = max(1, trainer.global_step - self._latest_update_step)
-        keep = self.decay ** steps
+        keep = self.decay ** max(1, trainer.global_step - self._latest_update_step)
         with torch.no_grad():
             pairs = zip(itertools.chain(avg.module.parameters(), avg.module.buffers()),
                         itertools.chain(pl_module.parameters(), pl_module.buffers()))
             for a, c in pairs:
                 if int(avg.n_averaged) == 0 or not a.is_floating_point():
-                    a.copy_(c)  # the first update copies, as Lightning's EMA does
+                    a.copy_(c)
                 else:
                     a.mul_(keep).add_(c.to(a.device), alpha=1.0 - keep)
         avg.n_averaged += 1
         self._latest_update_step = trainer.global_step
 
+    def _topk_update(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """After an exchange (the strategy's round counter moved) every rank holds the global model: fold it in."""
+        if self._topk.round == self._round_seen or self._average_model is None:
+            return
+        self._round_seen = self._topk.round
+        if trainer.global_step - 1 >= (self.update_starting_at_step or 0):
+            self._fold_in(trainer, pl_module)
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        strategy = self._topk(trainer)
-        if strategy is None:
+        if self._topk is None:
             return
         if self._round_seen is None:
-            self._round_seen = strategy.round  # rounds before this one (a resume's) are in the restored average
+            self._round_seen = self._topk.round  # rounds before this one (a resume's) are in the restored average
         avg = self._average_model
         if avg is not None and int(avg.n_averaged) == 0 and trainer.global_step == 0 and not self.update_starting_at_step:
             # a fresh start: every rank starts from the same (global) model, so the average starts there, as
             # Lightning's starts from the weights after the first step, not at the end of the first round. On a
             # resume (or with start_step) the first exchange at or after start_step makes the first copy, as it
             # would have without the interruption; a mid-round module here is this rank's local model
-            with torch.no_grad():
-                for a, c in zip(itertools.chain(avg.module.parameters(), avg.module.buffers()),
-                                itertools.chain(pl_module.parameters(), pl_module.buffers())):
-                    a.copy_(c)
-            avg.n_averaged += 1
-            self._latest_update_step = trainer.global_step
+            self._fold_in(trainer, pl_module)
 
     # -- the average follows the model's shape (StackRec), and is the model itself until its first update
     def _match_shape(self, pl_module: pl.LightningModule) -> None:
@@ -133,33 +124,30 @@ class EMACallback(EMAWeightAveraging):
             with torch.no_grad():
                 for a, c in zip(avg.module.state_dict().values(), pl_module.state_dict().values()):
                     a.copy_(c)
-                trainer = getattr(pl_module, "_trainer", None)
-                strategy = self._topk(trainer) if trainer is not None else None
-                if strategy is not None and strategy.global_params is not None:
+                if self._topk is not None and self._topk.global_params is not None:
                     # mid-round the module is this rank's local model; the average stands for the global one
-                    for a, g in zip(avg.module.parameters(), strategy.global_params):
+                    for a, g in zip(avg.module.parameters(), self._topk.global_params):
                         if a.shape == g.shape:
                             a.copy_(g)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         self._match_shape(pl_module)
-        if self._topk(trainer) is not None:
+        if self._topk is not None:
             self._topk_update(trainer, pl_module)
             return
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._topk(trainer) is not None and trainer.state.fn == TrainerFn.FITTING:
+        if self._topk is not None and trainer.state.fn == TrainerFn.FITTING:
             self._match_shape(pl_module)
             self._topk_update(trainer, pl_module)  # the strategy ended the round before validation
         self._ready(pl_module)
         super().on_validation_epoch_start(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        strategy = self._topk(trainer)
-        if strategy is not None:  # this hook runs before the strategy's: end its last round here
-            strategy.finish_round()
+        if self._topk is not None:  # this hook runs before the strategy's: end its last round here
+            self._topk.finish_round()
             self._match_shape(pl_module)
             self._topk_update(trainer, pl_module)
         self._ready(pl_module)
