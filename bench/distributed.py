@@ -44,7 +44,7 @@ from common import SHARED_DATA, append, run_main  # noqa: E402
 
 RUNS = os.environ.get("LIGHTNING_REC_BENCH_RUNS", os.path.expanduser("~/.cache/lightning_rec/bench-runs"))
 ORDER = ["ddp", "h8_k2", "h8_k3", "h8_k4", "h32_k2", "h32_k3", "h32_k4", "noisy_h32_k3", "noisy_h32_k4"]
-NOISY = ["+callbacks.noisy_rank._target_=lightning_rec.callbacks.NoisyRankCallback", "+callbacks.noisy_rank.rank=3"]
+NOISY = ["+callbacks.noisy_rank._target_=lightning_rec.methods.topk.NoisyRankCallback", "+callbacks.noisy_rank.rank=3"]
 NOISE = {"shuffle_targets": ["+callbacks.noisy_rank.mode=shuffle_targets"],
          "lr_scale": ["+callbacks.noisy_rank.mode=lr_scale", "+callbacks.noisy_rank.lr_scale=10"]}
 

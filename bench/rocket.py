@@ -65,7 +65,7 @@ def main() -> None:
 
     from lightning_rec import RocketModule, SeqRecModule
     from lightning_rec.cli import run
-    from lightning_rec.rocket import net_parameters, scoring_latency
+    from lightning_rec.methods.rocket.module import net_parameters, scoring_latency
 
     d = args.booster_d
     dl = args.light_d or d

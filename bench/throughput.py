@@ -60,7 +60,7 @@ def lightning_rec_run(dm, train_seconds: float, eval_repeats: int, seed: int = 0
     import torch
 
     from lightning_rec.metrics import full_ranks, metrics_from_ranks
-    from lightning_rec.module import SeqRecModule
+    from lightning_rec.modules.seqrec import SeqRecModule
 
     torch.manual_seed(seed)
     model = SeqRecModule(num_items=dm.num_items, arch="sasrec", **SETTING)
@@ -114,7 +114,7 @@ def lightning_trainer_check(dm, steps: int) -> dict:
     import pytorch_lightning as pl
     import torch
 
-    from lightning_rec.module import SeqRecModule
+    from lightning_rec.modules.seqrec import SeqRecModule
 
     class Clock(pl.Callback):
         def __init__(self):

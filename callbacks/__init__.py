@@ -1,14 +1,12 @@
-"""Lightning callbacks of lightning_rec (installed as ``lightning_rec.callbacks``)."""
+"""Generic Lightning callbacks of lightning_rec (installed as ``lightning_rec.callbacks``).
 
-from .checkpoint import ModelCheckpoint
-from .data_fraction import DataFractionCallback
-from .ema import EMACallback
-from .hint_loss import HintLossCallback
-from .metrics_printer import MetricsPrinter
-from .noisy_rank import NoisyRankCallback
-from .optimizer_switch import OptimizerSwitchCallback
-from .rng_state import RNGStateCallback
-from .stacking import StackingCallback
-from .timeline import Timeline
+A method's own callback lives with its method under :mod:`lightning_rec.methods`.
+"""
 
-__all__ = ["DataFractionCallback", "EMACallback", "ModelCheckpoint", "HintLossCallback", "MetricsPrinter", "NoisyRankCallback", "OptimizerSwitchCallback", "RNGStateCallback", "StackingCallback", "Timeline"]
+from lightning_rec.callbacks.checkpoint import ModelCheckpoint
+from lightning_rec.callbacks.data_fraction import DataFractionCallback
+from lightning_rec.callbacks.metrics_printer import MetricsPrinter
+from lightning_rec.callbacks.rng_state import RNGStateCallback
+from lightning_rec.callbacks.timeline import Timeline
+
+__all__ = ["DataFractionCallback", "MetricsPrinter", "ModelCheckpoint", "RNGStateCallback", "Timeline"]

@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from .errors import ConfigError
+from lightning_rec.errors import ConfigError
 
 CONFIG_MODULE = "lightning_rec.conf"
 

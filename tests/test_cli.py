@@ -195,7 +195,7 @@ def test_cli_process_prints_one_line_and_exits_2(tmp_path):
 
 
 def test_atomic_checkpoint_write_keeps_the_old_file(tmp_path, monkeypatch):
-    from lightning_rec.checkpoint_io import AtomicCheckpointIO
+    from lightning_rec.runs.checkpoint_io import AtomicCheckpointIO
 
     io = AtomicCheckpointIO()
     path = tmp_path / "c" / "last.ckpt"

@@ -18,7 +18,7 @@ import torch
 from conftest import tiny
 
 from lightning_rec import SeqRecModule
-from lightning_rec.distributed import (
+from lightning_rec.methods.topk.strategy import (
     TopKAveragingStrategy,
     global_batch_second_moment,
     resolve_k,
@@ -355,7 +355,7 @@ def test_topk_with_h1_and_all_ranks_equals_ddp_under_sgd(tmp_path):
 @pytest.mark.ddp
 def test_topk_leaves_a_noisy_rank_out(tmp_path):
     common = ("trainer=topk", "trainer.devices=4", "trainer.strategy.h=2", "data.batch_size=16",
-              "+callbacks.noisy_rank._target_=lightning_rec.callbacks.NoisyRankCallback",
+              "+callbacks.noisy_rank._target_=lightning_rec.methods.topk.NoisyRankCallback",
               "+callbacks.noisy_rank.rank=3", "+callbacks.noisy_rank.mode=lr_scale",
               "+callbacks.noisy_rank.lr_scale=30")
     topk, _ = launch(tmp_path, "k3", *common, "trainer.strategy.k=3", epochs=1)

@@ -9,7 +9,7 @@ from ddp_probe import StepWeights
 
 from lightning_rec.callbacks import EMACallback
 from lightning_rec.cli import run
-from lightning_rec.distributed import TopKAveragingStrategy
+from lightning_rec.methods.topk.strategy import TopKAveragingStrategy
 from lightning_rec.errors import ConfigError
 
 
@@ -118,7 +118,7 @@ def last_ckpt_decay(tmp_path):
 @pytest.mark.parametrize("stop_at", [1, 2])  # resume before the stack, and after it
 def test_the_average_restarts_at_a_stack_and_resumes_across_it(tmp_path, stop_at):
     common = ["model=nextitnet", "model.num_blocks=2", "callbacks=stacking", "callbacks.stacking.at_epochs=[1]",
-              "+callbacks.ema._target_=lightning_rec.callbacks.EMACallback", "+callbacks.ema.decay=0.8",
+              "+callbacks.ema._target_=lightning_rec.methods.ema.EMACallback", "+callbacks.ema.decay=0.8",
               "trainer.deterministic=true"]
     full = run(["fit", *tiny(tmp_path / "a", *common, epochs=3)])
     ck = last(full)

@@ -15,7 +15,7 @@ pytest.importorskip("flwr")
 
 from lightning_rec.cli import run  # noqa: E402
 from lightning_rec.errors import ConfigError  # noqa: E402
-from lightning_rec.federated.device import Device  # noqa: E402
+from lightning_rec.methods.federated.device import Device  # noqa: E402
 
 SMALL = ["logger=csv", "data.synthetic.num_users=120", "data.synthetic.num_items=40", "data.max_len=15",
          "data.batch_size=16", "model.d_model=16", "federation.num_devices=2", "federation.local_epochs=2",
@@ -159,7 +159,7 @@ def test_a_device_that_sends_non_finite_weights_is_dropped_from_the_average(tmp_
     """A diverged device (NaN weights) counts as a failure; the others are averaged as usual."""
     import flwr as fl
 
-    from lightning_rec.federated.flower import build_strategy, state_to_arrays
+    from lightning_rec.methods.federated.flower import build_strategy, state_to_arrays
 
     template = {"w": torch.zeros(3), "b": torch.zeros(1)}
     strat = build_strategy("fedavg", num_devices=3, initial_state=template, evaluate_global=lambda s: {"ndcg@10": 0.5},

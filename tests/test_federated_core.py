@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lightning_rec.errors import ConfigError
-from lightning_rec.federated import (
+from lightning_rec.methods.federated import (
     LabelLogitAccumulator,
     label_logits,
     split_devices,
@@ -99,8 +99,8 @@ def test_held_out_users_are_on_no_device_and_drawn_by_seed():
 
 
 def test_weight_averaging_in_federated_local_training_is_refused():
-    from lightning_rec.federated.device import check_local_callbacks
+    from lightning_rec.methods.federated.device import check_local_callbacks
 
     with pytest.raises(ConfigError, match="federation.callbacks.ema: weight averaging"):
-        check_local_callbacks({"ema": {"_target_": "lightning_rec.callbacks.EMACallback"}})
-    check_local_callbacks({"ema": None, "switch": {"_target_": "lightning_rec.callbacks.OptimizerSwitchCallback"}})
+        check_local_callbacks({"ema": {"_target_": "lightning_rec.methods.ema.EMACallback"}})
+    check_local_callbacks({"ema": None, "switch": {"_target_": "lightning_rec.methods.optim_switch.OptimizerSwitchCallback"}})

@@ -97,7 +97,7 @@ def test_popularity_sampler_options_are_checked():
 def test_distillation_pieces_apply_the_same_log_q_correction():
     """joint_losses (Rocket, teacher distillation) and sampled_softmax share candidate_logits: with the
     same popularity negatives and log q, the student CE is the sampled-softmax loss."""
-    from lightning_rec.distill import joint_losses
+    from lightning_rec.losses.distill import joint_losses
 
     torch.manual_seed(3)
     h, w = torch.randn(6, 8), torch.randn(41, 8)

@@ -14,7 +14,7 @@ from conftest import tiny
 from lightning_rec.callbacks import OptimizerSwitchCallback
 from lightning_rec.cli import run
 from lightning_rec.errors import ConfigError
-from lightning_rec.optim import AdaShift, SwatsEstimate, swats_gamma
+from lightning_rec.methods.optim_switch.optim import AdaShift, SwatsEstimate, swats_gamma
 
 GRADS = [[0.5, -1.0], [2.0, 0.25], [-1.0, 1.0], [0.1, 3.0], [1.5, -0.5]]
 
@@ -220,7 +220,7 @@ def _switch_state(ck):
 def test_a_run_that_never_switches_says_so(monkeypatch):
     from types import SimpleNamespace
 
-    import lightning_rec.callbacks.optimizer_switch as mod
+    import lightning_rec.methods.optim_switch.callback as mod
 
     said = []
     monkeypatch.setattr(mod, "rank_zero_info", said.append)
@@ -246,7 +246,7 @@ def test_automatic_switch_recovers_the_rate_of_a_plain_sgd_phase(tmp_path, clip,
     # SGD without momentum as the "adaptive" phase: every step is -lr * g, so SWATS must estimate lr.
     # With clipping (0.001 clips every step), g is the clipped gradient the optimizer stepped with.
     extra = [f"trainer.gradient_clip_val={clip}"] if clip else []
-    import lightning_rec.callbacks.optimizer_switch as switch_module
+    import lightning_rec.methods.optim_switch.callback as switch_module
 
     said = []  # Lightning's own logger may not propagate to caplog in a full run: read the call itself
     monkeypatch.setattr(switch_module, "rank_zero_info", lambda msg, *a, **k: said.append(str(msg)))
@@ -264,7 +264,7 @@ def test_scheduled_switch_builds_sgd_with_the_given_rate_and_a_stack_keeps_it(tm
     out = run(["fit", *tiny(tmp_path, "model=nextitnet", "model.num_blocks=2", "callbacks=swats",
                            "callbacks.optimizer_switch.mode=scheduled", "callbacks.optimizer_switch.at_epoch=1",
                            "callbacks.optimizer_switch.sgd_lr=0.2",
-                           "+callbacks.stacking._target_=lightning_rec.callbacks.StackingCallback",
+                           "+callbacks.stacking._target_=lightning_rec.methods.stackrec.StackingCallback",
                            "+callbacks.stacking.at_epochs=[2]", "test_after_fit=false", epochs=3)])
     ck = _ckpt(out)
     group = ck["optimizer_states"][0]["param_groups"][0]

@@ -4,7 +4,7 @@ import pytest
 from conftest import tiny
 
 from lightning_rec import SeqDataModule
-from lightning_rec.baselines import popularity_metrics
+from lightning_rec.metrics.baselines import popularity_metrics
 from lightning_rec.cli import run
 
 SYN = {"num_users": 400, "num_items": 80, "min_len": 15, "max_len": 30}

@@ -14,7 +14,7 @@ from conftest import tiny
 from lightning_rec import RocketModule, SeqRecModule
 from lightning_rec.callbacks import HintLossCallback
 from lightning_rec.cli import run
-from lightning_rec.distill import HintSpec, hint_kl, hint_mse, hint_mse_centered, joint_losses
+from lightning_rec.losses.distill import HintSpec, hint_kl, hint_mse, hint_mse_centered, joint_losses
 from lightning_rec.errors import ConfigError
 from lightning_rec.losses import candidate_logits, masked_ce
 from lightning_rec.metrics import full_ranks
@@ -323,7 +323,7 @@ def test_kd_from_a_frozen_teacher_checkpoint(tmp_path, monkeypatch):
     plain, _ = student("z", 0.0)
     assert any(not torch.equal(kd[k], plain[k]) for k in kd if "metrics" not in k)
     # callbacks.hint.chunk_rows bounds the KD loss's memory: it reaches the loss, and the result is the same
-    import lightning_rec.distill as distill
+    import lightning_rec.losses.distill as distill
 
     seen, joint = [], distill.joint_losses
     monkeypatch.setattr(distill, "joint_losses", lambda *a, **k: seen.append(k.get("chunk_rows")) or joint(*a, **k))

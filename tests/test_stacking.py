@@ -13,7 +13,7 @@ from conftest import tiny
 from lightning_rec import SeqRecModule
 from lightning_rec.cli import run
 from lightning_rec.errors import ConfigError
-from lightning_rec.stacking import index_map, is_copy, options
+from lightning_rec.methods.stackrec.stacking import index_map, is_copy, options
 
 ARCHS = [("nextitnet", {}), ("sasrec", {"norm_first": True, "num_heads": 2})]
 
@@ -335,7 +335,7 @@ def test_the_learning_rate_schedule_continues_across_a_stack(optimizer_state, sc
 
 def test_keep_moments_gives_each_copy_its_own_adashift_state():
     from lightning_rec.callbacks import StackingCallback
-    from lightning_rec.optim import AdaShift
+    from lightning_rec.methods.optim_switch.optim import AdaShift
 
     m = model("nextitnet", 2).train()
     opt = AdaShift(m.parameters(), lr=1e-2, n=3)
@@ -417,7 +417,7 @@ def test_stacking_a_rocket_module_is_refused_before_training(tmp_path):
     args = [a for a in tiny(tmp_path, epochs=2) if a != "model.d_model=16"]
     with pytest.raises(ConfigError, match="applies to a single NextItNet or SASRec model, not to RocketModule"):
         run(["fit", *args, "model=rocket", "model.booster.d_model=16", "model.light.d_model=16", "callbacks=rocket",
-             "+callbacks.stacking._target_=lightning_rec.callbacks.StackingCallback",
+             "+callbacks.stacking._target_=lightning_rec.methods.stackrec.StackingCallback",
              "+callbacks.stacking.at_epochs=[1]"])
     assert not list((tmp_path / "runs").rglob("*.ckpt"))  # nothing trained
 

@@ -10,7 +10,7 @@ import urllib.error
 import urllib.request
 import zipfile
 
-from ..errors import DataError
+from lightning_rec.errors import DataError
 
 # name -> (url, MD5 of the archive as GroupLens publishes it, member to extract, format)
 DATASETS = {

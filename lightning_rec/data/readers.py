@@ -22,7 +22,7 @@ import io
 import os
 from collections.abc import Iterator
 
-from ..errors import DataError
+from lightning_rec.errors import DataError
 
 FORMATS = ("auto", "sasrec", "movielens", "udata", "csv")
 

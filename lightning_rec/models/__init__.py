@@ -3,9 +3,9 @@
 import torch
 from torch import nn
 
-from ..errors import ConfigError, check_int, is_int
-from .nextitnet import NextItNet
-from .sasrec import SASRec
+from lightning_rec.errors import ConfigError, check_int, is_int
+from lightning_rec.models.nextitnet import NextItNet
+from lightning_rec.models.sasrec import SASRec
 
 ENCODERS = {"nextitnet": NextItNet, "sasrec": SASRec}
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
+from lightning_rec.errors import ConfigError
 
 
 class CausalConv1d(nn.Conv1d):

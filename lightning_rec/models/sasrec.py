@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
+from lightning_rec.errors import ConfigError
 
 
 class SASRecBlock(nn.Module):

@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
-from .errors import ConfigError
+from lightning_rec.errors import ConfigError
 
 RUN_DIR_ENV = "LIGHTNING_REC_RUN_DIR"  # handed to DDP worker processes so every rank uses one folder
 

@@ -9,7 +9,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 
 from lightning_rec.errors import ConfigError
-from lightning_rec.optim import SwatsEstimate, swats_gamma
+from lightning_rec.methods.optim_switch.optim import SwatsEstimate, swats_gamma
 
 MODES = ("auto", "scheduled")
 

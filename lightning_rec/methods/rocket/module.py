@@ -2,9 +2,9 @@
 
 The two nets share the item embedding table (and optionally their bottom blocks); each has its
 own head. The loss is ``CE(light) + CE(booster) + lambda * hint``; the hint term and its gradient
-block come from :class:`~lightning_rec.callbacks.HintLossCallback`. Without that callback the two
+block come from :class:`~lightning_rec.methods.rocket.HintLossCallback`. Without that callback the two
 nets simply train side by side. Only the light net ships: ``python -m lightning_rec export``
-writes it as a plain :class:`~lightning_rec.module.SeqRecModule` checkpoint.
+writes it as a plain :class:`~lightning_rec.modules.seqrec.SeqRecModule` checkpoint.
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
-from .distill import joint_losses
-from .errors import ConfigError, check_int
-from .losses import draw_negatives
-from .metrics import metrics_from_ranks
-from .models import ENCODERS, build_encoder, check_shape_options
-from .module import SeqRecModule, check_training_options
+from lightning_rec.losses.distill import joint_losses
+from lightning_rec.errors import ConfigError, check_int
+from lightning_rec.losses import draw_negatives
+from lightning_rec.metrics import metrics_from_ranks
+from lightning_rec.models import ENCODERS, build_encoder, check_shape_options
+from lightning_rec.modules.seqrec import SeqRecModule, check_training_options
 
 NETS = ("light", "booster")
 NET_KEYS = ("arch", "d_model", "num_blocks", "num_heads", "attention_m", "ffn_dim", "dropout", "norm_first", "layout", "positions", "residual_alpha",
@@ -325,7 +325,7 @@ def scoring_latency(model: SeqRecModule, items: torch.Tensor, repeats: int = 10,
     import statistics
     import time
 
-    from .metrics import topk_items
+    from lightning_rec.metrics import topk_items
 
     model.eval()
 

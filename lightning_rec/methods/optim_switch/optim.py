@@ -31,7 +31,7 @@ from collections.abc import Iterable
 import torch
 from torch.optim import Optimizer
 
-from .errors import ConfigError
+from lightning_rec.errors import ConfigError
 
 
 class AdaShift(Optimizer):

@@ -58,7 +58,7 @@ class EMACallback(EMAWeightAveraging):
         self._round_seen: int | None = None  # trainer=topk: the strategy's round the average last looked at
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        from lightning_rec.distributed import TopKAveragingStrategy
+        from lightning_rec.methods.topk.strategy import TopKAveragingStrategy
 
         self._topk = trainer.strategy if isinstance(trainer.strategy, TopKAveragingStrategy) else None
         if self._topk is not None and self.update_every_n_steps != 1:

@@ -10,7 +10,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_rec.errors import ConfigError
-from lightning_rec.stacking import PRESETS, check_stackable, index_map, is_copy, options, preservation_caveat
+from lightning_rec.methods.stackrec.stacking import PRESETS, check_stackable, index_map, is_copy, options, preservation_caveat
 
 
 class StackingCallback(pl.Callback):
@@ -30,7 +30,7 @@ class StackingCallback(pl.Callback):
         preset: ``function_preserving`` (default) or ``authors`` (fresh LayerNorms, all
             alphas 0, new output layer, positional dilations); flags below override it.
         copy_layernorm, copy_alpha, zero_new_alpha, keep_dilation, copy_head: see
-            :class:`lightning_rec.stacking.StackOptions`.
+            :class:`lightning_rec.methods.stackrec.stacking.StackOptions`.
         optimizer_state: ``fresh`` (new optimizer, moments reset) or ``keep_moments``
             (copied weights inherit their source's optimizer state). Either way the learning
             rate schedule goes on where it was; it does not restart.

@@ -32,7 +32,7 @@ import time
 import traceback
 from typing import Any
 
-from .errors import ConfigError, LightningRecError
+from lightning_rec.errors import ConfigError, LightningRecError
 
 SWEEP_FILE, TRIALS_FILE, SUMMARY_FILE = "sweep.json", "trials.jsonl", "summary.csv"
 FORBIDDEN = ("run_dir", "ckpt_path")  # every trial gets its own folder; resume a sweep with sweep.dir
@@ -206,8 +206,8 @@ def _render(head: list[str], body: list[list]) -> str:
 # ---------------------------------------------------------------------- running
 def run_sweep(overrides: list[str], show_only: bool = False) -> dict[str, Any]:
     """``fit -m``: run (or continue) a sweep; returns ``{"sweep_dir", "rows", "best"}``."""
-    from . import runs
-    from .config import load_config
+    from lightning_rec import runs
+    from lightning_rec.config import load_config
 
     if runs.external_launch():
         raise ConfigError("fit -m: a sweep cannot run under torchrun/SLURM (every rank would run the whole sweep); "
@@ -289,7 +289,7 @@ def _resume_point(trial_dir: str) -> str | None:
 
 
 def _run_trial(sweep: Sweep, i: int, cfg, group: str) -> dict[str, Any]:
-    from .config import set_value
+    from lightning_rec.config import set_value
 
     trial_dir = sweep.trial_dir(i)
     extra, resume = [], _resume_point(trial_dir)
@@ -308,7 +308,7 @@ def _run_trial(sweep: Sweep, i: int, cfg, group: str) -> dict[str, Any]:
         if _multi_process(cfg):
             out = _fit_in_child(sweep.trials[i] + extra, trial_dir)
         else:
-            from .cli import fit
+            from lightning_rec.cli import fit
 
             for o in extra:  # the trial's config, composed before the sweep started, is used by this trial only
                 k, v = o.split("=", 1)
@@ -329,7 +329,7 @@ def _run_trial(sweep: Sweep, i: int, cfg, group: str) -> dict[str, Any]:
 
 
 def _fit_in_child(overrides: list[str], trial_dir: str) -> dict[str, Any]:
-    from . import runs
+    from lightning_rec import runs
 
     env = {k: v for k, v in os.environ.items() if k != runs.RUN_DIR_ENV}
     proc = subprocess.run([sys.executable, "-m", "lightning_rec", "fit", *overrides], env=env)

@@ -1,6 +1,6 @@
 """Federated training across simulated devices (issue #7): engine-independent pieces."""
 
-from .core import (
+from lightning_rec.methods.federated.core import (
            LabelLogitAccumulator,
            LabelLogits,
            label_logits,

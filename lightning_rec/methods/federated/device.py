@@ -17,8 +17,8 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from ..errors import ConfigError
-from .core import LabelLogitAccumulator, LabelLogits
+from lightning_rec.errors import ConfigError
+from lightning_rec.methods.federated.core import LabelLogitAccumulator, LabelLogits
 
 
 def _quiet() -> None:
@@ -88,7 +88,7 @@ class Device:
         return os.path.join(self.state_dir, f"device_{self.id}.ckpt")
 
     def _datamodule_of(self, users: np.ndarray):
-        from ..data import SeqDataModule
+        from lightning_rec.data import SeqDataModule
 
         conf = {k: v for k, v in self.data_conf.items() if not k.startswith("_")}
         dm = SeqDataModule(**conf, users=users.tolist())
@@ -110,7 +110,7 @@ class Device:
         return self._eval_dm
 
     def build_model(self):
-        from ..cli import _build_model
+        from lightning_rec.cli import _build_model
 
         return _build_model(copy.deepcopy(self.model_conf), self.datamodule().num_items)
 
@@ -135,7 +135,7 @@ class Device:
         return cbs
 
     def _trainer(self, max_epochs: int, callbacks: list[pl.Callback]) -> pl.Trainer:
-        from ..checkpoint_io import AtomicCheckpointIO
+        from lightning_rec.runs.checkpoint_io import AtomicCheckpointIO
 
         return pl.Trainer(
             accelerator=self.accelerator, devices=1, max_epochs=max_epochs, logger=False, callbacks=callbacks,

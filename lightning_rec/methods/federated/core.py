@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..errors import ConfigError
+from lightning_rec.errors import ConfigError
 
 SKEWS = ("none", "length", "size")
 

@@ -15,8 +15,8 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import MeanMetric
 
-from .errors import ConfigError
-from .losses import (
+from lightning_rec.errors import ConfigError
+from lightning_rec.losses import (
     LOSSES,
     NEG_SAMPLERS,
     bce_one_negative,
@@ -25,8 +25,8 @@ from .losses import (
     popularity_log_q,
     sampled_softmax,
 )
-from .metrics import full_ranks, metrics_from_ranks, sampled_ranks, topk_items
-from .models import ENCODERS, build_encoder, normal_init_
+from lightning_rec.metrics import full_ranks, metrics_from_ranks, sampled_ranks, topk_items
+from lightning_rec.models import ENCODERS, build_encoder, normal_init_
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "adashift")
 SCHEDULERS = ("none", "cosine", "step", "linear_warmup")
@@ -49,7 +49,7 @@ def build_optimizer(optimizer: dict[str, Any], params) -> torch.optim.Optimizer:
         if name == "adamw":
             return torch.optim.AdamW(params, lr=lr, weight_decay=wd, betas=betas)
         if name == "adashift":
-            from .optim import AdaShift
+            from lightning_rec.methods.optim_switch.optim import AdaShift
 
             return AdaShift(params, lr=lr, weight_decay=wd, betas=betas, n=int(o.get("n", 10)),
                             reduction=str(o.get("reduction", "max")), second_moment=str(o.get("second_moment", "shifted")),
@@ -179,8 +179,8 @@ class SeqRecModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ StackRec
     def stack(self, opts) -> list[int]:
-        """Double the depth (see :mod:`lightning_rec.stacking`); records the new depth in hparams."""
-        from .stacking import block_dilations, stack_encoder
+        """Double the depth (see :mod:`lightning_rec.methods.stackrec.stacking`); records the new depth in hparams."""
+        from lightning_rec.methods.stackrec.stacking import block_dilations, stack_encoder
 
         mapping = stack_encoder(self.encoder, opts)
         if self.output is None and not opts.copy_head:
@@ -204,7 +204,7 @@ class SeqRecModule(pl.LightningModule):
         # (e.g. a config-built model resumed from a deep checkpoint): grow before weights load.
         # The same holds for a model of the right depth whose NextItNet dilations differ (adjacent
         # stacking keeps each copy's source dilation): same shapes, different function.
-        from .stacking import block_dilations
+        from lightning_rec.methods.stackrec.stacking import block_dilations
 
         hp = checkpoint.get("hyper_parameters", {})
         n = hp.get("num_blocks", self.hparams.num_blocks)
@@ -283,7 +283,7 @@ class SeqRecModule(pl.LightningModule):
         """The training loss of one batch (what ``training_step`` returns); logs only when ``log``.
 
         Strategies that need extra gradients of the same objective (SVRG's snapshot gradient in
-        :class:`~lightning_rec.distributed.TopKAveragingStrategy`) call it with ``log=False``.
+        :class:`~lightning_rec.methods.topk.strategy.TopKAveragingStrategy`) call it with ``log=False``.
         """
         h = self(batch["inputs"])  # (B, T, d)
         mask = batch["targets"] != 0
@@ -332,7 +332,7 @@ class SeqRecModule(pl.LightningModule):
 
     def _distilled_loss(self, hint_cb, inputs, hidden, targets, mask, log: bool = True) -> torch.Tensor:
         """Own loss plus the callback's term against a frozen teacher, on the same candidates."""
-        from .distill import joint_losses
+        from lightning_rec.losses.distill import joint_losses
 
         if self.hparams.loss == "bce":
             raise ConfigError("model.loss=bce: distillation compares logits over a candidate set; use ce or sampled_softmax")

@@ -1,8 +1,8 @@
 """Loss pieces for training a student next to a teacher: candidate logits, hint terms, chunking.
 
-Used by :class:`~lightning_rec.rocket.RocketModule` (booster and light net trained together)
-and by a plain :class:`~lightning_rec.module.SeqRecModule` distilled from a frozen teacher;
-:class:`~lightning_rec.callbacks.HintLossCallback` chooses the term, its weight and the gradient block.
+Used by :class:`~lightning_rec.methods.rocket.module.RocketModule` (booster and light net trained together)
+and by a plain :class:`~lightning_rec.modules.seqrec.SeqRecModule` distilled from a frozen teacher;
+:class:`~lightning_rec.methods.rocket.HintLossCallback` chooses the term, its weight and the gradient block.
 
 Logits are compared on the same candidate set as the loss: the whole catalogue (``loss=ce``) or
 the target plus negatives shared by the batch (``loss=sampled_softmax``). Rows (positions with a
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .losses import candidate_logits, masked_ce
+from lightning_rec.losses import candidate_logits, masked_ce
 
 HINT_KINDS = ("mse", "mse_centered", "kl", "kl_l2", "mse+kl")
 

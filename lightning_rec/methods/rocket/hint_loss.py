@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info
 
-from lightning_rec.distill import HINT_KINDS, HintSpec, hint_kl, hint_mse, hint_mse_centered
+from lightning_rec.losses.distill import HINT_KINDS, HintSpec, hint_kl, hint_mse, hint_mse_centered
 from lightning_rec.errors import ConfigError, check_int
 
 SCHEDULES = ("constant", "warmup", "start_epoch")
@@ -30,8 +30,8 @@ class HintLossCallback(pl.Callback):
     """Adds ``weight(t) * hint(student logits, teacher logits)`` to the student's loss.
 
     The module supplies the pieces (student and teacher logits on the loss's candidate set); this
-    callback decides the term. With a :class:`~lightning_rec.rocket.RocketModule` the teacher is
-    the booster trained alongside; with a plain :class:`~lightning_rec.module.SeqRecModule` it is
+    callback decides the term. With a :class:`~lightning_rec.methods.rocket.module.RocketModule` the teacher is
+    the booster trained alongside; with a plain :class:`~lightning_rec.modules.seqrec.SeqRecModule` it is
     a frozen model loaded from ``teacher_ckpt`` (classic teacher-student distillation).
 
     Args:
@@ -88,7 +88,7 @@ class HintLossCallback(pl.Callback):
             check_int(chunk_rows, "callbacks.hint.chunk_rows", 1)
         self.chunk_rows = chunk_rows  # plain-model KD: positions per chunk (a rocket uses model.loss_chunk_rows)
         self.teacher = None
-        # Federated distillation: per-label teacher logits (lightning_rec.federated.LabelLogits)
+        # Federated distillation: per-label teacher logits (lightning_rec.methods.federated.LabelLogits)
         # instead of a teacher model; set by the federated device before it trains.
         self.label_teacher = None
         self._lookup: tuple[Any, torch.Tensor] | None = None  # (teacher, label -> row or -1)
@@ -117,7 +117,7 @@ class HintLossCallback(pl.Callback):
 
     # ------------------------------------------------------------------ wiring
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        from lightning_rec.rocket import RocketModule
+        from lightning_rec.methods.rocket.module import RocketModule
 
         rocket = isinstance(pl_module, RocketModule)
         if self.label_teacher is not None:
@@ -140,7 +140,7 @@ class HintLossCallback(pl.Callback):
         pl_module.__dict__["hint_callback"] = self
 
     def _load_teacher(self, pl_module: pl.LightningModule):
-        from lightning_rec.module import SeqRecModule
+        from lightning_rec.modules.seqrec import SeqRecModule
         from lightning_rec.runs import load_checkpoint, resolve_checkpoint
 
         option = "callbacks.hint.teacher_ckpt"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .metrics import full_ranks, metrics_from_ranks
+from lightning_rec.metrics import full_ranks, metrics_from_ranks
 
 
 def popularity_metrics(dm, split: str = "test", ks: list[int] | None = None, exclude_seen: bool = True) -> dict[str, float]:

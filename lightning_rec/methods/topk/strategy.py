@@ -55,7 +55,7 @@ from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
-from .errors import ConfigError, check_int
+from lightning_rec.errors import ConfigError, check_int
 
 # ---------------------------------------------------------------------- selection
 SECOND_MOMENTS = ("local", "global_batch")
@@ -582,7 +582,7 @@ class TopKAveragingStrategy(DDPStrategy):
             extra["local_state"] = own["local_state"]
         checkpoint["topk_averaging"] = extra
         if own is not None and self.global_rank > 0:
-            from .checkpoint_io import atomic_torch_save
+            from lightning_rec.runs.checkpoint_io import atomic_torch_save
 
             atomic_torch_save(own, self.rank_file(filepath, self.global_rank))
         super().save_checkpoint(checkpoint, filepath, storage_options)

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .errors import ConfigError
+from lightning_rec.errors import ConfigError
 
 ARCH_KEYS = ("arch", "d_model", "num_blocks", "num_heads", "attention_m", "ffn_dim", "max_len", "norm_first", "layout", "positions", "residual_alpha",
              "kernel_size", "dilations", "block_dilations", "tied_embeddings")

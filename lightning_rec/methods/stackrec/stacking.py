@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from lightning_rec.errors import ConfigError
 
 MODES = ("adjacent", "cross")
 

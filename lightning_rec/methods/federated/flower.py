@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import ConfigError
-from .core import LabelLogits, teacher_from
+from lightning_rec.errors import ConfigError
+from lightning_rec.methods.federated.core import LabelLogits, teacher_from
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +276,7 @@ class _RecStrategyMixin:
         return params, {}
 
     def _aggregate(self, states, weights, devices):
-        from ..distributed import resolve_k, select_topk
+        from lightning_rec.methods.topk.strategy import resolve_k, select_topk
 
         if self.kind == "fedavg":
             w = torch.tensor(weights, dtype=torch.float64)
@@ -302,7 +302,7 @@ class _RecStrategyMixin:
         return new, sorted(devices[i] for i in chosen)
 
     def _save_round(self, rnd: int) -> None:
-        from ..checkpoint_io import atomic_torch_save
+        from lightning_rec.runs.checkpoint_io import atomic_torch_save
 
         state = {"round": rnd, "kind": self.kind, "global_state": self.global_state,
                  "uploads": {d: vars(u) for d, u in self.uploads.items()}, "cid_device": self.cid_device,

@@ -11,7 +11,7 @@ federate federated training over simulated devices (Flower): federate federation
 Overrides follow Hydra: ``model=nextitnet data=ml-1m data.path=... trainer.max_epochs=50 logger=wandb``.
 Add ``--cfg`` to print the composed config and exit.
 ``fit -m optimizer.lr=1e-3,2e-3 'seed=range(3)'`` runs a sweep: one run per combination, then a
-summary table (see :mod:`lightning_rec.sweep`); ``fit -m ... --cfg`` lists the trials.
+summary table (see :mod:`lightning_rec.cli.sweep`); ``fit -m ... --cfg`` lists the trials.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from .config import group_options, override_key, to_plain
-from .errors import ConfigError, LightningRecError, check_int, is_int
+from lightning_rec.config import group_options, override_key, to_plain
+from lightning_rec.errors import ConfigError, LightningRecError, check_int, is_int
 
 COMMANDS = ("fit", "test", "predict", "stack", "export", "federate")
 
@@ -102,7 +102,7 @@ def _unwrap(e: Exception, where: str) -> LightningRecError:
 
 
 def _build_datamodule(data_conf: dict[str, Any]):
-    from .data import SeqDataModule
+    from lightning_rec.data import SeqDataModule
 
     conf = {k: v for k, v in data_conf.items() if k != "_target_"}
     try:
@@ -112,8 +112,8 @@ def _build_datamodule(data_conf: dict[str, Any]):
 
 
 def _model_class(arch: str | None):
-    from .module import SeqRecModule
-    from .rocket import RocketModule
+    from lightning_rec.modules.seqrec import SeqRecModule
+    from lightning_rec.methods.rocket.module import RocketModule
 
     return RocketModule if arch == "rocket" else SeqRecModule
 
@@ -129,7 +129,7 @@ def _build_model(model_conf: dict[str, Any], num_items: int):
 def _build_trainer(cfg: DictConfig, run_dir: str, callbacks: list, loggers: list):
     from hydra.utils import instantiate
 
-    from .checkpoint_io import AtomicCheckpointIO
+    from lightning_rec.runs.checkpoint_io import AtomicCheckpointIO
 
     _precision_for(cfg)
     if cfg.trainer.get("use_distributed_sampler", False):
@@ -180,7 +180,7 @@ def _eval_from_checkpoint(cfg: DictConfig, ckpt: dict[str, Any], overrides: list
     """How a checkpoint's run was evaluated is part of it (resume, test, predict): every ``eval.*`` setting
     not given on the command line comes from the checkpoint (protocol, ks, seen-item rule, negatives,
     monitored metric)."""
-    from .config import set_value
+    from lightning_rec.config import set_value
 
     given = {override_key(o) for o in overrides}
     model_hp = ckpt.get("hyper_parameters") or {}
@@ -272,8 +272,8 @@ def _keep_checkpoint_architecture(cfg: DictConfig, overrides: list[str], model_c
     line instead of being dropped silently, and the config saved with the run records what was built."""
     from pytorch_lightning.utilities import rank_zero_info
 
-    from .config import set_value
-    from .transfer import ARCH_KEYS
+    from lightning_rec.config import set_value
+    from lightning_rec.modules.transfer import ARCH_KEYS
 
     given = {override_key(o) for o in overrides}
     ignored = []
@@ -297,7 +297,7 @@ def fit(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     Returns ``{"test": metrics, "run_dir", "best_ckpt", "monitor", "best_score", "epochs", "fit_seconds"}``,
     also written to ``<run_dir>/result.json``.
     """
-    from . import runs
+    from lightning_rec import runs
 
     given = os.environ.get(runs.RUN_DIR_ENV)
     dist_env = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")}
@@ -347,11 +347,11 @@ def _fit(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     import pytorch_lightning as pl
     from pytorch_lightning.utilities import rank_zero_info
 
-    from . import runs
-    from .config import set_value
+    from lightning_rec import runs
+    from lightning_rec.config import set_value
 
     _monitor(cfg)
-    from .module import check_training_options
+    from lightning_rec.modules.seqrec import check_training_options
 
     # before a run folder exists: a bad optimizer, scheduler or eval option leaves nothing behind
     check_training_options(to_plain(cfg.optimizer), to_plain(cfg.scheduler), str(cfg.eval.protocol))
@@ -414,14 +414,14 @@ def _fit(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     new_head = bool(model_conf.pop("new_head", False))
     match_item_ids = bool(model_conf.pop("match_item_ids", False))
     if init_ckpt is not None:
-        from .transfer import architecture
+        from lightning_rec.modules.transfer import architecture
 
         model_conf.update(architecture(init_ckpt))  # depth, width, dilations... come from the checkpoint
     if saved_model is not None or init_ckpt is not None:
         _keep_checkpoint_architecture(cfg, overrides, model_conf, ckpt_path or str(cfg.init_from), resuming)
     model = _build_model(model_conf, dm.num_items)
     if init_ckpt is not None:
-        from .transfer import load_initial_weights
+        from lightning_rec.modules.transfer import load_initial_weights
 
         rank_zero_info(load_initial_weights(model, init_ckpt, dm.id_maps()["items"], new_head, str(cfg.init_from),
                                             match_item_ids))
@@ -543,7 +543,7 @@ def _print_metrics(stage: str, metrics: dict[str, float], ckpt: str | None) -> N
 
 # ---------------------------------------------------------------------- test / predict
 def _load_for_eval(cfg: DictConfig, overrides: list[str]):
-    from . import runs
+    from lightning_rec import runs
 
     if not cfg.ckpt_path:
         raise ConfigError("ckpt_path: required, e.g. ckpt_path=runs/.../checkpoints/last.ckpt (or ckpt_path=last)")
@@ -610,7 +610,7 @@ def predict(cfg: DictConfig, overrides: list[str]) -> str:
     import pytorch_lightning as pl
     import torch
 
-    from . import runs
+    from lightning_rec import runs
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.predict.out and os.path.isdir(cfg.predict.out):
@@ -663,7 +663,7 @@ def _write_weights(model, src_ckpt: dict[str, Any], out_path: str, extra: dict[s
     for key in ("datamodule_hyper_parameters", "datamodule_hparams_name", "SeqDataModule"):
         if key in src_ckpt:
             out[key] = src_ckpt[key]
-    from .checkpoint_io import atomic_torch_save
+    from lightning_rec.runs.checkpoint_io import atomic_torch_save
 
     atomic_torch_save(out, out_path)
 
@@ -675,9 +675,9 @@ STACK_ALIASES = ("ckpt", "out", "mode", "preset", "times", "overwrite", "copy_la
 def stack(cfg: DictConfig, overrides: list[str]) -> str:
     """Write a deeper model from a trained checkpoint: ``stack ckpt=a.ckpt mode=adjacent out=b.ckpt``."""
 
-    from . import runs
-    from .module import SeqRecModule
-    from .stacking import check_stackable, describe, options, preservation_caveat
+    from lightning_rec import runs
+    from lightning_rec.modules.seqrec import SeqRecModule
+    from lightning_rec.methods.stackrec.stacking import check_stackable, describe, options, preservation_caveat
 
     sc = cfg.stack
     if not sc.ckpt or not sc.out:
@@ -717,8 +717,8 @@ def export(cfg: DictConfig, overrides: list[str]) -> str:
     """Write one net of a rocket checkpoint as a standalone model; print its size and latency."""
     import torch
 
-    from . import runs
-    from .rocket import RocketModule, net_parameters, scoring_latency
+    from lightning_rec import runs
+    from lightning_rec.methods.rocket.module import RocketModule, net_parameters, scoring_latency
 
     ec = cfg.export
     if not ec.ckpt or not ec.out:
@@ -753,7 +753,7 @@ def export(cfg: DictConfig, overrides: list[str]) -> str:
 # ---------------------------------------------------------------------- entry point
 def run(argv: list[str]) -> Any:
     """Run one command; raises :class:`LightningRecError` on bad input."""
-    from .config import load_config
+    from lightning_rec.config import load_config
 
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(__doc__.strip())
@@ -770,7 +770,7 @@ def run(argv: list[str]) -> Any:
     if multirun:
         if command != "fit":
             raise ConfigError(f"-m (sweep) is for fit; `{command}` runs once")
-        from .sweep import run_sweep
+        from lightning_rec.cli.sweep import run_sweep
 
         return run_sweep(overrides, show_only=show_cfg)
     if any(a.startswith("sweep.") for a in overrides):
@@ -794,17 +794,17 @@ def run(argv: list[str]) -> Any:
 
 # ---------------------------------------------------------------------- federate
 def federate(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
-    """Federated training over simulated devices with Flower (see :mod:`lightning_rec.federated`).
+    """Federated training over simulated devices with Flower (see :mod:`lightning_rec.methods.federated`).
 
     Returns ``{"run_dir", "history": [per-round dicts], "final": last round's metrics}``.
     """
     import numpy as np
     import torch
 
-    from . import runs
-    from .federated import split_devices, split_holdout
-    from .federated.device import Device, check_local_callbacks
-    from .federated.flower import STRATEGIES, _flwr, build_strategy, make_client
+    from lightning_rec import runs
+    from lightning_rec.methods.federated import split_devices, split_holdout
+    from lightning_rec.methods.federated.device import Device, check_local_callbacks
+    from lightning_rec.methods.federated.flower import STRATEGIES, _flwr, build_strategy, make_client
 
     fed = cfg.federation
     if fed.strategy not in STRATEGIES:
@@ -847,7 +847,7 @@ def federate(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     else:
         run_dir = runs.claim_run_dir(cfg.run_dir) if cfg.run_dir else runs.new_run_dir(
             cfg.runs_dir, f"federate-{fed.strategy}-{cfg.data.name}")
-    from .config import set_value
+    from lightning_rec.config import set_value
 
     set_value(cfg, "run_dir", run_dir)
     if fed.engine != "client" and not fed.resume:
@@ -929,7 +929,7 @@ def _simulate(fl, device, strategy, config, num_devices: int, fail: dict[int, tu
     from flwr.server import ServerApp, ServerAppComponents
     from flwr.simulation import run_simulation
 
-    from .federated.flower import make_client
+    from lightning_rec.methods.federated.flower import make_client
 
     def client_fn(context):
         d = int(context.node_config["partition-id"])

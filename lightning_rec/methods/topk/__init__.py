@@ -1,0 +1,6 @@
+"""Top-k model averaging (topkSVRG) across distributed workers."""
+
+from lightning_rec.methods.topk.noisy_rank import NoisyRankCallback
+from lightning_rec.methods.topk.strategy import MeteredDDPStrategy, TopKAveragingStrategy
+
+__all__ = ["MeteredDDPStrategy", "NoisyRankCallback", "TopKAveragingStrategy"]
