@@ -472,7 +472,7 @@ def test_fit_states_how_much_it_trains_on(tmp_path, caplog):
 
     import yaml
 
-    from lightning_rec.cli import _build_datamodule
+    from lightning_rec.build import build_datamodule as _build_datamodule
 
     caplog.set_level(logging.INFO)
     counts = {}

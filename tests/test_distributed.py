@@ -437,7 +437,7 @@ def test_validation_and_test_inside_a_two_process_topk_fit_equal_one_process(tmp
     assert result["best_score"] == pytest.approx(max(val), abs=1e-7)
     import pytorch_lightning as pl
 
-    from lightning_rec.cli import _build_datamodule
+    from lightning_rec.build import build_datamodule as _build_datamodule
     from lightning_rec.config import load_config, to_plain
 
     best = SeqRecModule.load_from_checkpoint(result["best_ckpt"], map_location="cpu", weights_only=True)
@@ -621,7 +621,7 @@ def test_project_callbacks_under_ddp_and_topk(tmp_path):
 
 
 def test_noisy_rank_options_are_checked():
-    from lightning_rec.callbacks import NoisyRankCallback
+    from lightning_rec.methods.topk import NoisyRankCallback
 
     with pytest.raises(ConfigError, match="callbacks.noisy_rank.mode=loud"):
         NoisyRankCallback(mode="loud")

@@ -7,7 +7,7 @@ import torch
 from conftest import tiny
 from ddp_probe import StepWeights
 
-from lightning_rec.callbacks import EMACallback
+from lightning_rec.methods.ema import EMACallback
 from lightning_rec.cli import run
 from lightning_rec.methods.topk.strategy import TopKAveragingStrategy
 from lightning_rec.errors import ConfigError

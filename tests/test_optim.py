@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import tiny
 
-from lightning_rec.callbacks import OptimizerSwitchCallback
+from lightning_rec.methods.optim_switch import OptimizerSwitchCallback
 from lightning_rec.cli import run
 from lightning_rec.errors import ConfigError
 from lightning_rec.methods.optim_switch.optim import AdaShift, SwatsEstimate, swats_gamma

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from conftest import tiny
 
 from lightning_rec import RocketModule, SeqRecModule
-from lightning_rec.callbacks import HintLossCallback
+from lightning_rec.methods.rocket import HintLossCallback
 from lightning_rec.cli import run
 from lightning_rec.losses.distill import HintSpec, hint_kl, hint_mse, hint_mse_centered, joint_losses
 from lightning_rec.errors import ConfigError

@@ -116,7 +116,7 @@ def test_callback_doubles_depth_rebuilds_optimizer_and_new_blocks_learn(tmp_path
 
 
 def test_keep_moments_copies_adam_state_to_the_copies(tmp_path):
-    from lightning_rec.callbacks import StackingCallback
+    from lightning_rec.methods.stackrec import StackingCallback
 
     m = model("nextitnet", 2)
     m.train()
@@ -317,7 +317,7 @@ def _fit_steps(module, callbacks, steps, **kw):
 @pytest.mark.parametrize("scheduler", [{"name": "step", "step_size": 3, "gamma": 0.5},
                                        {"name": "cosine", "warmup_steps": 2}])
 def test_the_learning_rate_schedule_continues_across_a_stack(optimizer_state, scheduler):
-    from lightning_rec.callbacks import StackingCallback
+    from lightning_rec.methods.stackrec import StackingCallback
 
     def lrs(stack):
         torch.manual_seed(0)
@@ -334,7 +334,7 @@ def test_the_learning_rate_schedule_continues_across_a_stack(optimizer_state, sc
 
 
 def test_keep_moments_gives_each_copy_its_own_adashift_state():
-    from lightning_rec.callbacks import StackingCallback
+    from lightning_rec.methods.stackrec import StackingCallback
     from lightning_rec.methods.optim_switch.optim import AdaShift
 
     m = model("nextitnet", 2).train()
@@ -371,7 +371,7 @@ def test_keep_moments_gives_each_copy_its_own_adashift_state():
 
 @pytest.mark.parametrize("arch,kw", ARCHS)
 def test_stacking_under_bf16_true_precision(arch, kw):
-    from lightning_rec.callbacks import StackingCallback
+    from lightning_rec.methods.stackrec import StackingCallback
 
     torch.manual_seed(0)
     m = SeqRecModule(num_items=40, arch=arch, num_blocks=1, d_model=8, dropout=0.0, max_len=10, **kw)
@@ -383,7 +383,7 @@ def test_stacking_under_bf16_true_precision(arch, kw):
 def test_zero_new_alpha_needs_residual_alphas():
     import types
 
-    from lightning_rec.callbacks import StackingCallback
+    from lightning_rec.methods.stackrec import StackingCallback
 
     m = model("nextitnet", 2, residual_alpha=False)
     with pytest.raises(ConfigError, match="zero_new_alpha=true: the model has no residual alpha"):
@@ -423,7 +423,7 @@ def test_stacking_a_rocket_module_is_refused_before_training(tmp_path):
 
 
 def test_a_stack_that_never_came_is_reported():
-    from lightning_rec.callbacks import StackingCallback
+    from lightning_rec.methods.stackrec import StackingCallback
 
     m = SeqRecModule(num_items=40, arch="nextitnet", num_blocks=1, d_model=8, dropout=0.0)
     with pytest.warns(UserWarning, match=r"callbacks.stacking: step:500 not reached \(the run ended at step 4"):

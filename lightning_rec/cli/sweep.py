@@ -308,7 +308,7 @@ def _run_trial(sweep: Sweep, i: int, cfg, group: str) -> dict[str, Any]:
         if _multi_process(cfg):
             out = _fit_in_child(sweep.trials[i] + extra, trial_dir)
         else:
-            from lightning_rec.cli import fit
+            from lightning_rec.cli.fit import fit
 
             for o in extra:  # the trial's config, composed before the sweep started, is used by this trial only
                 k, v = o.split("=", 1)

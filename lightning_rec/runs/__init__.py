@@ -21,28 +21,9 @@ from omegaconf import DictConfig
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_rec.errors import ConfigError
+from lightning_rec.runs.launch import env_rank, external_launch
 
 RUN_DIR_ENV = "LIGHTNING_REC_RUN_DIR"  # handed to DDP worker processes so every rank uses one folder
-
-
-def external_launch() -> tuple[int, str] | None:
-    """``(global rank, launch id)`` when torchrun or SLURM started several processes of this command.
-
-    Lightning's own launcher re-runs the command with :data:`RUN_DIR_ENV` set instead; external
-    launchers start every rank at once, so the ranks agree on a folder named after the launch.
-    """
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "TORCHELASTIC_RUN_ID" in os.environ:
-        return int(os.environ.get("RANK", "0")), f"torchrun-{os.environ['TORCHELASTIC_RUN_ID']}"
-    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ:
-        step = os.environ.get("SLURM_STEP_ID", "0")
-        return int(os.environ.get("SLURM_PROCID", "0")), f"slurm-{os.environ['SLURM_JOB_ID']}.{step}"
-    return None
-
-
-def env_rank() -> int:
-    """This process's global rank as its launcher states it (0 before any launcher ran)."""
-    launch = external_launch()
-    return launch[0] if launch else 0
 
 
 def launched_run_dir(runs_dir: str, name: str, run_dir: str | None) -> str:
@@ -193,71 +174,7 @@ def load_checkpoint(path: str, option: str = "ckpt_path") -> dict[str, Any]:
     return ckpt
 
 
-def wandb_configured() -> bool:
-    """True when W&B credentials or a mode are set up on this machine."""
-    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE"):
-        return True
-    netrc = os.path.join(os.path.expanduser("~"), ".netrc")
-    if os.path.exists(netrc):
-        try:
-            with open(netrc) as f:
-                return "api.wandb.ai" in f.read()
-        except OSError:
-            return False
-    return False
+from lightning_rec.runs.console import print_metrics, quiet  # noqa: E402  (public helpers of this package)
+from lightning_rec.runs.loggers import build_loggers, finish_wandb, wandb_failed_on_error  # noqa: E402
 
-
-def wandb_reachable(timeout: float = 2.0) -> bool:
-    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "dryrun", "disabled"):
-        return False
-    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
-    try:
-        socket.create_connection((host.split(":")[0], 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def build_loggers(cfg_loggers: DictConfig | None, run_dir: str, resuming: bool) -> list:
-    """Instantiate the configured loggers; W&B resolves ``offline: auto`` and resumes its run id."""
-    from hydra.utils import instantiate
-
-    loggers = []
-    for key, conf in (cfg_loggers or {}).items():
-        if conf is None:
-            continue
-        conf = dict(conf)
-        enabled = conf.pop("enabled", True)
-        if enabled == "auto":
-            enabled = wandb_configured() if "Wandb" in str(conf.get("_target_", "")) else True
-        if not enabled:
-            continue
-        if "Wandb" in str(conf.get("_target_", "")):
-            if conf.get("offline", "auto") == "auto":
-                conf["offline"] = not wandb_reachable()
-                if conf["offline"]:
-                    rank_zero_info("W&B: no network, logging offline (sync later with `wandb sync`)")
-            if conf["offline"] is True and conf.get("log_model"):
-                # W&B refuses log_model with offline=True: keep the run, leave the checkpoints in the run folder.
-                rank_zero_warn(f"logger.wandb.log_model={conf['log_model']}: W&B is offline, so checkpoints are not "
-                               f"uploaded as artifacts; they stay in {run_dir}/checkpoints")
-                conf["log_model"] = False
-            id_file = os.path.join(run_dir, "wandb_id.txt")
-            if os.path.exists(id_file):
-                with open(id_file) as f:
-                    conf["id"] = f.read().strip()
-                conf["resume"] = "allow"
-            else:
-                import secrets
-
-                conf["id"] = secrets.token_hex(6)  # W&B run ids: lowercase letters and digits
-                if env_rank() == 0:  # other ranks of a torchrun/SLURM launch never start a W&B run
-                    with open(id_file, "w") as f:
-                        f.write(conf["id"])
-            if resuming and not os.path.exists(id_file):
-                rank_zero_warn("W&B: the resumed run had no W&B id; starting a new W&B run")
-        try:
-            loggers.append(instantiate(conf))
-        except Exception as e:
-            raise ConfigError(f"logger.{key}: could not create the logger ({' '.join(str(e).split())[:200]})") from None
-    return loggers
+__all__ = ["build_loggers", "env_rank", "external_launch", "finish_wandb", "print_metrics", "quiet", "wandb_failed_on_error"]

@@ -110,9 +110,9 @@ class Device:
         return self._eval_dm
 
     def build_model(self):
-        from lightning_rec.cli import _build_model
+        from lightning_rec.build import build_model
 
-        return _build_model(copy.deepcopy(self.model_conf), self.datamodule().num_items)
+        return build_model(copy.deepcopy(self.model_conf), self.datamodule().num_items)
 
     def template(self) -> dict[str, torch.Tensor]:
         """Names, shapes and dtypes of the model's state (built once per device)."""
@@ -125,7 +125,7 @@ class Device:
 
         cbs = [instantiate(c) for c in self.callbacks_conf.values() if c]
         if teacher is not None and teacher.labels.numel():
-            from lightning_rec.callbacks import HintLossCallback
+            from lightning_rec.methods.rocket import HintLossCallback
 
             hint = HintLossCallback(kind="kl_l2", weight=float(self.distill.get("weight", 1.0)),
                                     temperature=float(self.distill.get("temperature", 1.0)),

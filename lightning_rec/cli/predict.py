@@ -1,0 +1,66 @@
+"""``predict``: write the top-K recommendations per user (original ids) as TSV."""
+
+from __future__ import annotations
+
+import os
+
+from omegaconf import DictConfig
+
+from lightning_rec import runs
+from lightning_rec.build import build_trainer
+from lightning_rec.cli._checkpoint import load_for_eval
+from lightning_rec.cli._checks import positive_int
+from lightning_rec.errors import ConfigError
+
+
+def rewrite(overrides: list[str]) -> list[str]:
+    """``ckpt=`` as in stack and export: short for ``ckpt_path=``."""
+    return ["ckpt_path=" + o.split("=", 1)[1] if o.split("=", 1)[0] == "ckpt" else o for o in overrides]
+
+
+def predict(cfg: DictConfig, overrides: list[str]) -> str:
+    """Write the top-``predict.k`` unseen items for every user, with original ids, as TSV."""
+    import pytorch_lightning as pl
+    import torch
+
+
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    if cfg.predict.out and os.path.isdir(cfg.predict.out):
+        raise ConfigError(f"predict.out={cfg.predict.out}: a folder; expected a file path, e.g. "
+                          f"{os.path.join(cfg.predict.out, 'predictions.tsv')}")
+    path, dm, model = load_for_eval(cfg, overrides)
+    k = positive_int(cfg.predict.k, "predict.k")
+    if k > dm.num_items:
+        raise ConfigError(f"predict.k={k}: expected 1..{dm.num_items} (the catalogue size)")
+    out = cfg.predict.out or os.path.join(runs.run_dir_of(path) or os.path.dirname(os.path.abspath(path)), "predictions.tsv")
+    if os.path.exists(out) and not cfg.predict.overwrite:
+        raise ConfigError(f"predict.out={out}: file exists; choose another path or pass predict.overwrite=true")
+    model.predict_k = k
+    if not isinstance(cfg.predict.exclude_seen, bool):
+        raise ConfigError(f"predict.exclude_seen={cfg.predict.exclude_seen!r}: expected true or false")
+    model.predict_exclude_seen = cfg.predict.exclude_seen  # not the checkpoint's eval.exclude_seen
+    if cfg.trainer.get("devices", 1) not in (1, "1", "auto"):
+        print("predict runs on one device so that one process writes every user", flush=True)
+    cfg.trainer.devices = 1
+    cfg.trainer.strategy = "auto"
+    trainer = build_trainer(cfg, os.path.dirname(os.path.abspath(out)) or ".", [], [])
+    batches = trainer.predict(model, datamodule=dm)
+    maps = dm.id_maps()
+    users, items = maps["users"], maps["items"]
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = out + ".tmp"
+    n = short = 0
+    with open(tmp, "w") as f:
+        f.write("user\trank\titem\tscore\n")
+        for b in batches:
+            u, it, sc = b["user"].tolist(), b["items"].tolist(), b["scores"].to(torch.float32).tolist()
+            for uu, row_i, row_s in zip(u, it, sc):
+                got = [(i, s) for i, s in zip(row_i, row_s) if i != 0]  # 0: fewer than k unseen items left
+                for r, (i, s) in enumerate(got, start=1):
+                    f.write(f"{users[uu]}\t{r}\t{items[i]}\t{s:.6g}\n")
+                n += 1
+                short += len(got) < k
+    os.replace(tmp, out)
+    note = f" ({short} of them have fewer than {k} unseen items, and get only those)" if short else ""
+    print(f"wrote top-{k} recommendations for {n} users to {out}{note}", flush=True)
+    return out
