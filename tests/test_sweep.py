@@ -7,7 +7,7 @@ import os
 import pytest
 from conftest import tiny
 
-from lightning_rec import sweep as sweep_mod
+from lightning_rec.cli import sweep as sweep_mod
 from lightning_rec.cli import run
 from lightning_rec.errors import ConfigError, LightningRecError
 

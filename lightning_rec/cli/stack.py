@@ -28,6 +28,7 @@ def stack(cfg: DictConfig, overrides: list[str]) -> str:
         describe,
         options,
         preservation_caveat,
+        stack_module,
     )
     from lightning_rec.modules.seqrec import SeqRecModule
 
@@ -50,7 +51,7 @@ def stack(cfg: DictConfig, overrides: list[str]) -> str:
         print(caveat, flush=True)
     before = len(model.encoder.blocks)
     for _ in range(times):
-        model.stack(opts)
+        stack_module(model, opts)
     write_weights(model, ckpt, sc.out, {"stacked_from": os.path.abspath(src),
                                          "stacking": describe(opts) | {"times": times}})
     n = sum(p.numel() for p in model.parameters())

@@ -68,3 +68,9 @@ def build_encoder(arch: str, num_items: int, init_std: float | None = None, **kw
 
 
 __all__ = ["NextItNet", "SASRec", "ENCODERS", "build_encoder", "normal_init_"]
+
+
+def block_dilations(encoder: nn.Module) -> list[int] | None:
+    """Per-block dilations of a NextItNet encoder (``None`` for models without dilation)."""
+    dils = [getattr(b, "dilation", None) for b in encoder.blocks]
+    return None if any(d is None for d in dils) else dils

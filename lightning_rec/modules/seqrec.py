@@ -6,7 +6,6 @@ those), so a checkpoint loads with ``weights_only=True`` and rebuilds the exact 
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import pytorch_lightning as pl
@@ -26,49 +25,10 @@ from lightning_rec.losses import (
     sampled_softmax,
 )
 from lightning_rec.metrics import full_ranks, metrics_from_ranks, sampled_ranks, topk_items
-from lightning_rec.models import ENCODERS, build_encoder, normal_init_
+from lightning_rec.models import ENCODERS, block_dilations, build_encoder, normal_init_
+from lightning_rec.modules.optim import build_optimizer, build_scheduler, check_training_options
 
-OPTIMIZERS = ("adam", "adamw", "sgd", "adashift")
-SCHEDULERS = ("none", "cosine", "step", "linear_warmup")
-
-
-def build_optimizer(optimizer: dict[str, Any], params) -> torch.optim.Optimizer:
-    """The optimizer the ``optimizer`` config group describes, over ``params``.
-
-    A value the optimizer rejects (``optimizer.lr=-1``) becomes a one-line :class:`ConfigError`.
-    """
-    o = dict(optimizer)
-    name = o.pop("name", "adam")
-    if name not in OPTIMIZERS:
-        raise ConfigError(f"optimizer.name: unknown optimizer '{name}'; expected one of {', '.join(OPTIMIZERS)}")
-    try:
-        lr, wd = float(o.pop("lr", 1e-3)), float(o.pop("weight_decay", 0.0))
-        betas = tuple(float(b) for b in o.get("betas", (0.9, 0.999)))
-        if name == "adam":
-            return torch.optim.Adam(params, lr=lr, weight_decay=wd, betas=betas)
-        if name == "adamw":
-            return torch.optim.AdamW(params, lr=lr, weight_decay=wd, betas=betas)
-        if name == "adashift":
-            from lightning_rec.methods.optim_switch.optim import AdaShift
-
-            return AdaShift(params, lr=lr, weight_decay=wd, betas=betas, n=int(o.get("n", 10)),
-                            reduction=str(o.get("reduction", "max")), second_moment=str(o.get("second_moment", "shifted")),
-                            q=int(o.get("q", 10)), eps=float(o.get("eps", 1e-8)),
-                            bias_correction=bool(o.get("bias_correction", True)))
-        return torch.optim.SGD(params, lr=lr, weight_decay=wd, momentum=float(o.get("momentum", 0.9)),
-                               nesterov=bool(o.get("nesterov", False)))
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"optimizer ({name}): {e} (options: {dict(optimizer)})") from None
-
-
-def check_training_options(optimizer: dict[str, Any], scheduler: dict[str, Any], eval_protocol: str) -> None:
-    """One-line errors for the options every module shares (the optimizer is built on a dummy tensor)."""
-    build_optimizer(optimizer, [torch.nn.Parameter(torch.zeros(1))])
-    if scheduler.get("name", "none") not in SCHEDULERS:
-        raise ConfigError(f"scheduler.name: unknown scheduler '{scheduler.get('name')}'; expected one of {', '.join(SCHEDULERS)}")
-    if eval_protocol not in ("full", "sampled"):
-        raise ConfigError(f"eval.protocol: '{eval_protocol}' is not one of full, sampled")
-
+__all__ = ["SeqRecModule", "build_optimizer", "check_training_options"]
 
 class SeqRecModule(pl.LightningModule):
     """Next-item prediction with NextItNet or SASRec.
@@ -87,8 +47,8 @@ class SeqRecModule(pl.LightningModule):
             proportion to ``(training count + 1) ** neg_power``, counts from the DataModule).
         logq_correction: with ``popularity``, subtract log q from every candidate's logit, so the
             sampled loss estimates the full softmax (false: popularity negatives as hard negatives).
-        optimizer: ``{name: adam|adamw|sgd, lr, weight_decay, betas | momentum}``.
-        scheduler: ``{name: none|cosine|step|linear_warmup, warmup_steps, ...}``, per step.
+        optimizer: ``{_target_: <optimizer class>, lr, weight_decay, ...}`` (see :mod:`lightning_rec.modules.optim`).
+        scheduler: ``{_target_: <schedule>, ...}`` stepped per batch, or ``{_target_: null}``.
         eval_ks: cut-offs of HR/NDCG/MRR.
         exclude_seen: drop items the user already interacted with from the ranking.
         eval_protocol: ``full`` or ``sampled`` (metric names get a ``sampled_`` prefix).
@@ -131,8 +91,8 @@ class SeqRecModule(pl.LightningModule):
         compile: bool = False,
     ):
         super().__init__()
-        optimizer = dict(optimizer or {"name": "adam", "lr": 1e-3})
-        scheduler = dict(scheduler or {"name": "none"})
+        optimizer = dict(optimizer or {"_target_": "torch.optim.Adam", "lr": 1e-3})
+        scheduler = dict(scheduler or {"_target_": None})
         eval_ks = list(eval_ks or [5, 10, 20])
         dilations = list(dilations or [1, 4])
         if arch not in ENCODERS:
@@ -177,35 +137,19 @@ class SeqRecModule(pl.LightningModule):
         """Item scoring table (N + 1, d); row 0 is padding."""
         return self.encoder.item_embedding.weight if self.output is None else self.output.weight
 
-    # ------------------------------------------------------------------ StackRec
-    def stack(self, opts) -> list[int]:
-        """Double the depth (see :mod:`lightning_rec.methods.stackrec.stacking`); records the new depth in hparams."""
-        from lightning_rec.methods.stackrec.stacking import block_dilations, stack_encoder
-
-        mapping = stack_encoder(self.encoder, opts)
-        if self.output is None and not opts.copy_head:
-            rank_zero_info("stacking copy_head=false: the model has tied embeddings, so its head is the item "
-                           "embedding and is kept (use model.tied_embeddings=false for a separate head)")
-        if self.output is not None and not opts.copy_head:  # a new head, initialised as the model's first one
-            nn.init.normal_(self.output.weight, std=self.hparams.d_model**-0.5)
-            if self.hparams.get("init_std") is not None:
-                normal_init_(self.output, self.hparams.init_std)
-            with torch.no_grad():
-                self.output.weight[0].zero_()
-        self.hparams.num_blocks = len(self.encoder.blocks)
-        self.hparams.block_dilations = block_dilations(self.encoder) if opts.keep_dilation else None
+    # ------------------------------------------------------------------ depth changes (StackRec)
+    def encoder_changed(self) -> None:
+        """Call after replacing or growing ``self.encoder`` (StackRec): drops the compiled copy and, under
+        ``model.compile``, compiles the new encoder."""
         self._compiled = None
-        if self.hparams.compile and self._compiled is None and self._trainer is not None:
+        if self.hparams.compile and self._trainer is not None:
             self.setup("fit")
-        return mapping
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # A checkpoint written after a stack holds more blocks than this module was built with
         # (e.g. a config-built model resumed from a deep checkpoint): grow before weights load.
         # The same holds for a model of the right depth whose NextItNet dilations differ (adjacent
         # stacking keeps each copy's source dilation): same shapes, different function.
-        from lightning_rec.methods.stackrec.stacking import block_dilations
-
         hp = checkpoint.get("hyper_parameters", {})
         n = hp.get("num_blocks", self.hparams.num_blocks)
         dils = hp.get("block_dilations")
@@ -393,37 +337,25 @@ class SeqRecModule(pl.LightningModule):
         return {"user": batch["user"], "items": items, "scores": scores}
 
     # ------------------------------------------------------------------ optimisation
-    def configure_optimizers(self):
-        wd = float(dict(self.hparams.optimizer).get("weight_decay", 0.0))
-        params = [p for p in self.parameters() if p.requires_grad]
-        switch = self.__dict__.get("optimizer_switch")
-        if switch is not None and switch.phase == "sgd":  # after an optimizer switch (also on resume, after a stack)
-            sw = switch.sgd_settings(dict(self.hparams.optimizer))
-            # SWATS's SGD phase: v = mu v + g, w -= (1 - mu) * rate * v, i.e. torch's lr = (1 - mu) * rate.
-            sgd_lr = (1 - sw["momentum"]) * sw["lrs"][0]
-            opt = torch.optim.SGD(params, lr=sgd_lr, weight_decay=wd, momentum=sw["momentum"], nesterov=sw["nesterov"])
-            if not sw["keep_scheduler"]:
-                return opt
-        else:
-            opt = build_optimizer(dict(self.hparams.optimizer), params)
-        s = dict(self.hparams.scheduler)
-        sname = s.get("name", "none")
-        if sname == "none":
-            return opt
-        warmup = int(s.get("warmup_steps", 0))
-        total = max(int(self.trainer.estimated_stepping_batches), 1) if self.trainer is not None else 1
-        min_ratio = float(s.get("min_lr_ratio", 0.0))
-        if sname == "step":
-            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=int(s.get("step_size", 1000)),
-                                                    gamma=float(s.get("gamma", 0.5)))
-        else:
-            def factor(step: int) -> float:
-                if step < warmup:
-                    return (step + 1) / warmup
-                if sname == "linear_warmup":
-                    return 1.0
-                progress = min((step - warmup) / max(total - warmup, 1), 1.0)
-                return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    def set_optimizer_factory(self, factory) -> None:
+        """Let a callback build the optimizer (e.g. SWATS's SGD phase); ``None`` restores the configured one.
 
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        ``factory(params, optimizer_options)`` is called by :meth:`configure_optimizers` at every (re)build
+        (fit start, resume, ``trainer.strategy.setup_optimizers``) and returns ``(optimizer, keep_scheduler)``,
+        or ``None`` to use the configured optimizer this time; ``keep_scheduler=False`` drops the configured
+        LR scheduler.
+        """
+        self._optimizer_factory = factory
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        factory = getattr(self, "_optimizer_factory", None)
+        built = factory(params, dict(self.hparams.optimizer)) if factory is not None else None
+        opt, keep_scheduler = built if built is not None else (build_optimizer(dict(self.hparams.optimizer), params), True)
+        def total() -> int:  # only schedules that take total_steps ask for it
+            return max(int(self.trainer.estimated_stepping_batches), 1) if self._trainer is not None else 1
+
+        sched = build_scheduler(dict(self.hparams.scheduler), opt, total) if keep_scheduler else None
+        if sched is None:
+            return opt
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -10,6 +10,7 @@ from pytorch_lightning.utilities import rank_zero_info
 
 from lightning_rec.errors import ConfigError
 from lightning_rec.methods.optim_switch.optim import SwatsEstimate, swats_gamma
+from lightning_rec.modules.optim import optimizer_target
 
 MODES = ("auto", "scheduled")
 
@@ -86,14 +87,32 @@ class OptimizerSwitchCallback(pl.Callback):
 
     # ------------------------------------------------------------------ wiring
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        name = str(dict(pl_module.hparams.get("optimizer") or {}).get("name", "adam"))
-        if name == "sgd" and stage == "fit":  # kept possible: SWATS then recovers SGD's own rate (a check of the estimate)
+        target = optimizer_target(dict(pl_module.hparams.get("optimizer") or {}))
+        if target == "torch.optim.SGD" and stage == "fit":  # kept possible: SWATS then recovers SGD's own rate
             rank_zero_info("callbacks.optimizer_switch with optimizer=sgd: the first phase is already SGD, so the switch "
                            "only re-estimates its rate; for SWATS use optimizer=adam, adamw or adashift")
-        pl_module.__dict__["optimizer_switch"] = self  # read by configure_optimizers
+        if not hasattr(pl_module, "set_optimizer_factory"):
+            raise ConfigError(f"callbacks.optimizer_switch: {type(pl_module).__name__} has no set_optimizer_factory "
+                              f"(the hook that lets this callback build the SGD phase)")
+        pl_module.set_optimizer_factory(self.build_optimizer)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        pl_module.__dict__.pop("optimizer_switch", None)
+        if hasattr(pl_module, "set_optimizer_factory"):
+            pl_module.set_optimizer_factory(None)
+
+    def build_optimizer(self, params, adaptive: dict[str, Any]):
+        """The module's optimizer factory: SWATS's SGD phase after the switch (also on a resume after it),
+        else None (the configured adaptive optimizer).
+
+        SGD phase: v = mu v + g, w -= (1 - mu) * rate * v, i.e. torch's lr = (1 - mu) * rate.
+        """
+        if self.phase != "sgd":
+            return None
+        sw = self.sgd_settings(adaptive)
+        opt = torch.optim.SGD(params, lr=(1 - sw["momentum"]) * sw["lrs"][0],
+                              weight_decay=float(adaptive.get("weight_decay", 0.0)),
+                              momentum=sw["momentum"], nesterov=sw["nesterov"])
+        return opt, sw["keep_scheduler"]
 
     def sgd_settings(self, adaptive: dict[str, Any]) -> dict[str, Any]:
         """What configure_optimizers needs to build the SGD phase."""

@@ -10,7 +10,15 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_rec.errors import ConfigError
-from lightning_rec.methods.stackrec.stacking import PRESETS, check_stackable, index_map, is_copy, options, preservation_caveat
+from lightning_rec.methods.stackrec.stacking import (
+    PRESETS,
+    check_stackable,
+    index_map,
+    is_copy,
+    options,
+    preservation_caveat,
+    stack_module,
+)
 
 
 class StackingCallback(pl.Callback):
@@ -110,7 +118,7 @@ class StackingCallback(pl.Callback):
             return
         old_state = self._param_states(trainer, pl_module) if self.optimizer_state == "keep_moments" else None
         old_sched = [c.scheduler.state_dict() for c in trainer.lr_scheduler_configs]
-        mapping = pl_module.stack(self.opts)
+        mapping = stack_module(pl_module, self.opts)
         self._rewrap_ddp(trainer)
         trainer.strategy.setup_optimizers(trainer)
         if old_state is not None:

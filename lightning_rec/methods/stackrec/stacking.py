@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from lightning_rec.errors import ConfigError
+from lightning_rec.models import block_dilations, normal_init_
 
 MODES = ("adjacent", "cross")
 
@@ -135,11 +136,28 @@ def stack_encoder(encoder: nn.Module, opts: StackOptions) -> list[int]:
     return mapping
 
 
-def block_dilations(encoder: nn.Module) -> list[int] | None:
-    """Per-block dilations of a NextItNet encoder (``None`` for models without dilation)."""
-    dils = [getattr(b, "dilation", None) for b in encoder.blocks]
-    return None if any(d is None for d in dils) else dils
-
-
 def describe(opts: StackOptions) -> dict:
     return asdict(opts)
+
+
+def stack_module(module, opts: StackOptions) -> list[int]:
+    """Double the depth of a :class:`~lightning_rec.modules.SeqRecModule` in place (``opts``: see
+    :func:`options`); returns the index map (new block i copies old block ``mapping[i]``) and records the
+    new depth (``num_blocks``, ``block_dilations``) in the module's hparams, so checkpoints rebuild it."""
+    from pytorch_lightning.utilities import rank_zero_info
+
+    mapping = stack_encoder(module.encoder, opts)
+    hp = module.hparams
+    if module.output is None and not opts.copy_head:
+        rank_zero_info("stacking copy_head=false: the model has tied embeddings, so its head is the item "
+                       "embedding and is kept (use model.tied_embeddings=false for a separate head)")
+    if module.output is not None and not opts.copy_head:  # a new head, initialised as the model's first one
+        nn.init.normal_(module.output.weight, std=hp.d_model**-0.5)
+        if hp.get("init_std") is not None:
+            normal_init_(module.output, hp.init_std)
+        with torch.no_grad():
+            module.output.weight[0].zero_()
+    hp.num_blocks = len(module.encoder.blocks)
+    hp.block_dilations = block_dilations(module.encoder) if opts.keep_dilation else None
+    module.encoder_changed()
+    return mapping
