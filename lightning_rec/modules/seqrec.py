@@ -6,6 +6,7 @@ those), so a checkpoint loads with ``weights_only=True`` and rebuilds the exact 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytorch_lightning as pl
@@ -19,7 +20,6 @@ from lightning_rec.losses import (
     LOSSES,
     NEG_SAMPLERS,
     bce_one_negative,
-    draw_negatives,
     full_ce,
     popularity_log_q,
     sampled_softmax,
@@ -223,77 +223,56 @@ class SeqRecModule(pl.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self.train_loss(batch, log=True)
 
+    def set_loss_term(self, term: Callable[..., tuple[torch.Tensor, dict[str, Any]]] | None) -> None:
+        """Let ``term`` compute the training loss in place of :meth:`loss` (``None``: the plain loss again).
+
+        The hook of knowledge distillation: :class:`~lightning_rec.methods.rocket.HintLossCallback` installs
+        its term at setup (against a frozen teacher, or federated per-label teacher logits) and removes it
+        at teardown. For every batch, :meth:`train_loss` calls
+
+            ``loss, logs = term(module, inputs, hidden, targets, mask)``
+
+        with this module, ``inputs`` (B, T) the item sequences, ``mask`` (B, T) the positions that have a
+        target, ``hidden`` (M, d) this module's hidden states at those positions (with their graph) and
+        ``targets`` (M,) the next items there. ``loss`` is the batch's scalar training loss (typically a
+        weighted :meth:`loss` or its own CE on the same candidates, plus a term against the teacher's logits
+        on :meth:`output_weight`); ``logs`` maps metric names to values: a name ending in ``_step`` is
+        logged at every step (this rank's value), any other as the epoch mean over the positions, reduced
+        over ranks. The term is not part of the module's state (neither state_dict nor hyperparameters).
+        """
+        if isinstance(term, nn.Module):
+            raise TypeError("set_loss_term: expected a function, not a module (its parameters would join this one's)")
+        self._loss_term = term
+
     def train_loss(self, batch: dict[str, torch.Tensor], log: bool = False) -> torch.Tensor:
         """The training loss of one batch (what ``training_step`` returns); logs only when ``log``.
 
         Strategies that need extra gradients of the same objective (SVRG's snapshot gradient in
         :class:`~lightning_rec.methods.topk.strategy.TopKAveragingStrategy`) call it with ``log=False``.
+        A term installed with :meth:`set_loss_term` computes it instead of :meth:`loss`.
         """
         h = self(batch["inputs"])  # (B, T, d)
         mask = batch["targets"] != 0
         n = int(mask.sum())
-        hint_cb = self.__dict__.get("hint_callback")
-        if hint_cb is not None and getattr(hint_cb, "label_teacher", None) is not None:
-            loss = self._label_distilled_loss(hint_cb, h[mask], batch["targets"][mask], log)
-        elif hint_cb is not None and hint_cb.teacher is not None:
-            loss = self._distilled_loss(hint_cb, batch["inputs"], h[mask], batch["targets"][mask], mask, log)
+        hidden, targets = h[mask], batch["targets"][mask]
+        term = getattr(self, "_loss_term", None)
+        if term is None:
+            loss, logs = self.loss(hidden, targets), {}
         else:
-            loss = self.loss(h[mask], batch["targets"][mask])
+            loss, logs = term(self, batch["inputs"], hidden, targets, mask)
         if log:
+            self._log_loss_terms(logs, n)
             self.log("train/loss_step", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=n)
             # epoch means are reduced over ranks once per epoch; step values stay local (no per-step sync)
             self.log("train/loss_epoch", loss, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
             self.log("train/targets", float(n), on_step=False, on_epoch=True, reduce_fx="sum", batch_size=1, sync_dist=True)
         return loss
 
-    def _label_distilled_loss(self, hint_cb, hidden, targets, log: bool = True, chunk: int = 2048) -> torch.Tensor:
-        """Own loss plus the callback's term against per-label teacher logits (federated distillation).
-
-        A position whose next item has a teacher row compares the student's logits on that row's
-        M candidate items with the teacher's; the term is averaged over all positions.
-        """
-        own = self.loss(hidden, targets)
-        spec = hint_cb.spec(self.trainer if self._trainer is not None else None)
-        sel, cand, zt = hint_cb.label_teacher_for(targets)
-        w = self.output_weight()
-        hs = hidden[sel]
-        terms = []
-        for i in range(0, hs.shape[0], chunk):  # bounds memory at chunk x M x d
-            zs = torch.einsum("md,mkd->mk", hs[i:i + chunk], w[cand[i:i + chunk]])
-            terms.append(spec.fn(zs, zt[i:i + chunk].to(zs.dtype), None))
-        term = torch.cat(terms).sum() / max(1, targets.numel()) if terms else own.new_zeros(())
-        if log:
-            n = int(targets.numel())
-            self.log("train/fd_term", term, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
-            self.log("train/fd_coverage", float(sel.float().mean()), on_step=False, on_epoch=True, batch_size=n,
-                     sync_dist=True)
-        return spec.student_ce_weight * own + spec.weight * term
-
-    def _log_hint(self, hint: torch.Tensor, n: int) -> None:
-        """The distillation term: each step's value (local), and the epoch mean reduced over ranks."""
-        self.log("train/hint_step", hint, on_step=True, on_epoch=False, batch_size=n)
-        self.log("train/hint_epoch", hint, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
-
-    def _distilled_loss(self, hint_cb, inputs, hidden, targets, mask, log: bool = True) -> torch.Tensor:
-        """Own loss plus the callback's term against a frozen teacher, on the same candidates."""
-        from lightning_rec.losses.distill import joint_losses
-
-        if self.hparams.loss == "bce":
-            raise ConfigError("model.loss=bce: distillation compares logits over a candidate set; use ce or sampled_softmax")
-        ht, wt = hint_cb.teacher_hidden(inputs)
-        negatives = log_q = None
-        if self.hparams.loss == "sampled_softmax":
-            log_q = self.negative_log_q()
-            negatives = draw_negatives(self.num_items, self.hparams.num_negatives, targets.device, log_q)
-            log_q = log_q if self.hparams.logq_correction else None
-        spec = hint_cb.spec(self.trainer)
-        parts = joint_losses(hidden, self.output_weight(), targets, negatives, ht[mask], wt, hint=spec, log_q=log_q,
-                             chunk_rows=hint_cb.chunk_rows)
-        n = int(targets.numel())
-        if log:
-            self._log_hint(parts["hint"], n)
-            self.log("train/student_ce", parts["student_ce"], on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
-        return spec.student_ce_weight * parts["student_ce"] + spec.weight * parts["hint"]
+    def _log_loss_terms(self, logs: dict[str, Any], n: int) -> None:
+        """A loss term's logs: ``*_step`` names each step (local), the others as epoch means reduced over ranks."""
+        for name, value in logs.items():
+            step = name.endswith("_step")
+            self.log(name, value, on_step=step, on_epoch=not step, batch_size=n, sync_dist=not step)
 
     # ------------------------------------------------------------------ evaluation
     def _ranks(self, batch: dict[str, torch.Tensor], h: torch.Tensor | None = None,

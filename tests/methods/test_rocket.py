@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from conftest import tiny
 
 from lightning_rec import RocketModule, SeqRecModule
-from lightning_rec.methods.rocket import HintLossCallback
 from lightning_rec.cli import run
-from lightning_rec.losses.distill import HintSpec, hint_kl, hint_mse, hint_mse_centered, joint_losses
 from lightning_rec.errors import ConfigError
 from lightning_rec.losses import candidate_logits, masked_ce
+from lightning_rec.losses.distill import HintSpec, hint_kl, hint_mse, hint_mse_centered, joint_losses
+from lightning_rec.methods.rocket import HintLossCallback
 from lightning_rec.metrics import full_ranks
 
 N = 30
@@ -95,7 +95,7 @@ def test_rocket_training_loss_is_both_ces_plus_the_weighted_hint():
     for p in m.parameters():  # dropout 0 in both nets: the pieces below see the same logits as the step
         p.data.add_(0.05 * torch.randn_like(p))
     cb = HintLossCallback(weight=0.25)
-    m.__dict__["hint_callback"] = cb
+    m.set_hint(cb.spec)  # what the callback's setup does
     b = batch()
     loss = m.train_loss(b)
     mask = b["targets"] != 0
@@ -106,6 +106,86 @@ def test_rocket_training_loss_is_both_ces_plus_the_weighted_hint():
     by_hand = (F.cross_entropy(zl, t - 1) + F.cross_entropy(zb, t - 1)
                + 0.25 * ((zl - zb) ** 2).sum(-1).mean())
     assert loss.item() == pytest.approx(by_hand.item(), rel=1e-5)
+
+
+def test_rocket_holds_its_nets_by_composition_with_the_checkpoint_layout_unchanged():
+    import pytorch_lightning as pl
+
+    m = rocket(light={"arch": "sasrec", "d_model": 8, "num_blocks": 1, "num_heads": 1, "dropout": 0.0})
+    assert isinstance(m, pl.LightningModule) and not isinstance(m, SeqRecModule)
+    assert not hasattr(m, "stack") and not hasattr(m, "encoder")  # StackRec refuses it; stack a net after export
+    # the per-net scorers share the rocket's modules and add no state: the keys are the ones checkpoints have
+    prefixes = {k.split(".")[0] for k in m.state_dict()}
+    assert prefixes == {"booster", "light", "booster_head", "light_head"}
+    assert "light.item_embedding.proj.weight" in m.state_dict() and "light.item_embedding.shared.weight" in m.state_dict()
+    assert m.scorers["light"].encoder is m.light and m.scorers["booster"].output is m.booster_head
+    assert sum(p.numel() for p in m.parameters()) == sum(
+        p.numel() for p in {id(p): p for mod in (m.booster, m.light, m.booster_head, m.light_head)
+                            for p in mod.parameters()}.values())
+    assert all(p.device.type == "cpu" for p in m.scorers["light"].parameters())  # the meta build left nothing behind
+    # the hint is no state either, and a module cannot be installed as one
+    m.set_hint(HintLossCallback().spec)
+    assert set(m.state_dict()) == set(rocket(light={"arch": "sasrec", "d_model": 8, "num_blocks": 1,
+                                                    "num_heads": 1, "dropout": 0.0}).state_dict())
+    with pytest.raises(TypeError, match="not a module"):
+        m.set_hint(torch.nn.Linear(2, 2))
+    # the callback installs its spec at setup and removes it at teardown
+    cb = HintLossCallback(weight=0.5)
+    m.set_hint(None)
+    cb.setup(None, m, "fit")
+    assert m._hint == cb.spec
+    cb.teardown(None, m, "fit")
+    assert m._hint is None
+
+
+def test_a_loss_term_computes_the_training_loss_of_a_plain_module():
+    torch.manual_seed(0)
+    m = SeqRecModule(num_items=N, d_model=8, num_blocks=1, max_len=12, dropout=0.0)
+    b = batch()
+    plain = m.train_loss(b)
+    seen = {}
+
+    def term(module, inputs, hidden, targets, mask):
+        seen.update(module=module, inputs=inputs, hidden=hidden, targets=targets, mask=mask)
+        return 2 * module.loss(hidden, targets), {"train/extra": 1.0}
+
+    m.set_loss_term(term)
+    assert m.train_loss(b).item() == pytest.approx(2 * plain.item(), rel=1e-6)
+    mask = b["targets"] != 0
+    assert seen["module"] is m and torch.equal(seen["mask"], mask) and torch.equal(seen["inputs"], b["inputs"])
+    assert seen["hidden"].shape == (int(mask.sum()), 8) and torch.equal(seen["targets"], b["targets"][mask])
+    assert seen["hidden"].requires_grad
+    m.set_loss_term(None)
+    assert m.train_loss(b).item() == pytest.approx(plain.item())
+    with pytest.raises(TypeError, match="not a module"):
+        m.set_loss_term(torch.nn.Linear(2, 2))
+
+
+def test_federated_label_teacher_term_through_the_callback():
+    from lightning_rec.methods.federated.core import label_logits
+
+    torch.manual_seed(0)
+    m = SeqRecModule(num_items=N, d_model=8, num_blocks=1, max_len=12, dropout=0.0)
+    g = torch.Generator().manual_seed(1)
+    b = batch()
+    teacher = label_logits(torch.randn(40, N, generator=g), torch.randint(1, 12, (40,), generator=g), top_m=5)
+    cb = HintLossCallback(kind="kl_l2", weight=0.7, temperature=2.0, l2_weight=0.01)
+    cb.label_teacher = teacher
+    cb.setup(None, m, "fit")  # installs the term; the module does not hold the callback
+    assert "hint_callback" not in vars(m)
+    loss = m.train_loss(b)
+    # by hand: own CE + weight * (sum over positions with a teacher row of the term on its M candidates) / positions
+    mask = b["targets"] != 0
+    h, t = m(b["inputs"])[mask], b["targets"][mask]
+    w = m.output_weight()
+    row = {int(lbl): i for i, lbl in enumerate(teacher.labels)}
+    terms = [cb.term_fn()((h[j] @ w[teacher.items[row[int(t[j])]]].T)[None], teacher.values[row[int(t[j])]][None], None)
+             for j in range(len(t)) if int(t[j]) in row]
+    assert terms
+    by_hand = m.loss(h, t) + 0.7 * torch.cat(terms).sum() / len(t)
+    assert loss.item() == pytest.approx(by_hand.item(), rel=1e-5)
+    cb.teardown(None, m, "fit")
+    assert m.train_loss(b).item() == pytest.approx(m.loss(h, t).item(), rel=1e-6)
 
 
 def test_candidate_logits_and_masked_ce():

@@ -9,8 +9,9 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info
 
-from lightning_rec.losses.distill import HINT_KINDS, HintSpec, hint_kl, hint_mse, hint_mse_centered
 from lightning_rec.errors import ConfigError, check_int
+from lightning_rec.losses import distill, draw_negatives
+from lightning_rec.losses.distill import HINT_KINDS, HintSpec, hint_kl, hint_mse, hint_mse_centered
 
 SCHEDULES = ("constant", "warmup", "start_epoch")
 
@@ -31,8 +32,13 @@ class HintLossCallback(pl.Callback):
 
     The module supplies the pieces (student and teacher logits on the loss's candidate set); this
     callback decides the term. With a :class:`~lightning_rec.methods.rocket.module.RocketModule` the teacher is
-    the booster trained alongside; with a plain :class:`~lightning_rec.modules.seqrec.SeqRecModule` it is
-    a frozen model loaded from ``teacher_ckpt`` (classic teacher-student distillation).
+    the booster trained alongside: the callback gives the rocket its :meth:`spec` through
+    :meth:`~lightning_rec.methods.rocket.module.RocketModule.set_hint`. With a plain
+    :class:`~lightning_rec.modules.seqrec.SeqRecModule` it is a frozen model loaded from ``teacher_ckpt``
+    (classic teacher-student distillation; :meth:`teacher_loss`) or, for federated distillation,
+    per-label teacher logits set as ``label_teacher`` (:meth:`label_teacher_loss`); either is installed with
+    :meth:`~lightning_rec.modules.seqrec.SeqRecModule.set_loss_term`. Both are removed at teardown; the
+    module never holds the callback itself.
 
     Args:
         kind: ``mse`` (Rocket: squared logit difference summed over candidates), ``mse_centered``
@@ -105,15 +111,19 @@ class HintLossCallback(pl.Callback):
             return functools.partial(_kl_l2, temperature=self.temperature, l2_weight=self.l2_weight)
         return functools.partial(_mse_kl, temperature=self.temperature, kd_weight=self.kd_weight)
 
-    def current_weight(self, trainer: pl.Trainer | None) -> float:
-        if trainer is None or self.schedule == "constant":
+    def current_weight(self, progress) -> float:
+        """The weight at ``progress`` (anything with ``global_step`` and ``current_epoch``: the Trainer, or the
+        module being trained); None: no schedule, the full weight."""
+        if progress is None or self.schedule == "constant":
             return self.weight
         if self.schedule == "warmup":
-            return self.weight * min(1.0, (trainer.global_step + 1) / self.warmup_steps)
-        return self.weight if trainer.current_epoch >= self.start_epoch else 0.0
+            return self.weight * min(1.0, (progress.global_step + 1) / self.warmup_steps)
+        return self.weight if progress.current_epoch >= self.start_epoch else 0.0
 
-    def spec(self, trainer: pl.Trainer | None) -> HintSpec:
-        return HintSpec(self.term_fn(), self.current_weight(trainer), self.block_gradient, self.student_ce_weight)
+    def spec(self, progress) -> HintSpec:
+        """The term, its weight at ``progress`` (see :meth:`current_weight`), the gradient block and the
+        factor on the student's CE; what :meth:`RocketModule.set_hint` expects of a hint."""
+        return HintSpec(self.term_fn(), self.current_weight(progress), self.block_gradient, self.student_ce_weight)
 
     # ------------------------------------------------------------------ wiring
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -123,7 +133,7 @@ class HintLossCallback(pl.Callback):
         if self.label_teacher is not None:
             if rocket:
                 raise ConfigError("federated distillation trains single models (model=sasrec or nextitnet)")
-            pl_module.__dict__["hint_callback"] = self
+            self._set_term(pl_module, self.label_teacher_loss)
             return
         if rocket and self.chunk_rows is not None:
             raise ConfigError(f"callbacks.hint.chunk_rows={self.chunk_rows}: a rocket computes its losses and hint "
@@ -131,13 +141,25 @@ class HintLossCallback(pl.Callback):
         if rocket and self.teacher_ckpt:
             raise ConfigError("callbacks.hint.teacher_ckpt: the rocket module's teacher is its booster; "
                               "a teacher checkpoint is for distilling a plain model")
-        if not rocket and not self.teacher_ckpt:
+        if rocket:
+            pl_module.set_hint(self.spec)
+            return
+        if not self.teacher_ckpt:
             raise ConfigError("callbacks.hint: a plain model needs callbacks.hint.teacher_ckpt=<trained.ckpt> "
                               "(or use model=rocket to train a booster alongside)")
-        if not rocket and stage == "fit" and self.teacher is None:
+        if stage == "fit" and getattr(pl_module.hparams, "loss", None) == "bce":
+            raise ConfigError("model.loss=bce: distillation compares logits over a candidate set; use ce or sampled_softmax")
+        if stage == "fit" and self.teacher is None:
             self.teacher = self._load_teacher(pl_module)
-        # Kept out of the module tree: the callback is not part of the model's state_dict.
-        pl_module.__dict__["hint_callback"] = self
+        if self.teacher is not None:
+            self._set_term(pl_module, self.teacher_loss)
+
+    @staticmethod
+    def _set_term(pl_module: pl.LightningModule, term) -> None:
+        if not hasattr(pl_module, "set_loss_term"):
+            raise ConfigError(f"callbacks.hint: {type(pl_module).__name__} has no set_loss_term (the hook that "
+                              f"lets a distillation term compute its training loss)")
+        pl_module.set_loss_term(term)
 
     def _load_teacher(self, pl_module: pl.LightningModule):
         from lightning_rec.modules.seqrec import SeqRecModule
@@ -199,8 +221,49 @@ class HintLossCallback(pl.Callback):
             self.teacher.eval()
             return self.teacher(items), self.teacher.output_weight()
 
+    # ------------------------------------------------------------------ the loss terms (SeqRecModule.set_loss_term)
+    def teacher_loss(self, module, inputs, hidden, targets, mask) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Classic KD: the student's own CE and the term against the frozen teacher, on the same candidates
+        (the full catalogue or one shared draw of negatives), ``chunk_rows`` positions at a time."""
+        ht, wt = self.teacher_hidden(inputs)
+        hp = module.hparams
+        negatives = log_q = None
+        if hp.loss == "sampled_softmax":
+            log_q = module.negative_log_q()
+            negatives = draw_negatives(module.num_items, hp.num_negatives, targets.device, log_q)
+            log_q = log_q if hp.logq_correction else None
+        spec = self.spec(module)
+        parts = distill.joint_losses(hidden, module.output_weight(), targets, negatives, ht[mask], wt, hint=spec,
+                                     log_q=log_q, chunk_rows=self.chunk_rows)
+        loss = spec.student_ce_weight * parts["student_ce"] + spec.weight * parts["hint"]
+        return loss, {"train/hint_step": parts["hint"], "train/hint_epoch": parts["hint"],
+                      "train/student_ce": parts["student_ce"]}
+
+    def label_teacher_loss(self, module, inputs, hidden, targets, mask,
+                           chunk: int = 2048) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Federated distillation: the module's own loss plus the term against per-label teacher logits.
+
+        A position whose next item has a teacher row compares the student's logits on that row's
+        M candidate items with the teacher's; the term is averaged over all positions.
+        """
+        own = module.loss(hidden, targets)
+        spec = self.spec(module)
+        sel, cand, zt = self.label_teacher_for(targets)
+        w = module.output_weight()
+        hs = hidden[sel]
+        terms = []
+        for i in range(0, hs.shape[0], chunk):  # bounds memory at chunk x M x d
+            zs = torch.einsum("md,mkd->mk", hs[i:i + chunk], w[cand[i:i + chunk]])
+            terms.append(spec.fn(zs, zt[i:i + chunk].to(zs.dtype), None))
+        term = torch.cat(terms).sum() / max(1, targets.numel()) if terms else own.new_zeros(())
+        loss = spec.student_ce_weight * own + spec.weight * term
+        return loss, {"train/fd_term": term, "train/fd_coverage": float(sel.float().mean())}
+
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        pl_module.__dict__.pop("hint_callback", None)
+        if hasattr(pl_module, "set_hint"):
+            pl_module.set_hint(None)
+        elif hasattr(pl_module, "set_loss_term"):
+            pl_module.set_loss_term(None)
 
     def state_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "weight": self.weight, "schedule": self.schedule, "block_gradient": self.block_gradient}
