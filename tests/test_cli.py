@@ -177,9 +177,9 @@ def test_errors_are_one_line(tmp_path):
         run(["predict", f"ckpt={tensor}", f"predict.out={tmp_path}", "predict.overwrite=true"])
         assert "\n" not in str(e.value)
     # optimizer errors are found before a run folder is made: nothing is left behind
-    for argv, expect in [(["fit", "optimizer.lr=-1"], "optimizer (adam): Invalid learning rate: -1.0"),
+    for argv, expect in [(["fit", "optimizer.lr=-1"], "optimizer (torch.optim.Adam): Invalid learning rate: -1.0"),
                          (["fit", "optimizer=adashift", "optimizer.reduction=bogus"], "optimizer.reduction=bogus"),
-                         (["fit", "optimizer.name=lion"], "optimizer.name: unknown optimizer 'lion'")]:
+                         (["fit", "optimizer._target_=torch.optim.Lion"], "optimizer._target_=torch.optim.Lion: cannot import it")]:
         with pytest.raises(LightningRecError, match=re.escape(expect)):
             run(argv + [f"runs_dir={tmp_path / 'opt-runs'}"])
     assert not (tmp_path / "opt-runs").exists()
@@ -276,7 +276,7 @@ def test_a_failed_fit_does_not_leave_its_run_folder_to_the_next_command(tmp_path
     from lightning_rec import runs
 
     with pytest.raises(ConfigError):
-        fit(tmp_path, "model=nextitnet", "optimizer.name=nope", epochs=1)
+        fit(tmp_path, "model=nextitnet", "optimizer._target_=nope.Nope", epochs=1)
     assert runs.RUN_DIR_ENV not in os.environ
 
 

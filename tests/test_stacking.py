@@ -13,7 +13,7 @@ from conftest import tiny
 from lightning_rec import SeqRecModule
 from lightning_rec.cli import run
 from lightning_rec.errors import ConfigError
-from lightning_rec.methods.stackrec.stacking import index_map, is_copy, options
+from lightning_rec.methods.stackrec.stacking import index_map, is_copy, options, stack_module
 
 ARCHS = [("nextitnet", {}), ("sasrec", {"norm_first": True, "num_heads": 2})]
 
@@ -44,7 +44,7 @@ def test_function_preserving_stack_keeps_outputs_and_copies_weights(arch, kw, mo
     x = torch.randint(1, 41, (4, 12))
     before = m(x)
     old = [dict((k, v.clone()) for k, v in b.state_dict().items()) for b in m.encoder.blocks]
-    mapping = m.stack(options(mode, "function_preserving"))
+    mapping = stack_module(m, options(mode, "function_preserving"))
     assert mapping == index_map(3, mode) and len(m.encoder.blocks) == 6 and m.hparams.num_blocks == 6
     torch.testing.assert_close(m(x), before, atol=1e-5, rtol=1e-5)
     for i, j in enumerate(mapping):
@@ -61,7 +61,7 @@ def test_authors_preset_resets_layernorm_alpha_head_and_dilation():
     emb = m.encoder.item_embedding.weight.clone()
     head = m.output.weight.clone()
     conv = [b.conv1.weight.clone() for b in m.encoder.blocks]
-    m.stack(options("adjacent", "authors"))
+    stack_module(m, options("adjacent", "authors"))
     assert [b.dilation for b in m.encoder.blocks] == [1, 4, 1, 4]  # positional
     assert m.hparams.block_dilations is None
     for i, b in enumerate(m.encoder.blocks):
@@ -76,7 +76,7 @@ def test_authors_preset_resets_layernorm_alpha_head_and_dilation():
 
 def test_checkpoint_after_stack_rebuilds_deep_model(tmp_path):
     m = model("nextitnet", 2)
-    m.stack(options("adjacent"))
+    stack_module(m, options("adjacent"))
     path = tmp_path / "deep.ckpt"
     torch.save({"state_dict": m.state_dict(), "hyper_parameters": dict(m.hparams),
                 "pytorch-lightning_version": "2.6.6"}, path)
@@ -132,7 +132,7 @@ def test_keep_moments_copies_adam_state_to_the_copies(tmp_path):
     cb = StackingCallback(at_epochs=[1], mode="adjacent", optimizer_state="keep_moments")
     state = cb._param_states(T, m)
     src = state["encoder.blocks.1.conv1.weight"]["exp_avg"]
-    mapping = m.stack(cb.opts)
+    mapping = stack_module(m, cb.opts)
     new_opt = torch.optim.Adam(m.parameters(), lr=1e-2)
     T.optimizers = [new_opt]
     cb._restore_moments(T, m, state, mapping, 2)
@@ -351,7 +351,7 @@ def test_keep_moments_gives_each_copy_its_own_adashift_state():
 
     cb = StackingCallback(at_epochs=[1], mode="adjacent", optimizer_state="keep_moments")
     state = cb._param_states(T, m)
-    mapping = m.stack(cb.opts)
+    mapping = stack_module(m, cb.opts)
     new_opt = AdaShift(m.parameters(), lr=1e-2, n=3)
     T.optimizers = [new_opt]
     cb._restore_moments(T, m, state, mapping, 2)
@@ -387,11 +387,11 @@ def test_zero_new_alpha_needs_residual_alphas():
 
     m = model("nextitnet", 2, residual_alpha=False)
     with pytest.raises(ConfigError, match="zero_new_alpha=true: the model has no residual alpha"):
-        m.stack(options("adjacent", "function_preserving"))
+        stack_module(m, options("adjacent", "function_preserving"))
     trainer = types.SimpleNamespace(strategy=types.SimpleNamespace(launcher=None))
     with pytest.raises(ConfigError, match="callbacks.stacking.zero_new_alpha=false"):  # at setup, before training
         StackingCallback(at_epochs=[1]).setup(trainer, m, "fit")
-    m.stack(options("adjacent", "function_preserving", zero_new_alpha=False))  # full residual copies, on request
+    stack_module(m, options("adjacent", "function_preserving", zero_new_alpha=False))  # full residual copies, on request
     assert len(m.encoder.blocks) == 4
     post = model("sasrec", 2, norm_first=False, num_heads=2)
     with pytest.warns(UserWarning, match="model.layout=post"):
@@ -400,7 +400,7 @@ def test_zero_new_alpha_needs_residual_alphas():
 
 def test_a_config_built_model_takes_a_stacked_checkpoints_dilations():
     m = model("nextitnet", 2)
-    m.stack(options("adjacent", "function_preserving"))  # copies keep their source's dilation
+    stack_module(m, options("adjacent", "function_preserving"))  # copies keep their source's dilation
     ckpt = {"state_dict": m.state_dict(), "hyper_parameters": dict(m.hparams)}
     assert ckpt["hyper_parameters"]["block_dilations"] == [1, 1, 4, 4]
     built = SeqRecModule(num_items=40, arch="nextitnet", num_blocks=4, d_model=16, max_len=12, dropout=0.0)

@@ -18,12 +18,12 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_rec.errors import ConfigError, DataError, check_int
 from lightning_rec.data.download import DATASETS, fetch
 from lightning_rec.data.encode import EncodedSequences, encode, kcore
 from lightning_rec.data.readers import FORMATS, read_sequences
 from lightning_rec.data.sampler import EpochSampler
 from lightning_rec.data.synthetic import make_synthetic
+from lightning_rec.errors import ConfigError, DataError, check_int
 
 SHORT_USER_POLICIES = ("error", "train", "drop")
 TRAIN_WINDOWS = ("last", "all")

@@ -54,6 +54,9 @@ def _class(target: str, group: str):
 
 def _kwargs(conf: dict[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in conf.items() if k not in ("_target_", "name")}
+    for key in ("lr", "weight_decay"):  # numbers from the command line may arrive as ints
+        if isinstance(out.get(key), int) and not isinstance(out.get(key), bool):
+            out[key] = float(out[key])
     if "betas" in out:
         out["betas"] = tuple(float(b) for b in out["betas"])
     return out
