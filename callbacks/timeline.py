@@ -36,7 +36,7 @@ class Timeline(pl.Callback):
             return
         m = trainer.callback_metrics
         row = {"train_seconds": round(self.train_seconds, 3), "epoch": trainer.current_epoch,
-               "step": trainer.global_step, "num_blocks": len(pl_module.encoder.blocks)}
+               "step": trainer.global_step, "num_blocks": len(getattr(pl_module, "encoder", None).blocks) if hasattr(pl_module, "encoder") else None}
         row.update({k: float(m[k]) for k in self.keys if k in m})
         path = self.path or os.path.join(trainer.default_root_dir, "timeline.jsonl")
         with open(path, "a") as f:
