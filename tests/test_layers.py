@@ -16,7 +16,7 @@ CONTRACT = os.path.join(ROOT, ".importlinter")
 def lint_imports(package_parent: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=package_parent)
     return subprocess.run([sys.executable, "-c", "from importlinter.cli import lint_imports_command; lint_imports_command()",
-                           "--config", CONTRACT, "--no-cache"], cwd=package_parent, env=env, capture_output=True,
+                           CONTRACT, "--no-cache"], cwd=package_parent, env=env, capture_output=True,
                           text=True, timeout=300)
 
 

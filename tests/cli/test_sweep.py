@@ -13,24 +13,35 @@ from lightning_rec.errors import ConfigError, LightningRecError
 
 
 def test_expand_is_the_cartesian_product_last_override_fastest():
-    swept, trials = sweep_mod.expand(["model=sasrec", "optimizer.lr=1e-3,2e-3", "seed=range(1,4)", "+x=choice(a,b)"])
+    swept, trials = sweep_mod.expand(
+        ["model=sasrec", "optimizer.lr=1e-3,2e-3", "seed=range(1,4)", "+x=choice(a,b)"]
+    )
     assert swept == ["optimizer.lr", "seed", "+x"]
     assert len(trials) == 2 * 3 * 2
     assert trials[0] == ["model=sasrec", "optimizer.lr=0.001", "seed=1", "+x=a"]
     assert trials[1] == ["model=sasrec", "optimizer.lr=0.001", "seed=1", "+x=b"]
     assert trials[2] == ["model=sasrec", "optimizer.lr=0.001", "seed=2", "+x=a"]
     assert trials[-1] == ["model=sasrec", "optimizer.lr=0.002", "seed=3", "+x=b"]
-    assert sweep_mod.expand(["model.dilations=[1,2]", "seed=1,2"])[1][0] == ["model.dilations=[1,2]", "seed=1"]
+    assert sweep_mod.expand(["model.dilations=[1,2]", "seed=1,2"])[1][0] == [
+        "model.dilations=[1,2]",
+        "seed=1",
+    ]
 
 
-@pytest.mark.parametrize("overrides, expected", [
-    (["seed=1"], "no swept option"),
-    (["optimizer.lr=interval(0,1)"], r"interval\(0,1\): only lists"),
-    (["run_dir=/tmp/x", "seed=1,2"], "own folder"),
-    (["ckpt_path=last", "seed=1,2"], "own folder"),
-    (["model.d_modl=16,32"], r"trial 0 \(model.d_modl=16\): override 'model.d_modl': no such option"),  # all composed first
-    (["sweep.bogus=1", "seed=1,2"], "sweep.bogus"),
-])
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["seed=1"], "no swept option"),
+        (["optimizer.lr=interval(0,1)"], r"interval\(0,1\): only lists"),
+        (["run_dir=/tmp/x", "seed=1,2"], "own folder"),
+        (["ckpt_path=last", "seed=1,2"], "own folder"),
+        (
+            ["model.d_modl=16,32"],
+            r"trial 0 \(model.d_modl=16\): override 'model.d_modl': no such option",
+        ),  # all composed first
+        (["sweep.bogus=1", "seed=1,2"], "sweep.bogus"),
+    ],
+)
 def test_sweep_option_errors_are_one_line(tmp_path, overrides, expected):
     with pytest.raises(ConfigError, match=expected) as e:
         run(["fit", "-m", f"runs_dir={tmp_path}", *overrides])
@@ -68,7 +79,11 @@ def test_sweep_runs_every_trial_in_its_own_folder_and_summarises(tmp_path, capsy
     assert sd.startswith(str(tmp_path / "runs" / "sweep"))
     rows = _summary(sd)
     assert [(r["model.d_model"], r["seed"], r["status"]) for r in rows] == [
-        ("16", "1", "ok"), ("16", "2", "ok"), ("24", "1", "ok"), ("24", "2", "ok")]
+        ("16", "1", "ok"),
+        ("16", "2", "ok"),
+        ("24", "1", "ok"),
+        ("24", "2", "ok"),
+    ]
     for i, r in enumerate(rows):
         # each trial is an ordinary run: its own config, checkpoints and result.json agree with the summary
         trial = os.path.join(sd, f"trial-{i:03d}")
@@ -97,7 +112,14 @@ def test_a_failed_trial_is_recorded_and_the_sweep_goes_on(tmp_path):
     assert [r["status"] for r in _summary(sd)] == ["ok", "error", "ok"]
     # fail_fast stops at the first failure
     with pytest.raises(LightningRecError, match="fail_fast"):
-        run(["fit", "-m", "sweep.fail_fast=true", *tiny(tmp_path, "model.num_heads=2", "model.d_model=15,16", epochs=1)])
+        run(
+            [
+                "fit",
+                "-m",
+                "sweep.fail_fast=true",
+                *tiny(tmp_path, "model.num_heads=2", "model.d_model=15,16", epochs=1),
+            ]
+        )
 
 
 def test_continuing_a_sweep_keeps_finished_trials_and_resumes_the_interrupted_one(tmp_path, capsys):
@@ -113,10 +135,14 @@ def test_continuing_a_sweep_keeps_finished_trials_and_resumes_the_interrupted_on
     again = run(["fit", "-m", f"sweep.dir={sd}"])  # the stored overrides are used
     text = capsys.readouterr().out
     assert "1 already finished, 1 to run" in text and "resuming trial 1 from" in text
-    assert os.path.getmtime(os.path.join(sd, "trial-000", "result.json")) == t0_mtime  # trial 0 did not run again
+    assert (
+        os.path.getmtime(os.path.join(sd, "trial-000", "result.json")) == t0_mtime
+    )  # trial 0 did not run again
     recs = _records(sd)
     assert [r["trial"] for r in recs] == [0, 1]
-    assert recs[1]["test"] == pytest.approx(first[1]["test"])  # resumed from its end: the same best checkpoint
+    assert recs[1]["test"] == pytest.approx(
+        first[1]["test"]
+    )  # resumed from its end: the same best checkpoint
     assert [r["status"] for r in again["rows"]] == ["ok", "ok"]
     with pytest.raises(ConfigError, match="continue it with no other overrides"):
         run(["fit", "-m", f"sweep.dir={sd}", "seed=3,4"])
