@@ -152,7 +152,7 @@ def test_continuing_a_sweep_keeps_finished_trials_and_resumes_the_interrupted_on
 
 def test_a_multi_process_trial_runs_as_a_child_fit(tmp_path, monkeypatch):
     # trainer=ddp trials run as child `fit` commands; the plumbing is the same for any trainer
-    monkeypatch.setattr(sweep_mod, "_multi_process", lambda cfg: True)
+    monkeypatch.setattr(sweep_mod, "multi_process", lambda cfg: True)
     out = run(["fit", "-m", *tiny(tmp_path, "seed=choice(3)", epochs=1)])
     (row,) = out["rows"]
     assert row["status"] == "ok" and row["best"] is not None
