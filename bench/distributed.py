@@ -211,7 +211,7 @@ def main() -> None:
                  f"on the last validation NDCG@10 (same number of samples) {met('last')}; on test NDCG@10 of the "
                  f"last checkpoints (same number of samples) {met('test_last')}." if ddp else
                  "not evaluated (no DDP run)."))
-    append("Distributed: DDP vs top-k model averaging on ML-1M", f"Setting: {setting}.\n\n" + "\n".join(rows_md)
+    append("topk", "Distributed: DDP vs top-k model averaging on ML-1M", f"Setting: {setting}.\n\n" + "\n".join(rows_md)
            + f"\n\n{target}")
 
 

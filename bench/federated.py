@@ -131,7 +131,7 @@ def main() -> None:
                f"batch {args.batch_size}, lr {args.lr:g} (Adam; AdaShift for fd_att_seg), {args.devices} devices (random users), {args.rounds} rounds x {args.local_epochs} local "
                f"epoch(s) (centralized: {epochs} epochs), top-k k={args.k}, distill top_m={args.top_m}, "
                f"engine {args.engine} (Flower + Ray), seed {args.seed}")
-    append(f"Federated: centralized vs FedAvg vs top-k vs distillation, {args.devices} devices",
+    append("federated", f"Federated: centralized vs FedAvg vs top-k vs distillation, {args.devices} devices",
            f"Setting: {setting}.\n\n" + "\n".join(rows))
 
 

@@ -8,7 +8,8 @@
 
 Targets (issue #2): SASRec test NDCG@10 >= 0.180 and HR@10 >= 0.31 (published 0.1821 / 0.3152);
 NextItNet NDCG@10 >= 0.170. Runs go to $LIGHTNING_REC_BENCH_RUNS (default ~/.cache/lightning_rec/bench-runs,
-outside the work tree so a cut-off run can be resumed later); results are appended to BENCHMARKS.md.
+outside the work tree so a cut-off run can be resumed later); results are appended to docs/log/quality_ml1m.md
+and bench/results/quality_ml1m.jsonl (then run bench/report.py).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import SHARED_DATA, append, run_main  # noqa: E402
+from common import SHARED_DATA, append, record, run_main  # noqa: E402
 
 RUNS = os.environ.get("LIGHTNING_REC_BENCH_RUNS", os.path.expanduser("~/.cache/lightning_rec/bench-runs"))
 TARGETS = {"sasrec": {"test/ndcg@10": 0.180, "test/hr@10": 0.31}, "nextitnet": {"test/ndcg@10": 0.170}}
@@ -62,7 +63,12 @@ def main() -> None:
         f"best val NDCG@10 {out['best_score']:.4f}; run folder `{out['run_dir']}`.\n"
         f"Targets {'met' if verdict else 'NOT met'}.\n\n| metric | test | target |\n|---|---|---|\n" + "\n".join(rows)
     )
-    append(f"ML-1M accuracy: {args.model}" + (f" ({args.experiment})" if args.experiment else ""), body)
+    log = append("quality_ml1m", f"ML-1M accuracy: {args.model}" + (f" ({args.experiment})" if args.experiment else ""), body)
+    setting = f"`{args.experiment or 'ml1m_' + args.model}`" + (f" {' '.join(args.overrides)}" if args.overrides else "")
+    for k, goal in TARGETS[args.model].items():
+        record("quality_ml1m", target=f"{'SASRec' if args.model == 'sasrec' else 'NextItNet'} accuracy", setting=setting,
+               metric=k.replace("test/", "test ").replace("ndcg", "NDCG").replace("hr", "HR"), value=round(test[k], 4),
+               goal=f">= {goal}", met=bool(test[k] >= goal), log=log)
 
 
 if __name__ == "__main__":

@@ -120,7 +120,7 @@ def main() -> None:
                f"automatic switches: SWATS rule after {args.min_steps} steps, deadline epoch {half}; scheduled: epoch {late} "
                f"at {'SGD lr ' + format(args.sgd_lr, 'g') if args.sgd_lr else 'the SWATS estimate'}; "
                f"target = 0.99 x {ref}'s best validation NDCG@10 = {target:.4f}; time = training batches only (Timeline)")
-    append("Optimizer switching on ML-1M", f"Setting: {setting}.\n\n" + "\n".join(rows) + f"\n\n{verdict}\n\n"
+    append("optim_switch", "Optimizer switching on ML-1M", f"Setting: {setting}.\n\n" + "\n".join(rows) + f"\n\n{verdict}\n\n"
            f"Plot: [docs/optim_switch{args.tag}.png](docs/optim_switch{args.tag}.png).")
 
 

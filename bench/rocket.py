@@ -27,7 +27,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import SHARED_DATA, append, run_main  # noqa: E402
+from common import SHARED_DATA, append, record, run_main  # noqa: E402
 
 RUNS = os.environ.get("LIGHTNING_REC_BENCH_RUNS", os.path.expanduser("~/.cache/lightning_rec/bench-runs"))
 ORDER = ["light", "rocket", "noblock", "noshare", "nohint", "rocket_kd", "booster"]
@@ -176,7 +176,18 @@ def main() -> None:
                f"latency: median of 10 full-ranking passes for {args.latency_users} users of length {args.max_len}, "
                f"{torch.get_num_threads()} threads"
                f"{'; extra overrides for every run: ' + ' '.join(args.overrides) if args.overrides else ''}")
-    append("Rocket Launching on ML-1M", f"Setting: {setting}.\n\n" + "\n".join(rows) + "\n\n" + "\n".join(verdict))
+    log = append("rocket", "Rocket Launching on ML-1M", f"Setting: {setting}.\n\n" + "\n".join(rows) + "\n\n" + "\n".join(verdict))
+    if verdict:
+        short = (f"booster {args.booster_blocks} blocks d={d}, light {args.light_blocks} block d={dl}, {args.epochs} epochs, "
+                 f"max_len {args.max_len}, seed {args.seed}{' ' + ' '.join(args.overrides) if args.overrides else ''}")
+        light, rocket, booster = (results[n]["ndcg"] for n in ("light", "rocket", "booster"))
+        for metric, value, base, of, goal, ok in (
+                ("test NDCG@10 of the light net", rocket, light, "the light net alone", "ratio >= 1.05", g >= 0.05),
+                ("test NDCG@10 of the light net", rocket, booster, "the booster alone", "ratio >= 0.95", f >= 0.95),
+                ("latency, ms per batch", lats["rocket/light"] * 1e3, lats["booster"] * 1e3, "the booster",
+                 "ratio <= 0.25", lr <= 0.25)):
+            record("rocket", target="Rocket Launching", setting=short, metric=metric, value=round(value, 4),
+                   baseline=round(base, 4), baseline_of=of, ratio=round(value / base, 3), goal=goal, met=bool(ok), log=log)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from the repository root (the first install pins the CPU torch wheel so nothing 
     .venv-recbole/bin/pip install torch==2.13.0
     .venv-recbole/bin/pip install torch==2.13.0 recbole==1.2.1 "numpy<2" "pandas<2.2"
 
-The RecBole atomic file and its logs go to bench/out/recbole/. Results are appended to BENCHMARKS.md.
+The RecBole atomic file and its logs go to bench/out/recbole/. Results are appended to docs/log/throughput.md and bench/results/throughput.jsonl.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import ROOT, SHARED_DATA, append, run_main  # noqa: E402
+from common import ROOT, SHARED_DATA, append, record, run_main  # noqa: E402
 
 VENV_PY = os.path.join(ROOT, ".venv-recbole", "bin", "python")
 RECBOLE_OUT = os.path.join(ROOT, "bench", "out", "recbole")
@@ -174,7 +174,7 @@ def main() -> None:
     ap.add_argument("--trainer-steps", type=int, default=20,
                     help="steps of the pytorch_lightning.Trainer sanity check (0: skip)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads on both sides (0: torch's default)")
-    ap.add_argument("--no-append", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    ap.add_argument("--no-append", action="store_true", help="print only; leave the log and the records alone")
     args = ap.parse_args()
     if not args.skip_recbole and not os.path.exists(VENV_PY):
         sys.exit(f"RecBole venv missing ({VENV_PY}); from {ROOT} run: {VENV_HELP}  (or pass --skip-recbole)")
@@ -280,7 +280,16 @@ def main() -> None:
     if args.no_append:
         print(body)
     else:
-        append("Throughput vs RecBole 1.2.1: SASRec on ML-1M", body)
+        log = append("throughput", "Throughput vs RecBole 1.2.1: SASRec on ML-1M", body)
+        if rb:
+            setting = f"SASRec on ML-1M, {os.cpu_count()} cores, {threads} threads"
+            record("throughput", target="Training and evaluation speed", setting=setting, metric="training targets/s",
+                   value=round(lr_tps), baseline=round(rb["targets_per_second"], 1), baseline_of=f"RecBole {rb['recbole']}",
+                   ratio=round(train_x, 1), goal="ratio >= 50", met=bool(train_x >= 50), log=log)
+            record("throughput", target="Training and evaluation speed", setting=setting,
+                   metric="full-ranking evaluation, s (ratio: speed-up)", value=round(lr_eval, 2),
+                   baseline=round(rb["eval_seconds"], 2), baseline_of=f"RecBole {rb['recbole']}", ratio=round(eval_x, 2),
+                   goal="ratio > 1", met=bool(eval_x > 1), log=log)
 
 
 if __name__ == "__main__":
