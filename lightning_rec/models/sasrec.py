@@ -21,8 +21,8 @@ class SASRecBlock(nn.Module):
     then ``x = LN(x)``, ``x = x + a_ffn * ffn(x)``.
     ``a_att``/``a_ffn`` are zero-initialised scalars (StackRec) or absent (plain SASRec).
 
-    ``attention_m > 1`` is the attentive encoder of the federated-distillation paper (SPEC
-    section 4): each head computes ``m`` attention maps, from ``m`` query/key pairs of width
+    ``attention_m > 1`` is the attentive encoder of the federated-distillation paper
+    (section 4): each head computes ``m`` attention maps, from ``m`` query/key pairs of width
     ``max(1, d_head // m)``, and uses their average: ``y = mean_j softmax(q_j k_j^T / sqrt(dk)) v``.
     Attention memory and time grow ``m``-fold.
     """

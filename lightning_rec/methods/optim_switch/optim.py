@@ -19,7 +19,7 @@ The bias correction of ``v`` (on by default, ``bias_correction=False`` for the p
 is our addition: with ``v_0 = 0`` and ``beta2 = 0.999`` the uncorrected first steps are ~30x
 larger than intended. As Adam's, it counts updates per tensor: with ``reduction=row_max`` or
 ``none`` an entry (an item row) first seen late still takes a larger first step, up to about
-``lr / sqrt(1 - beta2)``. Counting per entry instead was measured on ML-1M (BENCHMARKS.md,
+``lr / sqrt(1 - beta2)``. Counting per entry instead was measured on ML-1M (docs/log/optim_switch.md,
 2026-11-24 11:59) and did no better (test NDCG@10 0.1232 against 0.1251), so it is not done.
 """
 
