@@ -29,12 +29,25 @@ def model(arch, blocks=2, **kw):
     return m.eval()
 
 
-@pytest.mark.parametrize("L", [1, 2, 3, 5])
+# written out from the method's definition (adjacent: B0 B0 B1 B1 ..., cross: B0 B1 ... B(L-1) B0 B1 ...),
+# not from the implementation's formula; F marks a block's own position, T the added copy
+INDEX_MAPS = {
+    1: ([0, 0], [0, 0], "FT", "FT"),
+    2: ([0, 0, 1, 1], [0, 1, 0, 1], "FTFT", "FFTT"),
+    3: ([0, 0, 1, 1, 2, 2], [0, 1, 2, 0, 1, 2], "FTFTFT", "FFFTTT"),
+    5: ([0, 0, 1, 1, 2, 2, 3, 3, 4, 4], [0, 1, 2, 3, 4, 0, 1, 2, 3, 4], "FTFTFTFTFT", "FFFFFTTTTT"),
+}
+
+
+@pytest.mark.parametrize("L", sorted(INDEX_MAPS))
 def test_index_maps_follow_the_spec(L):
-    assert index_map(L, "adjacent") == [i // 2 for i in range(2 * L)]
-    assert index_map(L, "cross") == [i % L for i in range(2 * L)]
-    assert [is_copy(i, L, "adjacent") for i in range(2 * L)] == [i % 2 == 1 for i in range(2 * L)]
-    assert [is_copy(i, L, "cross") for i in range(2 * L)] == [i >= L for i in range(2 * L)]
+    adjacent, cross, adjacent_copies, cross_copies = INDEX_MAPS[L]
+    assert index_map(L, "adjacent") == adjacent
+    assert index_map(L, "cross") == cross
+    assert "".join("FT"[is_copy(i, L, "adjacent")] for i in range(2 * L)) == adjacent_copies
+    assert "".join("FT"[is_copy(i, L, "cross")] for i in range(2 * L)) == cross_copies
+    with pytest.raises(ConfigError, match="not one of"):
+        index_map(L, "interleaved")
 
 
 @pytest.mark.parametrize("arch,kw", ARCHS)
