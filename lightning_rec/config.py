@@ -90,15 +90,16 @@ def _explain(e: Exception, overrides: list[str]) -> str:
     return msg
 
 
-def load_config(overrides: list[str]) -> DictConfig:
-    """Compose ``conf/config.yaml`` with command-line overrides (``key=value``, ``group=option``)."""
+def load_config(overrides: list[str], with_hydra: bool = False) -> DictConfig:
+    """Compose ``conf/config.yaml`` with command-line overrides (``key=value``, ``group=option``);
+    ``with_hydra`` keeps Hydra's own ``hydra`` node (for ``--cfg hydra|all``)."""
     bad = [o for o in overrides if "=" not in o and not o.startswith("~")]  # ~key deletes a key (Hydra)
     if bad:
         raise ConfigError(f"argument '{bad[0]}': expected key=value (e.g. model=nextitnet trainer.max_epochs=5)")
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-            cfg = compose(config_name="config", overrides=list(overrides))
+            cfg = compose(config_name="config", overrides=list(overrides), return_hydra_config=with_hydra)
     except Exception as e:  # Hydra raises several exception types for bad overrides
         raise ConfigError(_explain(e, overrides)) from None
     finally:

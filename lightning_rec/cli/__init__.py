@@ -9,7 +9,8 @@ export   write one net of a rocket checkpoint as a standalone model: export ckpt
 federate federated training over simulated devices (Flower): federate federation.num_devices=4
 
 Overrides follow Hydra: ``model=nextitnet data=ml-1m data.path=... trainer.max_epochs=50 logger=wandb``.
-Add ``--cfg`` to print the composed config and exit.
+Add ``--cfg`` (or Hydra's ``--cfg job|hydra|all``, ``-c``) to print the composed config and exit, with
+``--resolve`` to resolve its interpolations.
 ``fit -m optimizer.lr=1e-3,2e-3 'seed=range(3)'`` runs a sweep: one run per combination, then a
 summary table (see :mod:`lightning_rec.cli.sweep`); ``fit -m ... --cfg`` lists the trials.
 """
@@ -27,6 +28,34 @@ from lightning_rec.errors import ConfigError, LightningRecError
 
 # command -> the module that implements it (one file per command, each with ``run(cfg, overrides)``)
 COMMANDS = ("fit", "test", "predict", "stack", "export", "federate")
+CFG_PARTS = ("job", "hydra", "all")  # what Hydra's --cfg prints
+
+
+def _cfg_flag(args: list[str]) -> tuple[str | None, list[str]]:
+    """``(part, rest)``: Hydra's ``--cfg job|hydra|all`` (also ``-c``, ``--cfg=job``; a bare ``--cfg`` is job)."""
+    part, rest, i = None, [], 0
+    while i < len(args):
+        a = args[i]
+        if a in ("--cfg", "-c") or a.startswith("--cfg="):
+            value = a.split("=", 1)[1] if "=" in a else None
+            nxt = args[i + 1] if i + 1 < len(args) else None
+            if value is None and nxt is not None and "=" not in nxt and not nxt.startswith(("-", "~")):
+                value, i = nxt, i + 1  # --cfg job
+            if value is not None and value not in CFG_PARTS:
+                raise ConfigError(f"--cfg={value}: expected one of {', '.join(CFG_PARTS)} (or --cfg alone: job)")
+            part = value or "job"
+        else:
+            rest.append(a)
+        i += 1
+    return part, rest
+
+
+def _print_cfg(cfg, part: str, resolve: bool) -> None:
+    if part in ("job", "all"):
+        job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
+        print(OmegaConf.to_yaml(job, resolve=resolve))
+    if part in ("hydra", "all"):
+        print(OmegaConf.to_yaml(OmegaConf.create({"hydra": cfg.hydra}), resolve=False))
 
 
 def _command(name: str):
@@ -43,26 +72,28 @@ def run(argv: list[str]) -> Any:
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         raise ConfigError(f"unknown command '{command}'; expected one of {', '.join(COMMANDS)} (see --help)")
-    show_cfg = "--cfg" in rest
+    show_cfg, rest = _cfg_flag(rest)
+    resolve = "--resolve" in rest
     multirun = any(a in ("-m", "--multirun") for a in rest)
-    overrides = [a for a in rest if a not in ("--cfg", "-m", "--multirun")]
+    overrides = [a for a in rest if a not in ("-m", "--multirun", "--resolve")]
     if any(a.startswith("-") and not a.startswith("~") for a in overrides):
         flag = next(a for a in overrides if a.startswith("-"))
-        raise ConfigError(f"unknown flag '{flag}'; commands take key=value overrides, --cfg and (fit) -m")
+        raise ConfigError(f"unknown flag '{flag}'; commands take key=value overrides, --cfg [job|hydra|all], "
+                          f"--resolve and (fit) -m")
     if multirun:
         if command != "fit":
             raise ConfigError(f"-m (sweep) is for fit; `{command}` runs once")
-        return _command("sweep").run_sweep(overrides, show_only=show_cfg)
+        return _command("sweep").run_sweep(overrides, show_only=show_cfg is not None)
     if any(a.startswith("sweep.") for a in overrides):
         raise ConfigError("sweep.* options belong to sweeps: add -m (e.g. `fit -m sweep.dir=<sweep folder>`)")
     module = _command(command)
     overrides = module.rewrite(overrides) if hasattr(module, "rewrite") else overrides
-    cfg = load_config(overrides)
+    cfg = load_config(overrides, with_hydra=show_cfg in ("hydra", "all"))
     if cfg.get("weights", "average") != "average" and command not in ("test", "predict"):
         raise ConfigError(f"weights={cfg.weights}: chooses the weights `test` and `predict` evaluate; "
                           f"`{command}` does not take it")
     if show_cfg:
-        print(OmegaConf.to_yaml(cfg))
+        _print_cfg(cfg, show_cfg, resolve)
         return None
     return getattr(module, command)(cfg, overrides)
 
