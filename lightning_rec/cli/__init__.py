@@ -95,6 +95,9 @@ def run(argv: list[str]) -> Any:
     if show_cfg:
         _print_cfg(cfg, show_cfg, resolve)
         return None
+    from lightning_rec.runs.launch import set_threads
+
+    set_threads(cfg.get("threads"))
     return getattr(module, command)(cfg, overrides)
 
 

@@ -141,6 +141,9 @@ def _run_trial(sweep: Sweep, i: int, cfg, group: str) -> dict[str, Any]:
             out = _fit_in_child(sweep.trials[i] + extra, trial_dir)
         else:
             from lightning_rec.cli.fit import fit
+            from lightning_rec.runs.launch import set_threads
+
+            set_threads(cfg.get("threads"))
 
             for o in extra:  # the trial's config, composed before the sweep started, is used by this trial only
                 k, v = o.split("=", 1)

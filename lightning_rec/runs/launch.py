@@ -1,4 +1,4 @@
-"""Who launched this process: torchrun or SLURM (their rank variables), or nobody."""
+"""Who launched this process (torchrun or SLURM, by their rank variables, or nobody) and its CPU threads."""
 
 from __future__ import annotations
 
@@ -23,3 +23,18 @@ def env_rank() -> int:
     """This process's global rank as its launcher states it (0 before any launcher ran)."""
     launch = external_launch()
     return launch[0] if launch else 0
+
+
+def set_threads(threads) -> None:
+    """``threads=N``: torch's intra-op CPU threads in this process (each DDP worker re-runs the command, so
+    each sets its own); ``None`` leaves torch's default."""
+    if threads is None:
+        return
+    from lightning_rec.errors import ConfigError
+
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ConfigError(f"threads={threads}: expected a whole number >= 1 (CPU threads per process), or null "
+                          f"for torch's default")
+    import torch
+
+    torch.set_num_threads(threads)

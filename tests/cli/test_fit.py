@@ -467,3 +467,16 @@ def test_resume_and_init_from_say_which_architecture_overrides_they_do_not_use(t
         )
     assert "so model.num_blocks=3 (it has 2) is not used (init_from keeps" in caplog.text
     assert yaml.safe_load(open(os.path.join(started["run_dir"], "config.yaml")))["model"]["num_blocks"] == 2
+
+
+def test_threads_sets_torchs_cpu_threads_and_rejects_nonsense(tmp_path):
+    before = torch.get_num_threads()
+    try:
+        fit(tmp_path, "threads=1", epochs=1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    for bad in ("0", "two", "1.5"):
+        with pytest.raises(ConfigError, match=f"threads={bad}: expected a whole number"):
+            fit(tmp_path, f"threads={bad}", epochs=1)
+    assert torch.get_num_threads() == before
