@@ -110,6 +110,20 @@ def build_model(model_conf: dict[str, Any], num_items: int):
         raise ConfigError(f"model: {e}") from None
 
 
+def lines_without_a_terminal(callbacks: list, stream=None) -> list:
+    """Without a terminal (a log file, CI, nohup), the redrawn TQDM bar becomes whole progress lines."""
+    import sys
+
+    from pytorch_lightning.callbacks import TQDMProgressBar
+
+    from lightning_rec.callbacks.line_progress import LineProgressBar
+
+    stream = sys.stderr if stream is None else stream
+    if getattr(stream, "isatty", lambda: False)():
+        return callbacks
+    return [LineProgressBar() if type(c) is TQDMProgressBar else c for c in callbacks]
+
+
 def build_trainer(cfg: DictConfig, run_dir: str, callbacks: list, loggers: list):
     from hydra.utils import instantiate
 
@@ -122,6 +136,7 @@ def build_trainer(cfg: DictConfig, run_dir: str, callbacks: list, loggers: list)
         from pytorch_lightning.callbacks.progress import ProgressBar
 
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    callbacks = lines_without_a_terminal(callbacks)
     try:
         trainer = instantiate(
             cfg.trainer, callbacks=callbacks, logger=loggers if loggers else False,
