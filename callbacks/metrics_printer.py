@@ -30,4 +30,19 @@ class MetricsPrinter(pl.Callback):
         m = trainer.callback_metrics
         parts = [f"{k.replace('_epoch', '')}={float(m[k]):.4f}" for k in self.keys if k in m]
         took = f" | {time.perf_counter() - self._t0:.1f}s" if self._t0 is not None else ""
-        rank_zero_info(f"epoch {trainer.current_epoch} | step {trainer.global_step} | {' '.join(parts)}{took}")
+        cut = time_limit_stop(trainer)
+        cut = f" | cut short by trainer.max_time after {cut[0]} of {cut[1]} batches" if cut and cut[0] < cut[1] else ""
+        rank_zero_info(f"epoch {trainer.current_epoch} | step {trainer.global_step} | {' '.join(parts)}{took}{cut}")
+
+
+def time_limit_stop(trainer: pl.Trainer) -> tuple[int, int] | None:
+    """``(batches run, batches per epoch)`` of the epoch ``trainer.max_time`` stopped, or None if it did not."""
+    from pytorch_lightning.callbacks import Timer
+
+    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+    left = timer.time_remaining() if timer is not None else None
+    if left is None or left > 0:
+        return None
+    done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+    total = trainer.num_training_batches
+    return int(done), int(total) if total != float("inf") else int(done)

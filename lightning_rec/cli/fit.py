@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_rec import runs
 from lightning_rec.build import build_callbacks, build_datamodule, build_model, build_trainer
+from lightning_rec.callbacks.metrics_printer import time_limit_stop
 from lightning_rec.cli._checkpoint import (
     data_conf_from_checkpoint,
     eval_from_checkpoint,
@@ -236,6 +237,14 @@ def _train_and_test(cfg: DictConfig, trainer, model, dm, start: _Start) -> dict[
     t0 = time.perf_counter()
     trainer.fit(model, datamodule=dm, ckpt_path=start.ckpt_path)
     fit_seconds = time.perf_counter() - t0
+    stop = time_limit_stop(trainer)
+    complete = trainer.current_epoch - (1 if stop and stop[0] < stop[1] else 0)
+    if stop and trainer.is_global_zero:
+        limit = to_plain(cfg.trainer.max_time)
+        where = (f"{stop[0]} of the {stop[1]} batches into epoch {complete}; the last checkpoint holds that partial "
+                 f"epoch" if stop[0] < stop[1] else f"at the end of epoch {complete - 1}")
+        rank_zero_info(f"trainer.max_time={limit} stopped the run at step {trainer.global_step}, {where} "
+                       f"({complete} complete epochs)")
     results: dict[str, float] = {}
     ckpt_cb = trainer.checkpoint_callback
     best = ckpt_cb.best_model_path if ckpt_cb else ""
@@ -252,6 +261,8 @@ def _train_and_test(cfg: DictConfig, trainer, model, dm, start: _Start) -> dict[
         "test": results, "run_dir": start.run_dir, "best_ckpt": best, "monitor": str(cfg.eval.monitor),
         "best_score": float(best_score) if best_score is not None else None,
         "epochs": trainer.current_epoch, "fit_seconds": fit_seconds,
+        "epochs_complete": complete, "stopped_by": "max_time" if stop else None,
+        "stopped_at_step": trainer.global_step if stop else None,
     }
     if trainer.is_global_zero:  # the run's outcome, machine-readable (sweeps read it from child processes)
         tmp = os.path.join(start.run_dir, "result.json.tmp")

@@ -480,3 +480,19 @@ def test_threads_sets_torchs_cpu_threads_and_rejects_nonsense(tmp_path):
         with pytest.raises(ConfigError, match=f"threads={bad}: expected a whole number"):
             fit(tmp_path, f"threads={bad}", epochs=1)
     assert torch.get_num_threads() == before
+
+
+def test_a_time_limit_says_where_it_stopped_the_run(tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO)
+    out = fit(tmp_path, "trainer.max_time={seconds:3}", "trainer.max_epochs=100000", epochs=100000)
+    text = " ".join(caplog.text.split())
+    m = re.search(r"trainer.max_time=\{'seconds': 3\} stopped the run at step (\d+), (.*?) \((\d+) complete epochs\)", text)
+    assert m, text[-2000:]
+    result = json.load(open(os.path.join(out["run_dir"], "result.json")))
+    assert result["stopped_by"] == "max_time" and result["stopped_at_step"] == int(m.group(1))
+    assert result["epochs_complete"] == int(m.group(3)) and result["epochs"] - result["epochs_complete"] in (0, 1)
+    partial = result["epochs"] != result["epochs_complete"]
+    assert ("batches into epoch" in m.group(2)) == partial
+    assert out["epochs"] < 100000
