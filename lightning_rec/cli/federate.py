@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 from lightning_rec.config import override_key
 from lightning_rec.errors import ConfigError
 
-# options of the Flower server/client processes (Flower < 1.42's start_server / start_client)
+# options of the retired deployment with one Flower server process and one client process per device
 REPLACED = {"federation.server_address": "federation.superlink=<host:port> (the SuperLink's address)",
             "federation.wait_for_server": "federation.connect_timeout (seconds the first round waits for SuperNodes)",
             "federation.device": "the SuperNode's --node-config \"partition-id=N num-partitions=M\""}
@@ -21,7 +21,7 @@ def rewrite(overrides: list[str]) -> list[str]:
         key = override_key(o)
         if key in REPLACED:
             raise ConfigError(f"{key}: deployment now runs a Flower SuperLink and SuperNodes "
-                              f"(federation.engine=deployment); use {REPLACED[key]} (README, 'Deployment')")
+                              f"(federation.engine=deployment); use {REPLACED[key]} (docs/methods/federated.md, 'Deployment')")
     return overrides
 
 
@@ -44,10 +44,13 @@ def federate(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     run_dir, resume_state = open_run(plan)
     fed = cfg.federation
     if fed.engine == "deployment":
+        from omegaconf import OmegaConf
+
         from lightning_rec.methods.federated.deploy import submit
 
-        return submit(plan.plain, run_dir, str(fed.superlink), fed.get("root_certificates"),
-                      float(fed.connect_timeout))
+        # unresolved: ${run_dir} and the like resolve in the apps, with run_dir set
+        return submit(OmegaConf.to_container(cfg, resolve=False), run_dir, str(fed.superlink),
+                      fed.get("root_certificates"), float(fed.connect_timeout))
 
     state_dir = os.path.join(run_dir, "devices")
     result: dict[str, Any] = {}

@@ -4,7 +4,7 @@ The processes (any machines that reach the SuperLink's port; ``--insecure`` is p
 
     flower-superlink --insecure --host 0.0.0.0 --port 8000 --disable-runtime-dependency-installation
     flower-supernode --insecure --superlink HOST:8000 --port 9094 \
-        --node-config "partition-id=0 num-partitions=2 state-dir=/path/for/device0"      # one per device
+        --node-config 'partition-id=0 num-partitions=2 state-dir="/path/for/device0"'      # one per device
 
 then ``python -m lightning_rec federate federation.engine=deployment federation.superlink=HOST:8000
 federation.num_devices=2 ...``. That command checks the options and the split as for a simulation,
@@ -30,26 +30,11 @@ import sys
 import time
 from typing import Any
 
-from lightning_rec.errors import ConfigError, LightningRecError
+from lightning_rec.errors import ConfigError
+from lightning_rec.methods.federated.superlink import commands, parse_address
 
 APP_MODULE = "lightning_rec_app"
 CONNECTION = "lightning-rec"
-
-
-def parse_address(address: str, option: str) -> tuple[str, int]:
-    host, _, port = address.strip().rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"{option}={address}: expected host:port (e.g. 127.0.0.1:8000)")
-    return host.strip("[]"), int(port)
-
-
-def commands(superlink: str, num_devices: int) -> list[str]:
-    """The commands that start a SuperLink and the SuperNodes for ``num_devices`` devices (one machine)."""
-    host, port = parse_address(superlink, "federation.superlink")
-    lines = [f"flower-superlink --insecure --port {port} --disable-runtime-dependency-installation"]
-    lines += [f"flower-supernode --insecure --superlink {host}:{port} --port {9094 + d} "
-              f"--node-config \"partition-id={d} num-partitions={num_devices}\"" for d in range(num_devices)]
-    return lines
 
 
 def _listening(host: str, port: int, seconds: float) -> bool:
@@ -80,7 +65,7 @@ def portable_config(plain: dict[str, Any]) -> dict[str, Any]:
     for section, key in (("data", "path"), ("data", "cache_dir"), (None, "runs_dir"), (None, "run_dir")):
         holder = out.get(section, {}) if section else out
         value = holder.get(key)
-        if isinstance(value, str) and value and "://" not in value:
+        if isinstance(value, str) and value and "://" not in value and "${" not in value:
             holder[key] = os.path.abspath(os.path.expanduser(value))
     return out
 

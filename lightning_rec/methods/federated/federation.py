@@ -69,7 +69,7 @@ def check_options(cfg: DictConfig) -> None:
     if fed.engine in ("server", "client"):
         raise ConfigError(f"federation.engine={fed.engine}: Flower's server/client processes were replaced by a "
                           f"SuperLink and SuperNodes; start those and use federation.engine=deployment "
-                          f"federation.superlink=<host:port> (README, 'Deployment')")
+                          f"federation.superlink=<host:port> (docs/methods/federated.md, 'Deployment')")
     if fed.engine not in ENGINES:
         raise ConfigError(f"federation.engine={fed.engine}: expected {' or '.join(ENGINES)}")
     for key in ("rounds", "local_epochs", "num_devices", "top_m"):
@@ -85,7 +85,7 @@ def check_options(cfg: DictConfig) -> None:
             raise ConfigError(f"federation.{key}={value}: expected a positive number of seconds"
                               f"{' or null (wait for every reply)' if key == 'round_timeout' else ''}")
     if fed.engine == "deployment":
-        from lightning_rec.methods.federated.deploy import parse_address
+        from lightning_rec.methods.federated.superlink import parse_address
 
         parse_address(str(fed.superlink), "federation.superlink")
     check_local_callbacks(to_plain(fed.callbacks) or {})
