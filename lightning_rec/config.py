@@ -14,6 +14,20 @@ from lightning_rec.errors import ConfigError
 CONFIG_MODULE = "lightning_rec.conf"
 
 
+def _file_stem(path, default: str = "file") -> str:
+    """``${file_stem:${data.path},file}``: a data file's name without folders and extensions (ratings.csv.gz ->
+    ratings), for naming runs after the data; ``default`` when there is no path."""
+    if not path:
+        return default
+    name = re.split(r"[\\/]", str(path).rstrip("/\\"))[-1]
+    stem = re.sub(r"(\.(gz|bz2|xz|zip|zst))?$", "", name, flags=re.I)
+    stem = re.sub(r"\.[A-Za-z0-9]{1,5}$", "", stem)
+    return re.sub(r"[^\w.-]+", "_", stem) or default
+
+
+OmegaConf.register_new_resolver("file_stem", _file_stem, replace=True)
+
+
 def _one_line(msg: str) -> str:
     return " ".join(str(msg).split())
 
