@@ -63,6 +63,56 @@ def test_adashift_max_reduction_and_max_of_last_q_by_hand():
         assert q[t] == pytest.approx(x, rel=1e-12), t
 
 
+@pytest.mark.parametrize("bias_correction", [False, True])
+def test_adashift_chen2021_is_the_papers_equation_11_by_hand(bias_correction):
+    # V_z = b2 V_{z-q} + (1 - b2) max{R^2_{z-q} .. R^2_z}; M_z = sum_i b1^i R_{z-i} / sum_i b1^i over the same q + 1
+    grads = [[0.5, -1.0], [2.0, 0.25], [-1.0, 1.0], [0.1, 3.0], [1.5, -0.5], [-0.3, 0.2], [0.7, -2.0]]
+    lr, b1, b2, q = 0.1, 0.5, 0.9, 2
+    x = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+    opt = AdaShift([x], lr=lr, betas=(b1, b2), q=q, n=99, reduction="none", second_moment="chen2021", eps=0.0,
+                   bias_correction=bias_correction)
+    seen = []
+    for g in grads:
+        x.grad = torch.tensor(g, dtype=torch.float64)
+        opt.step()
+        seen.append(x.detach().clone().tolist())
+    assert seen[0] == seen[1] == [1.0, -2.0]  # q + 1 = 3 gradients are needed (n is not used)
+    # written out for element j, steps z = 2..6 (0-based); V_{z-2} exists from z = 4 on
+    want, v, k = [1.0, -2.0], {}, {}
+    for z in range(2, 7):
+        for j in range(2):
+            phi = max(grads[z][j] ** 2, grads[z - 1][j] ** 2, grads[z - 2][j] ** 2)
+            v[z, j] = b2 * v.get((z - 2, j), 0.0) + (1 - b2) * phi
+            k[z, j] = k.get((z - 2, j), 0) + 1
+            m = (grads[z][j] + b1 * grads[z - 1][j] + b1**2 * grads[z - 2][j]) / (1 + b1 + b1**2)
+            vhat = v[z, j] / (1 - b2 ** k[z, j]) if bias_correction else v[z, j]
+            want[j] -= lr * m / math.sqrt(vhat)
+        assert seen[z] == pytest.approx(want, rel=1e-12), z
+    # z = 4 is the first step with a V two steps back: 0.9 * V_2 + 0.1 * phi_4, element 0: phi_2 = 4, phi_4 = 2.25
+    assert v[4, 0] == pytest.approx(0.9 * 0.4 + 0.225)
+
+
+def test_adashift_chen2021_state_survives_a_checkpoint_round_trip():
+    grads = [torch.randn(3, 2, dtype=torch.float64) for _ in range(8)]
+
+    def run(split):
+        torch.manual_seed(0)
+        x = torch.nn.Parameter(torch.ones(3, 2, dtype=torch.float64))
+        opt = AdaShift([x], lr=0.05, q=3, second_moment="chen2021", reduction="row_max")
+        for i, g in enumerate(grads):
+            if i == split:
+                state = opt.state_dict()
+                x2 = torch.nn.Parameter(x.detach().clone())
+                opt = AdaShift([x2], lr=0.05, q=3, second_moment="chen2021", reduction="row_max")
+                opt.load_state_dict(state)
+                x = x2
+            x.grad = g.clone()
+            opt.step()
+        return x.detach()
+
+    assert torch.equal(run(split=-1), run(split=5))
+
+
 def test_adashift_row_max_gives_each_row_its_own_scale_by_hand():
     # A 2 x 2 table (rows = items) and a bias; row 1 has no gradient at step 0, so at step 1 it has no
     # scale yet and must not move although its gradient is non-zero; the bias is reduced as a whole.

@@ -7,7 +7,15 @@ the first ``n`` steps (the window fills). ``phi`` is ``max`` (one value per tens
 recommended spatial reduction), ``row_max`` (one value per row of a matrix, i.e. per item of an
 embedding or output table; 1-D tensors as ``max``) or ``none`` (element-wise). ``second_moment="max_last_q"`` is the
 paper's other wording: the EMA takes the element-wise largest of the last ``q`` shifted squared
-gradients.
+gradients. ``second_moment="chen2021"`` is equation (11) of the federated-distillation paper (Chen, Zhang and Ma,
+2021) taken literally, with its first moment (13):
+
+    phi_z = max{R^2_{z-q}, ..., R^2_z}                       # element-wise, the current gradient included
+    V_z   = beta2 V_{z-q} + (1 - beta2) phi_z               # the paper's mu1; V from q steps before
+    M_z   = sum_{i<=q} beta1^i R_{z-i} / sum_{i<=q} beta1^i  # the paper's mu2; the same q + 1 gradients
+    theta -= lr * M_z / (sqrt(V_z / (1 - beta2^k)) + eps)    # k: updates along V's chain z, z-q, z-2q, ...
+
+It waits for ``q + 1`` gradients; ``reduction`` and ``bias_correction`` apply as to the other forms.
 
 The update, for a parameter with ``k`` second-moment updates so far::
 
@@ -45,7 +53,8 @@ class AdaShift(Optimizer):
         reduction: ``max`` (phi = max over the tensor), ``row_max`` (max over each row: the paper's
             blocks taken as rows, so an item table gets one scale per item rather than one for all
             items, set by the most popular) or ``none`` (element-wise).
-        second_moment: ``shifted`` (phi(g_{t-n}^2)) or ``max_last_q`` (largest of the last ``q``).
+        second_moment: ``shifted`` (phi(g_{t-n}^2)), ``max_last_q`` (largest of the last ``q``) or ``chen2021``
+            (the federated-distillation paper's equation (11), literally; ``n`` is not used, ``q`` is its window).
         q: see ``second_moment``.
         eps: added to the denominator.
         weight_decay: L2 penalty added to the gradient.
@@ -78,8 +87,8 @@ class AdaShift(Optimizer):
             raise ConfigError(f"optimizer.n={n}, optimizer.q={q}: expected positive integers")
         if reduction not in ("max", "row_max", "none"):
             raise ConfigError(f"optimizer.reduction={reduction}: expected max, row_max or none")
-        if second_moment not in ("shifted", "max_last_q"):
-            raise ConfigError(f"optimizer.second_moment={second_moment}: expected shifted or max_last_q")
+        if second_moment not in ("shifted", "max_last_q", "chen2021"):
+            raise ConfigError(f"optimizer.second_moment={second_moment}: expected shifted, max_last_q or chen2021")
         defaults = dict(lr=lr, betas=tuple(betas), n=int(n), reduction=reduction, second_moment=second_moment,
                         q=int(q), eps=eps, weight_decay=weight_decay, bias_correction=bias_correction)
         super().__init__(params, defaults)
@@ -102,6 +111,9 @@ class AdaShift(Optimizer):
                 if group["weight_decay"]:
                     g = g.add(p, alpha=group["weight_decay"])
                 state = self.state[p]
+                if group["second_moment"] == "chen2021":
+                    self._chen2021_step(p, g, state, group)
+                    continue
                 if not state:
                     state["window"] = []  # oldest first; at most n + 1 gradients while shifting
                     state["v"] = torch.zeros_like(p)
@@ -141,6 +153,46 @@ class AdaShift(Optimizer):
                 step.masked_fill_(vhat == 0, 0.0)  # entries (rows) never seen non-zero: no scale, no step
                 p.add_(step, alpha=-group["lr"])
         return loss
+
+    @staticmethod
+    def _reduce(sq: torch.Tensor, p: torch.Tensor, reduction: str) -> torch.Tensor:
+        """phi's spatial reduction: one value per tensor (max), per row (row_max) or none."""
+        if reduction == "max" or (reduction == "row_max" and p.dim() < 2):
+            return sq.amax()
+        if reduction == "row_max":
+            return sq.flatten(1).amax(1).view(-1, *([1] * (p.dim() - 1)))
+        return sq
+
+    def _chen2021_step(self, p: torch.Tensor, g: torch.Tensor, state: dict, group: dict) -> None:
+        """Equations (11) and (13) of the federated-distillation paper, literally (see the module's docstring)."""
+        beta1, beta2 = group["betas"]
+        q = group["q"]
+        if not state:
+            state["window"] = []  # R_{z-q} .. R_z, oldest first
+            state["v_chain"] = []  # (V, k) of the last q steps, oldest first: V_{z-q} is the first when full
+        window = state["window"]
+        window.append(g.detach().clone())
+        if len(window) > q + 1:
+            window.pop(0)
+        if len(window) <= q:
+            return  # q + 1 gradients are needed
+        phi = self._reduce(functools.reduce(torch.maximum, [r * r for r in window]), p, group["reduction"])
+        chain = state["v_chain"]
+        v_old, k_old = chain.pop(0) if len(chain) == q else (torch.zeros_like(p), 0)
+        if k_old == 0 and not bool(phi.any()):
+            chain.append((v_old, 0))  # no scale yet (every gradient in the window is 0): wait, keep the chain
+            return
+        v = v_old * beta2 + (1 - beta2) * phi
+        k = k_old + 1
+        chain.append((v, k))
+        weights = [beta1**i for i in range(q + 1)]
+        m = torch.zeros_like(p)
+        for i, r in enumerate(reversed(window)):  # r = R_{z-i}
+            m.add_(r, alpha=weights[i] / sum(weights))
+        vhat = v / (1 - beta2**k) if group["bias_correction"] else v
+        step = m.div_(vhat.sqrt().add_(group["eps"]))
+        step.masked_fill_(vhat == 0, 0.0)
+        p.add_(step, alpha=-group["lr"])
 
 
 def swats_gamma(step: torch.Tensor, grad: torch.Tensor) -> float | None:
