@@ -1,4 +1,4 @@
-"""Federated training on Flower (issue #7): devices, simulation, deployment on loopback, failures, resume."""
+"""Federated training on Flower: devices, simulation, deployment on loopback, failures, resume."""
 
 import json
 import os
@@ -20,6 +20,7 @@ from lightning_rec.methods.federated.device import Device  # noqa: E402
 SMALL = ["logger=csv", "data.synthetic.num_users=120", "data.synthetic.num_items=40", "data.max_len=15",
          "data.batch_size=16", "model.d_model=16", "federation.num_devices=2", "federation.local_epochs=2",
          "trainer.accelerator=cpu"]
+FLOWER_DEPRECATION = "DEPRECATED FEATURE"  # how Flower announces a deprecated call (a log line, not a warning)
 
 
 def free_port() -> int:
@@ -60,11 +61,21 @@ def _ndcg(history, rnd):
 
 
 @pytest.mark.ddp
-def test_two_round_simulation_improves_over_round_0(tmp_path):
+def test_two_round_simulation_improves_over_round_0(tmp_path, capfd):
     """Flower's simulation engine (Ray): every device a ClientApp on this machine; the test metrics
-    are on 30 held-out users that no device has."""
-    out = run(["federate", *SMALL, f"runs_dir={tmp_path}", "federation.rounds=2", "federation.strategy=fedavg",
-               "federation.holdout_users=0.25"])
+    are on 30 held-out users that no device has. Flower warns of nothing deprecated."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = run(["federate", *SMALL, f"runs_dir={tmp_path}", "federation.rounds=2", "federation.strategy=fedavg",
+                   "federation.holdout_users=0.25"])
+    flower = [w for w in caught if issubclass(w.category, DeprecationWarning) and
+              (f"{os.sep}flwr{os.sep}" in w.filename or "flwr" in str(w.message) or "Flower" in str(w.message))]
+    assert not flower, [str(w.message) for w in flower]
+    logged = capfd.readouterr()
+    assert FLOWER_DEPRECATION not in logged.out + logged.err
+    assert "round 2: 2 devices" in logged.out
     split = json.load(open(os.path.join(out["run_dir"], "devices.json")))
     assert len(split["holdout"]) == 30 and not set(split["holdout"]) & {u for d in split["devices"] for u in d}
     assert sum(map(len, split["devices"])) == 90
@@ -77,9 +88,6 @@ def test_two_round_simulation_improves_over_round_0(tmp_path):
 
 
 # ---------------------------------------------------------------------- deployment on loopback
-FLOWER_DEPRECATION = "DEPRECATED FEATURE"  # how Flower announces a deprecated call (a log line, not a warning)
-
-
 def _tail(path, n=3000) -> str:
     try:
         return open(path, errors="replace").read()[-n:]

@@ -1,4 +1,4 @@
-"""Engine-independent federation pieces (issue #7): device split, per-label logits, teachers."""
+"""Engine-independent federation pieces: device split, per-label logits, teachers."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""Federated training across simulated devices (issue #7): engine-independent pieces."""
+"""Federated training: the engine-independent pieces (device split, per-label logits, teachers)."""
 
 from lightning_rec.methods.federated.core import (
            LabelLogitAccumulator,

@@ -1,6 +1,6 @@
 """Federation pieces that do not depend on the engine: device split, per-label logits, teachers.
 
-Federated distillation (SPEC section 4): a device uploads, for every label it has seen (the label
+Federated distillation: a device uploads, for every label it has seen (the label
 of a next-item prediction is the target item), the mean of its model's logits over its training
 positions with that label. To bound the upload for large catalogues only the ``top_m`` largest
 entries of each mean are sent (item ids and values), with the number of positions behind them.
@@ -133,7 +133,7 @@ def teacher_from(uploads: list[LabelLogits], top_m: int, weighted: bool = False)
     """Average per-label logits over ``uploads`` (devices, or a device's batches when ``weighted``).
 
     For a label, the devices that saw it contribute; an entry one of them did not send counts as
-    that device's smallest sent value for the label. Plain mean over devices (the SPEC's averaging)
+    that device's smallest sent value for the label. Plain mean over devices
     or, with ``weighted``, weighted by each upload's count. Returns the top-M entries per label.
     """
     uploads = [u for u in uploads if u.labels.numel()]
