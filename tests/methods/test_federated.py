@@ -128,15 +128,14 @@ def superlink(tmp_path_factory):
     """
     base = tmp_path_factory.mktemp("flower")
     env = {**os.environ, "FLWR_HOME": str(base / "flwr-home"), "PYTHONWARNINGS": "ignore"}
-    port = free_port()
-    for p in (port, *(port + 1 + d for d in range(2))):
-        if _listens(p):
-            pytest.fail(f"port {p} on 127.0.0.1 is taken (another process listens there); rerun")
+    port, *node_ports = ports = [free_port() for _ in range(3)]
+    if len(set(ports)) < 3 or any(_listens(p) for p in ports):
+        pytest.fail(f"ports {ports} on 127.0.0.1: one is taken (another process listens there); rerun")
     cmds = {"superlink": ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port),
                           "--disable-runtime-dependency-installation"]}
     for d in range(2):
         cmds[f"supernode{d}"] = ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
-                                 "--port", str(free_port()), "--node-config", f"partition-id={d} num-partitions=2"]
+                                 "--port", str(node_ports[d]), "--node-config", f"partition-id={d} num-partitions=2"]
     logs = {name: base / f"{name}.log" for name in cmds}
     procs = {}
     try:
