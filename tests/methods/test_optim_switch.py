@@ -8,12 +8,14 @@ import sys
 from types import SimpleNamespace
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from conftest import tiny
+from pytorch_lightning.strategies import SingleDeviceStrategy
 
-from lightning_rec.methods.optim_switch import OptimizerSwitchCallback
 from lightning_rec.cli import run
 from lightning_rec.errors import ConfigError
+from lightning_rec.methods.optim_switch import OptimizerSwitchCallback
 from lightning_rec.methods.optim_switch.optim import AdaShift, SwatsEstimate, swats_gamma
 
 GRADS = [[0.5, -1.0], [2.0, 0.25], [-1.0, 1.0], [0.1, 3.0], [1.5, -0.5]]
@@ -308,6 +310,52 @@ def test_automatic_switch_recovers_the_rate_of_a_plain_sgd_phase(tmp_path, clip,
     assert st["phase"] == "sgd" and st["switch_step"] == 3 and st["switches"] == 1
     # clipped steps are ~1e-6 per weight, so float32 rounding of the step costs precision
     assert st["lrs"][0] == pytest.approx(0.05, rel=1e-3 if clip else 1e-4)
+
+
+class ExchangingStrategy(SingleDeviceStrategy):
+    """Moves the weights after every third optimizer step, as top-k averaging's exchange does after the
+    optimizer (here: halfway to zero, an outer step of 0.5 towards a zero average)."""
+
+    def __init__(self):
+        super().__init__(device="cpu")
+        self.steps = 0
+
+    def optimizer_step(self, optimizer, closure, model=None, **kwargs):
+        out = super().optimizer_step(optimizer, closure, model, **kwargs)
+        self.steps += 1
+        if self.steps % 3 == 0:
+            with torch.no_grad():
+                for p in self.lightning_module.parameters():
+                    p.mul_(0.5)
+        return out
+
+
+class GammaRecorder(pl.Callback):
+    def __init__(self):
+        self.gammas = []
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        sw = next(c for c in trainer.callbacks if isinstance(c, OptimizerSwitchCallback))
+        if sw.estimates and sw.phase == "adaptive":
+            self.gammas.append(sw.estimates[0].gamma)
+
+
+def test_swats_measures_the_optimizers_own_step_not_a_strategys_exchange(tmp_path, monkeypatch):
+    # plain SGD at lr 0.05: the optimizer's own step gives gamma = 0.05 at every step, exchange steps included
+    rec = GammaRecorder()
+    from lightning_rec.build import build_callbacks as real_build
+
+    def with_recorder(conf, what):
+        return [*real_build(conf, what), rec]
+
+    import lightning_rec.cli.fit as fit_module
+
+    monkeypatch.setattr(fit_module, "build_callbacks", with_recorder)
+    run(["fit", *tiny(tmp_path, "optimizer=sgd", "optimizer.momentum=0", "optimizer.lr=0.05", "callbacks=swats",
+                      "callbacks.optimizer_switch.min_steps=1000",
+                      f"+trainer.strategy._target_={__name__}.ExchangingStrategy", "test_after_fit=false", epochs=1)])
+    assert len(rec.gammas) >= 6  # exchange steps among them
+    assert rec.gammas == pytest.approx([0.05] * len(rec.gammas), rel=1e-4)
 
 
 def test_scheduled_switch_builds_sgd_with_the_given_rate_and_a_stack_keeps_it(tmp_path):

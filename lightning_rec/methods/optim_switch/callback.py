@@ -81,8 +81,9 @@ class OptimizerSwitchCallback(pl.Callback):
         self.lrs: list[float] | None = None
         self.estimates: list[SwatsEstimate] = []
         self._before: list[list[torch.Tensor]] | None = None
-        self._step_at_snapshot = -1
         self._pending = False
+        self._converged: list[bool] | None = None  # the SWATS test of the last optimizer step, until batch end
+        self._hook = self._hooked = self._pl_module = None  # the post-step hook on the optimizer being measured
         self._epochs_run = 0  # epochs this fit has started, for the end-of-run message
 
     # ------------------------------------------------------------------ wiring
@@ -97,6 +98,7 @@ class OptimizerSwitchCallback(pl.Callback):
         pl_module.set_optimizer_factory(self.build_optimizer)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.teardown_hook()
         if hasattr(pl_module, "set_optimizer_factory"):
             pl_module.set_optimizer_factory(None)
 
@@ -126,21 +128,38 @@ class OptimizerSwitchCallback(pl.Callback):
         return float(dict(pl_module.hparams.optimizer).get("betas", (0.9, 0.999))[1])
 
     # ------------------------------------------------------------------ estimate
+    # The step is measured inside the optimizer's own step (a torch post-step hook): a strategy that moves the
+    # weights after the optimizer (top-k averaging's exchange) must not enter gamma, and gradient accumulation
+    # steps that make no update give no estimate.
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if self.phase != "adaptive" or (self.mode == "scheduled" and self.sgd_lr is not None):
             return  # nothing to estimate: skip copying every parameter and gradient each step
         # Only the weights: Lightning clips gradients after this hook, so the gradient the step was taken
-        # from is read after the step (the optimizer leaves it in .grad until the next zero_grad).
+        # from is read in the post-step hook (the optimizer leaves it in .grad until the next zero_grad).
         self._before = [[p.detach().clone() for p in g["params"]] for g in optimizer.param_groups]
-        self._step_at_snapshot = trainer.global_step
+        self._pl_module = pl_module
+        inner = getattr(optimizer, "optimizer", optimizer)  # Lightning's LightningOptimizer wraps torch's
+        if self._hooked is not inner:
+            if self._hook is not None:
+                self._hook.remove()
+            self._hook = inner.register_step_post_hook(self._after_step)
+            self._hooked = inner
+
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        if self._before is None or self.phase != "adaptive":
+            return
+        self._converged = self._measure(optimizer, self._pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.phase != "adaptive":
             return
         estimating = not (self.mode == "scheduled" and self.sgd_lr is not None)
-        converged = self._update_estimates(trainer, pl_module) if estimating else []
+        converged = self._converged if estimating else []
+        self._converged = None
         if converged is None:
             return  # no optimizer step since the snapshot (gradient accumulation)
+        if estimating:
+            self._log_estimate(pl_module)
         step = trainer.global_step
         if self.mode == "auto":
             criterion = all(converged) and step >= self.min_steps
@@ -152,11 +171,8 @@ class OptimizerSwitchCallback(pl.Callback):
         if trainer.strategy.broadcast(bool(due or self._pending), src=0):  # every rank switches at the same step
             self._switch(trainer, pl_module, why)
 
-    def _update_estimates(self, trainer, pl_module) -> list[bool] | None:
-        """Feed the last step to the SWATS estimates; per group, whether it has settled (None: no new step)."""
-        if self._before is None or trainer.global_step == self._step_at_snapshot:
-            return None
-        opt = trainer.optimizers[0]
+    def _measure(self, opt, pl_module) -> list[bool]:
+        """Feed the step just taken to the SWATS estimates; per group, whether it has settled."""
         if len(self.estimates) != len(opt.param_groups):
             self.estimates = [SwatsEstimate(self._beta2(pl_module), self.rtol) for _ in opt.param_groups]
         converged = []
@@ -169,11 +185,18 @@ class OptimizerSwitchCallback(pl.Callback):
                               for p in g["params"]])
             converged.append(est.update(swats_gamma(step, grad)))
         self._before = None
-        lam = self.estimates[0].value
+        return converged
+
+    def _log_estimate(self, pl_module) -> None:
+        lam = self.estimates[0].value if self.estimates else None
         if lam is not None:
             pl_module.log("optim/swats_lr", float(lam), on_step=True, on_epoch=False, batch_size=1)
         pl_module.log("optim/phase", 0.0, on_step=True, on_epoch=False, batch_size=1)
-        return converged
+
+    def teardown_hook(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+        self._hook = self._hooked = None
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._epochs_run = trainer.current_epoch + 1
