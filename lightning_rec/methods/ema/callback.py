@@ -14,7 +14,10 @@ Built on Lightning's :class:`~pytorch_lightning.callbacks.EMAWeightAveraging` (a
   (1 - decay^n) * w_global`` with ``n`` the optimizer steps since its last update (so ``decay`` keeps its
   per-step meaning: 0.995 spans about 200 steps under DDP and under top-k alike). It starts from the model
   every rank starts from (with ``start_step``: the first global model at or after it) and costs no
-  communication.
+  communication. The strategy is found by its public round hook, not by its class (this package does not
+  import the top-k package): a strategy with ``add_round_listener(fn)`` calls ``fn(step)`` on every rank after
+  each round, when the module is the global model, and has ``round``, ``global_params`` and ``finish_round()``
+  (see :mod:`lightning_rec.methods.topk.rounds`).
 
 Checkpoints hold the average as ``state_dict`` (what every command loads) and the raw weights as
 ``current_model_state``, so ``fit ckpt_path=`` resumes both exactly.
@@ -33,6 +36,11 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch.optim.swa_utils import AveragedModel
 
 from lightning_rec.errors import ConfigError, check_int
+
+ROUND_HOOK = "add_round_listener"  # the public method of a strategy that averages models in rounds (trainer=topk)
+# Lightning's WeightAveraging keeps these privately; tests/methods/test_lightning_private.py checks they still exist
+LIGHTNING_PRIVATE = ("_average_model", "_latest_update_step", "_latest_update_epoch", "_device", "_use_buffers",
+                     "_kwargs")
 
 
 class EMACallback(EMAWeightAveraging):
@@ -54,24 +62,32 @@ class EMACallback(EMAWeightAveraging):
         super().__init__(decay=float(decay), use_buffers=True, update_every_n_steps=int(every_n_steps),
                          update_starting_at_step=int(start_step))
         self.decay = float(decay)
-        self._topk = None  # the top-k averaging strategy of this fit, or None under any other (set in setup)
+        self._topk = None  # a strategy that averages models in rounds (trainer=topk), or None (set in setup)
         self._round_seen: int | None = None  # trainer=topk: the strategy's round the average last looked at
+        self._fit_trainer: pl.Trainer | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        from lightning_rec.methods.topk.strategy import TopKAveragingStrategy
-
-        self._topk = trainer.strategy if isinstance(trainer.strategy, TopKAveragingStrategy) else None
+        rounds = callable(getattr(trainer.strategy, ROUND_HOOK, None))
+        self._topk = trainer.strategy if rounds else None
         if self._topk is not None and self.update_every_n_steps != 1:
             raise ConfigError(f"callbacks.ema.every_n_steps={self.update_every_n_steps}: under trainer=topk the "
                               "average updates once a round (every trainer.strategy.h steps); leave it at 1")
         super().setup(trainer, pl_module, stage)
+        if self._topk is not None:
+            self._fit_trainer = trainer
+            getattr(self._topk, ROUND_HOOK)(self._after_round)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._topk is not None and callable(getattr(self._topk, "remove_round_listener", None)):
+            self._topk.remove_round_listener(self._after_round)
+        super().teardown(trainer, pl_module, stage)
 
     # -- trainer=topk: the average of the global model, updated at each round's exchange
-    def _fold_in(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _fold_in(self, pl_module: pl.LightningModule, step: int) -> None:
         """Fold the module (the global model: every rank holds it) into the average with decay ** (steps since
-        the last update); the first update copies, as Lightning's EMA does."""
+        the last update, ``step`` the optimizer steps taken); the first update copies, as Lightning's EMA does."""
         avg = self._average_model
-        keep = self.decay ** max(1, trainer.global_step - self._latest_update_step)
+        keep = self.decay ** max(1, step - self._latest_update_step)
         with torch.no_grad():
             pairs = zip(itertools.chain(avg.module.parameters(), avg.module.buffers()),
                         itertools.chain(pl_module.parameters(), pl_module.buffers()))
@@ -81,15 +97,17 @@ class EMACallback(EMAWeightAveraging):
                 else:
                     a.mul_(keep).add_(c.to(a.device), alpha=1.0 - keep)
         avg.n_averaged += 1
-        self._latest_update_step = trainer.global_step
+        self._latest_update_step = step
 
-    def _topk_update(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """After an exchange (the strategy's round counter moved) every rank holds the global model: fold it in."""
-        if self._topk.round == self._round_seen or self._average_model is None:
+    def _after_round(self, step: int) -> None:
+        """The strategy's round listener: after an exchange every rank holds the global model; fold it in."""
+        pl_module = self._fit_trainer.lightning_module if self._fit_trainer is not None else None
+        if pl_module is None or self._average_model is None:
             return
+        self._match_shape(pl_module)
         self._round_seen = self._topk.round
-        if trainer.global_step - 1 >= (self.update_starting_at_step or 0):
-            self._fold_in(trainer, pl_module)
+        if step - 1 >= (self.update_starting_at_step or 0):
+            self._fold_in(pl_module, step)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
@@ -103,7 +121,7 @@ class EMACallback(EMAWeightAveraging):
             # Lightning's starts from the weights after the first step, not at the end of the first round. On a
             # resume (or with start_step) the first exchange at or after start_step makes the first copy, as it
             # would have without the interruption; a mid-round module here is this rank's local model
-            self._fold_in(trainer, pl_module)
+            self._fold_in(pl_module, trainer.global_step)
 
     # -- the average follows the model's shape (StackRec), and is the model itself until its first update
     def _match_shape(self, pl_module: pl.LightningModule) -> None:
@@ -134,22 +152,19 @@ class EMACallback(EMAWeightAveraging):
                            batch_idx: int) -> None:
         self._match_shape(pl_module)
         if self._topk is not None:
-            self._topk_update(trainer, pl_module)
-            return
+            return  # updated by the strategy's round listener
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._topk is not None and trainer.state.fn == TrainerFn.FITTING:
-            self._match_shape(pl_module)
-            self._topk_update(trainer, pl_module)  # the strategy ended the round before validation
+            self._match_shape(pl_module)  # the strategy ended the round before validation (its listener ran)
         self._ready(pl_module)
         super().on_validation_epoch_start(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._topk is not None:  # this hook runs before the strategy's: end its last round here
-            self._topk.finish_round()
+            self._topk.finish_round()  # its listener folds the global model in
             self._match_shape(pl_module)
-            self._topk_update(trainer, pl_module)
         self._ready(pl_module)
         super().on_train_end(trainer, pl_module)
 

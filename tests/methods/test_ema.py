@@ -7,10 +7,10 @@ import torch
 from conftest import tiny
 from ddp_probe import StepWeights
 
-from lightning_rec.methods.ema import EMACallback
 from lightning_rec.cli import run
-from lightning_rec.methods.topk.strategy import TopKAveragingStrategy
 from lightning_rec.errors import ConfigError
+from lightning_rec.methods.ema import EMACallback
+from lightning_rec.methods.topk.strategy import TopKAveragingStrategy
 
 
 def fit(tmp_path, *extra, epochs=2):
@@ -104,6 +104,8 @@ def test_topk_resume_before_the_averages_first_update_is_exact(tmp_path):
 def test_resuming_with_another_decay_says_so(tmp_path, caplog):
     fit(tmp_path, "callbacks.ema.decay=0.8", "test_after_fit=false", epochs=1)
     caplog.clear()
+    # the logger rank_zero_info writes to, at INFO whatever an earlier test in this process left it at
+    caplog.set_level("INFO", logger="pytorch_lightning.utilities.rank_zero")
     with caplog.at_level("INFO"):
         fit(tmp_path, "callbacks.ema.decay=0.9", "ckpt_path=last", "test_after_fit=false", epochs=2)
     assert "average was kept with decay 0.8; it continues with callbacks.ema.decay=0.9" in caplog.text
@@ -185,7 +187,7 @@ def test_ema_every_n_steps_under_topk_is_refused():
 
 @pytest.mark.ddp
 def test_ema_under_two_process_topk_is_the_same_on_both_ranks_and_resumes_exactly(tmp_path):
-    from test_distributed import equal_length_file, launch, max_diff
+    from test_topk import equal_length_file, launch, max_diff
 
     # 64 users: 4 steps of 8 per rank per epoch; h=3 and no validation: rounds cross epochs, and an epoch's
     # last.ckpt is written mid-round
@@ -209,7 +211,7 @@ def test_ema_under_two_process_topk_is_the_same_on_both_ranks_and_resumes_exactl
 
 @pytest.mark.ddp
 def test_ema_under_two_process_ddp_ends_both_ranks_on_the_checkpointed_average(tmp_path):
-    from test_distributed import launch, max_diff
+    from test_topk import launch, max_diff
 
     ranks, _ = launch(tmp_path, "ema", "callbacks=ema", "callbacks.ema.decay=0.8", "trainer=ddp", "trainer.devices=2")
     assert max_diff(ranks[0]["params"], ranks[1]["params"]) == 0.0

@@ -18,6 +18,7 @@ import torch
 from conftest import tiny
 
 from lightning_rec import SeqRecModule
+from lightning_rec.errors import ConfigError
 from lightning_rec.methods.topk.strategy import (
     TopKAveragingStrategy,
     global_batch_second_moment,
@@ -25,7 +26,6 @@ from lightning_rec.methods.topk.strategy import (
     restore_second_moment,
     select_topk,
 )
-from lightning_rec.errors import ConfigError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -264,7 +264,7 @@ def test_outer_momentum_step_matches_a_hand_computation(nesterov):
     #   nesterov: w = 2.9 - 0.5 * (-1 + 0.9 * -2.8) = 4.66; heavy ball: w = 2 - 0.5 * -2.8 = 3.4
     _, w2 = _one_rank_exchange(s, net, w1 + 1.0)
     assert w2 == pytest.approx(4.66 if nesterov else 3.4)
-    assert float(s._outer_buf[0][0, 0]) == pytest.approx(-2.8)
+    assert float(s.outer.buffers[0][0, 0]) == pytest.approx(-2.8)
 
 
 def test_outer_step_defaults_are_the_plain_mean_and_options_are_checked():
@@ -273,7 +273,7 @@ def test_outer_step_defaults_are_the_plain_mean_and_options_are_checked():
     s = TopKAveragingStrategy(k=1, h=1)
     s._lightning_module = net
     s._global = [torch.zeros(1, 1)]
-    assert _one_rank_exchange(s, net, 3.0) == (3.0, 3.0) and s._outer_buf is None
+    assert _one_rank_exchange(s, net, 3.0) == (3.0, 3.0) and s.outer.buffers is None
     for bad in ({"outer_lr": 0}, {"outer_lr": "1"}, {"outer_momentum": 1.0}, {"outer_momentum": -0.1}):
         with pytest.raises(ConfigError, match="trainer.strategy.outer_"):
             TopKAveragingStrategy(**bad)
@@ -289,7 +289,7 @@ def test_svrg_step_uses_local_minus_snapshot_plus_mean_gradient():
     params = list(module.parameters())
     snapshot = [p.detach() + 0.05 * torch.randn_like(p) for p in params]
     mu = [torch.randn_like(p) for p in params]
-    s._global, s._mu, s._snapshot_batch = [t.clone() for t in snapshot], mu, batch
+    s._global, s.snapshot.mu, s.snapshot.batch = [t.clone() for t in snapshot], mu, batch
 
     def grad_at(values, seed):
         saved = [p.data for p in params]
@@ -578,6 +578,8 @@ def test_average_state_goes_on_after_a_switch_to_sgd(tmp_path, caplog, monkeypat
     from lightning_rec.cli import run
 
     caplog.set_level(logging.INFO)
+    # the logger rank_zero_info writes to, at INFO whatever an earlier test in this process left it at
+    caplog.set_level(logging.INFO, logger="pytorch_lightning.utilities.rank_zero")
     for key in ("MASTER_PORT", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(key, raising=False)
     out = run(["fit", *tiny(tmp_path, "trainer=topk", "trainer.devices=1", "trainer.strategy.h=4",
