@@ -14,18 +14,18 @@ from lightning_rec.errors import ConfigError
 CONFIG_MODULE = "lightning_rec.conf"
 
 
-def _file_stem(path, default: str = "file") -> str:
-    """``${file_stem:${data.path},file}``: a data file's name without folders and extensions (ratings.csv.gz ->
-    ratings), for naming runs after the data; ``default`` when there is no path."""
-    if not path:
-        return default
-    name = re.split(r"[\\/]", str(path).rstrip("/\\"))[-1]
-    stem = re.sub(r"(\.(gz|bz2|xz|zip|zst))?$", "", name, flags=re.I)
+def data_label(name, path) -> str:
+    """``${data_label:${data.name},${data.path}}``, the data part of a run's name: a dataset's name, or for
+    ``data=file`` the file's name without folders and extensions (ratings.csv.gz -> ratings)."""
+    if str(name) != "file" or not path:
+        return str(name)
+    base = re.split(r"[\\/]", str(path).rstrip("/\\"))[-1]
+    stem = re.sub(r"(\.(gz|bz2|xz|zip|zst))?$", "", base, flags=re.I)
     stem = re.sub(r"\.[A-Za-z0-9]{1,5}$", "", stem)
-    return re.sub(r"[^\w.-]+", "_", stem) or default
+    return re.sub(r"[^\w.-]+", "_", stem) or str(name)
 
 
-OmegaConf.register_new_resolver("file_stem", _file_stem, replace=True)
+OmegaConf.register_new_resolver("data_label", data_label, replace=True)
 
 
 def _one_line(msg: str) -> str:

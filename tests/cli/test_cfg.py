@@ -47,7 +47,7 @@ def _composed(capsys, *args):
 def test_the_sasrec_plus_presets_take_any_data_and_are_named_after_it(capsys, tmp_path, preset, ml1m):
     path = tmp_path / "shop-clicks.csv.gz"
     mine = _composed(capsys, f"experiment={preset}", "data=file", f"data.path={path}")
-    assert mine["name"] == f"{preset.replace('_', '-')}-shop-clicks" and mine["data"]["name"] == "shop-clicks"
+    assert mine["name"] == f"{preset.replace('_', '-')}-shop-clicks" and mine["data"]["name"] == "file"
     assert mine["data"]["path"] == str(path) and mine["data"]["format"] == "auto"
     theirs = _composed(capsys, f"experiment={ml1m}", f"data.path={path}")
     # everything but the data and the run's name is the ML-1M preset's
@@ -59,4 +59,5 @@ def test_the_sasrec_plus_presets_take_any_data_and_are_named_after_it(capsys, tm
 
 def test_a_file_dataset_names_its_runs_after_the_file(capsys, tmp_path):
     assert _composed(capsys, "data=file", f"data.path={tmp_path / 'ratings.dat'}")["name"] == "sasrec-ratings"
-    assert _composed(capsys, "data=file")["data"]["name"] == "file"  # no path yet: the old name
+    assert _composed(capsys, "data=file")["name"] == "sasrec-file"  # no path yet: the dataset's name
+    assert _composed(capsys, "data=ml-1m", f"data.path={tmp_path / 'x.txt'}")["name"] == "sasrec-ml-1m"
