@@ -32,6 +32,9 @@ def precision_for(cfg: DictConfig) -> None:
 
 
 def build_callbacks(conf: DictConfig | None, what: str) -> list:
+    """The callbacks of ``conf`` (a dict keyed by name), each by its ``_target_``; a checkpoint callback's
+    ``last_checkpoint`` (:class:`lightning_rec.callbacks.checkpoint.ModelCheckpoint`, ``save_last=true``)
+    follows it, so ``last.ckpt`` holds the best-checkpoint state of the same epoch."""
     from hydra.utils import instantiate
 
     out = []
@@ -43,9 +46,13 @@ def build_callbacks(conf: DictConfig | None, what: str) -> list:
                     f"give its class with +{what}.{key}._target_=<module.Class>")
             raise ConfigError(f"{what}.{key}: has no _target_ (the class to build); {hint}")
         try:
-            out.append(instantiate(c, _convert_="all"))
+            cb = instantiate(c, _convert_="all")
         except Exception as e:
             raise unwrap(e, f"{what}.{key}") from None
+        out.append(cb)
+        last = getattr(cb, "last_checkpoint", None)  # ModelCheckpoint(save_last=true): last.ckpt's own callback
+        if last is not None:
+            out.append(last)
     return out
 
 
