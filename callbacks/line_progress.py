@@ -51,7 +51,8 @@ class LineProgressBar(ProgressBar):
         self._last = now
         done = batch_idx + 1
         of = f"/{total} batches ({100 * done / total:.0f}%)" if isinstance(total, int) and total else " batches"
-        loss = self.get_metrics(trainer, pl_module).get("train/loss_step") or self.get_metrics(trainer, pl_module).get("train/loss")
+        metrics = self.get_metrics(trainer, pl_module)
+        loss = metrics.get("train/loss_step", metrics.get("train/loss"))
         loss_text = f" | loss={float(loss):.4f}" if loss is not None else ""
         self._print(f"train epoch {trainer.current_epoch}: {done}{of} | {done / max(now - self._t0, 1e-9):.1f} it/s"
                     f"{loss_text}")

@@ -48,3 +48,22 @@ def tiny(tmp_path, *extra, epochs=2):
     if synthetic:
         base += ["data.synthetic.num_users=200", "data.synthetic.num_items=50"]
     return base + list(extra)
+
+
+PROBES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "methods")  # ddp_probe.py, for child processes
+
+
+def fit_in_processes(tmp_path, *overrides, epochs=2, env=None):
+    """``fit`` as a child process (for several ranks) with ``ddp_probe`` importable and its output folder in
+    ``PROBE_DIR``; returns that folder once the command has succeeded."""
+    import subprocess
+    import sys
+
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    env = {**os.environ, "PROBE_DIR": str(probe), "PYTHONWARNINGS": "ignore", "WANDB_MODE": "offline",
+           "PYTHONPATH": PROBES, **(env or {})}
+    p = subprocess.run([sys.executable, "-m", "lightning_rec", "fit", *tiny(tmp_path, *overrides, epochs=epochs)],
+                       capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return probe

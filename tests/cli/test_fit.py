@@ -357,6 +357,12 @@ def test_lightnings_distributed_sampler_is_refused(tmp_path):
         fit(tmp_path, "trainer.use_distributed_sampler=true")
 
 
+def _reader_overrides(tmp_path):
+    """What `test`/`predict`/`stack` need to find and evaluate the tiny runs of these tests."""
+    return [f"runs_dir={tmp_path / 'runs'}", "trainer.enable_progress_bar=false", "data.synthetic.num_users=200",
+            "data.synthetic.num_items=50"]
+
+
 def test_ckpt_path_last_never_resumes_a_run_of_another_name(tmp_path):
     fit(tmp_path, "test_after_fit=false", epochs=1)  # sasrec-synthetic
     with pytest.raises(
@@ -367,12 +373,7 @@ def test_ckpt_path_last_never_resumes_a_run_of_another_name(tmp_path):
         fit(tmp_path / "empty", "ckpt_path=last")
     # the same rule for every command that reads a checkpoint
     last = next((tmp_path / "runs" / "sasrec-synthetic").glob("*/checkpoints/last.ckpt"))
-    common = [
-        f"runs_dir={tmp_path / 'runs'}",
-        "trainer.enable_progress_bar=false",
-        "data.synthetic.num_users=200",
-        "data.synthetic.num_items=50",
-    ]
+    common = _reader_overrides(tmp_path)
     assert run(["test", "ckpt=last", *common]) == run(["test", f"ckpt={last}", *common])
     with pytest.raises(
         ConfigError, match="no run named 'nextitnet-synthetic' .*runs with one: sasrec-synthetic"
@@ -390,12 +391,7 @@ def test_ckpt_best_is_the_newest_runs_recorded_best_checkpoint(tmp_path):
 
     best = runs.resolve_checkpoint("best", str(tmp_path / "runs"), "sasrec-synthetic")
     assert best == out["best_ckpt"] and os.path.basename(best) != "last.ckpt"
-    common = [
-        f"runs_dir={tmp_path / 'runs'}",
-        "trainer.enable_progress_bar=false",
-        "data.synthetic.num_users=200",
-        "data.synthetic.num_items=50",
-    ]
+    common = _reader_overrides(tmp_path)
     assert run(["test", "ckpt=best", *common]) == run(["test", f"ckpt={best}", *common])
     with pytest.raises(ConfigError, match="ckpt_path=best: a resume continues from where the run stopped"):
         fit(tmp_path, "ckpt_path=best")

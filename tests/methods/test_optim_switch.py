@@ -3,14 +3,12 @@
 import json
 import math
 import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import tiny
+from conftest import fit_in_processes, tiny
 from pytorch_lightning.strategies import SingleDeviceStrategy
 
 from lightning_rec.cli import run
@@ -432,16 +430,10 @@ def test_resume_on_either_side_of_the_switch_is_exact(tmp_path, stop_after, adap
 
 @pytest.mark.ddp
 def test_two_ddp_ranks_switch_once_at_the_same_step(tmp_path):
-    probe = tmp_path / "probe"
-    probe.mkdir()
-    env = {**os.environ, "PROBE_DIR": str(probe), "WANDB_MODE": "offline",
-           "PYTHONPATH": os.path.dirname(os.path.abspath(__file__))}
-    args = [sys.executable, "-m", "lightning_rec", "fit", *tiny(tmp_path, "callbacks=swats", "trainer.devices=2",
-            "trainer.strategy=ddp", "callbacks.optimizer_switch.min_steps=2", "callbacks.optimizer_switch.rtol=0.05",
-            "callbacks.optimizer_switch.deadline_step=6", "+callbacks.probe._target_=ddp_probe.SwitchProbe",
-            "test_after_fit=false", epochs=2)]
-    p = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
+    probe = fit_in_processes(tmp_path, "callbacks=swats", "trainer.devices=2", "trainer.strategy=ddp",
+                             "callbacks.optimizer_switch.min_steps=2", "callbacks.optimizer_switch.rtol=0.05",
+                             "callbacks.optimizer_switch.deadline_step=6", "+callbacks.probe._target_=ddp_probe.SwitchProbe",
+                             "test_after_fit=false", epochs=2)
     r0, r1 = (json.load(open(probe / f"switch{r}.json")) for r in (0, 1))
     assert r0["switches"] == r1["switches"] == 1
     assert r0["switch_step"] == r1["switch_step"] and r0["switch_step"] <= 6

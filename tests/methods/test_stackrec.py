@@ -2,13 +2,11 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import tiny
+from conftest import fit_in_processes, tiny
 
 from lightning_rec import SeqRecModule
 from lightning_rec.cli import run
@@ -173,15 +171,9 @@ def test_resume_across_a_stack_point_is_exact(tmp_path, stop_at):
 
 @pytest.mark.ddp
 def test_stacking_under_two_process_ddp_keeps_ranks_in_sync(tmp_path):
-    probe = tmp_path / "probe"
-    probe.mkdir()
-    env = {**os.environ, "PROBE_DIR": str(probe), "PYTHONWARNINGS": "ignore",
-           "PYTHONPATH": os.path.dirname(os.path.abspath(__file__))}
-    args = [sys.executable, "-m", "lightning_rec", "fit", *tiny(tmp_path, "model=nextitnet", "model.num_blocks=2",
-            "callbacks=stacking", "callbacks.stacking.at_epochs=[1]", "trainer.devices=2", "trainer.strategy=ddp",
-            "+callbacks.probe._target_=ddp_probe.WeightProbe", "test_after_fit=false", epochs=3)]
-    p = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
+    probe = fit_in_processes(tmp_path, "model=nextitnet", "model.num_blocks=2", "callbacks=stacking",
+                             "callbacks.stacking.at_epochs=[1]", "trainer.devices=2", "trainer.strategy=ddp",
+                             "+callbacks.probe._target_=ddp_probe.WeightProbe", "test_after_fit=false", epochs=3)
     r0, r1 = (json.load(open(probe / f"rank{r}.json")) for r in (0, 1))
     assert r0["num_blocks"] == r1["num_blocks"] == 4 and r0["ddp"] and r1["ddp"]
     for k in r0["state"]:  # identical weights on both ranks, new blocks included: they were all-reduced
@@ -347,8 +339,8 @@ def test_the_learning_rate_schedule_continues_across_a_stack(optimizer_state, sc
 
 
 def test_keep_moments_gives_each_copy_its_own_adashift_state():
-    from lightning_rec.methods.stackrec import StackingCallback
     from lightning_rec.methods.optim_switch.optim import AdaShift
+    from lightning_rec.methods.stackrec import StackingCallback
 
     m = model("nextitnet", 2).train()
     opt = AdaShift(m.parameters(), lr=1e-2, n=3)
