@@ -412,8 +412,15 @@ class SeqDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, self.hparams.eval_batch_size, False)
 
+    PREDICT_AT = ("next", "test", "valid")
+
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.predict_set, self.hparams.eval_batch_size, False)
+        """Users to rank for ``predict``: after the whole history (``predict_at='next'``, every user), or from the
+        history before each evaluated user's test or validation item (``'test'``/``'valid'``: the rankings those
+        metrics scored; the batch's ``target`` is that item)."""
+        at = getattr(self, "predict_at", "next")
+        sets = {"next": self.predict_set, "test": self.test_set, "valid": self.val_set}
+        return self._loader(sets[at], self.hparams.eval_batch_size, False)
 
     # ------------------------------------------------------------------ id maps
     def id_maps(self) -> dict[str, list[str]]:

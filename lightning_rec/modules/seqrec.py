@@ -312,8 +312,10 @@ class SeqRecModule(pl.LightningModule):
         k = getattr(self, "predict_k", 10)
         h = self.user_representation(batch["inputs"])
         seen = batch["seen"] if getattr(self, "predict_exclude_seen", True) else None
+        if seen is not None:  # ranking at a held-out item (predict.at=test|valid): it stays rankable, as in test
+            seen = seen.masked_fill(seen == batch["target"][:, None], 0)
         items, scores = topk_items(self.score_fn(h), self.num_items, k, seen, self.hparams.eval_chunk_size)
-        return {"user": batch["user"], "items": items, "scores": scores}
+        return {"user": batch["user"], "items": items, "scores": scores, "target": batch["target"]}
 
     # ------------------------------------------------------------------ optimisation
     def set_optimizer_factory(self, factory) -> None:
