@@ -95,6 +95,25 @@ class TeardownWeights(pl.Callback):
                        os.path.join(os.environ["PROBE_DIR"], f"end{trainer.global_rank}.pt"))
 
 
+class StackRoundProbe(pl.Callback):
+    """Around a stack before step ``PROBE_STEP``: each rank saves its local weights after the step before it
+    (``before<r>.pt``) and its weights and the top-k round history at the first step after it (``after<r>.pt``)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == int(os.environ["PROBE_STEP"]):
+            self._save(trainer, pl_module, "before")
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_step == int(os.environ["PROBE_STEP"]):
+            self._save(trainer, pl_module, "after")
+
+    @staticmethod
+    def _save(trainer, pl_module, tag):
+        torch.save({"params": {n: p.detach().clone() for n, p in pl_module.named_parameters()},
+                    "history": list(getattr(trainer.strategy, "history", []))},
+                   os.path.join(os.environ["PROBE_DIR"], f"{tag}{trainer.global_rank}.pt"))
+
+
 class Boom(pl.Callback):
     """Fails the fit at the end of the first training epoch."""
 

@@ -628,3 +628,32 @@ def test_noisy_rank_options_are_checked():
     with pytest.raises(ConfigError, match="callbacks.noisy_rank.mode=loud"):
         NoisyRankCallback(mode="loud")
 
+
+
+@pytest.mark.ddp
+def test_a_stack_inside_a_topk_round_stacks_the_rounds_selected_model(tmp_path, monkeypatch):
+    # k=1 of 2 ranks, rank 0 made noisy: the round's selection takes rank 1. A stack before step 2 falls inside a
+    # round of h=3; it must end the round first (stacking the selected model), not adopt rank 0's local model.
+    data = equal_length_file(tmp_path)
+    monkeypatch.setenv("PROBE_STEP", "2")  # the probe saves the weights around the stack before step 2
+    _, log = launch(tmp_path, "stackmid", "data=file", f"data.path={data}", "data.max_len=12", "data.batch_size=8",
+                    "model=nextitnet", "model.num_blocks=2", "callbacks=stacking", "callbacks.stacking.at_steps=[2]",
+                    "trainer=topk", "trainer.devices=2", "trainer.strategy.h=3", "trainer.strategy.k=1",
+                    "trainer.limit_val_batches=0", "trainer.max_steps=3",
+                    "+callbacks.noisy_rank._target_=lightning_rec.methods.topk.NoisyRankCallback",
+                    "+callbacks.noisy_rank.rank=0", "+callbacks.noisy_rank.mode=lr_scale",
+                    "+callbacks.noisy_rank.lr_scale=30",
+                    "+callbacks.stackprobe._target_=ddp_probe.StackRoundProbe", epochs=1)
+    probe = tmp_path / "probe-stackmid"
+    before = [torch.load(probe / f"before{r}.pt", weights_only=False) for r in (0, 1)]
+    after = [torch.load(probe / f"after{r}.pt", weights_only=False) for r in (0, 1)]
+    assert "2 -> 4 blocks" in log
+    last = after[0]["history"][-1]
+    assert (last["step"], last["reason"], last["chosen"]) == (2, "stack at step:2", [1]), after[0]["history"]
+    assert max_diff(after[0]["params"], after[1]["params"]) == 0.0
+    kept = [n for n in before[1]["params"] if ".blocks." not in n and not n.startswith("output.")]
+    kept += [n for n in before[1]["params"] if ".blocks.0." in n]  # adjacent stacking: new block 0 is old block 0
+    assert kept and any("item_embedding" in n for n in kept)
+    chosen, rank0 = ({n: b["params"][n] for n in kept} for b in (before[1], before[0]))
+    assert max_diff(chosen, {n: after[0]["params"][n] for n in kept}) == 0.0  # the selected model, stacked
+    assert max_diff(rank0, chosen) > 1e-3  # rank 0's local model is a different one

@@ -29,7 +29,9 @@ class StackingCallback(pl.Callback):
     authors do, or with Adam moments copied to the copies), the learning-rate schedule
     continues from the current step, DDP is re-wrapped so new parameters are all-reduced,
     ``hparams.num_blocks`` is updated (every later checkpoint rebuilds the deep model), and
-    the event is logged.
+    the event is logged. Under top-k averaging (``trainer=topk``) a stack that falls inside a round ends that
+    round first (its top-k selection and exchange, reason ``stack at <event>``), so the model stacked is the
+    round's global model on every rank.
 
     Args:
         at_epochs: epochs (0-based) at whose start to stack.
@@ -116,6 +118,11 @@ class StackingCallback(pl.Callback):
             rank_zero_info(f"stacking at {event} skipped: {2 * before} blocks would exceed max_blocks={self.max_blocks}")
             self.done.append(event)
             return
+        finish_round = getattr(trainer.strategy, "finish_round", None)
+        if finish_round is not None:
+            # Top-k averaging: end the round first, so the model that is stacked is the global model chosen by the
+            # round's top-k selection, not rank 0's local one (every rank reaches this event at the same step).
+            finish_round(f"stack at {event}")
         old_state = self._param_states(trainer, pl_module) if self.optimizer_state == "keep_moments" else None
         old_sched = [c.scheduler.state_dict() for c in trainer.lr_scheduler_configs]
         mapping = stack_module(pl_module, self.opts)
