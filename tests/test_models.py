@@ -111,29 +111,36 @@ def test_sasrec_last_only_inference_equals_full_forward(layout):
     torch.testing.assert_close(m(x, last_only=True)[:, -1], m(x)[:, -1], atol=1e-5, rtol=1e-5)
 
 
-def test_attentive_encoder_averages_m_attention_maps():
-    """attention_m=m against a brute-force computation: y = out(mean_j softmax(q_j k_j^T / sqrt(dk) + mask) v)."""
+@pytest.mark.parametrize("layout", ["pre", "pmixer"])
+def test_attentive_encoder_expands_each_attention_weight_and_averages(layout):
+    """attention_m=m, the seed's form, by hand: each head's attention weight vector a [b, 1, r] becomes
+    [b*r, 1] x w [1, m] -> [b, m, r], averaged over m, then weighs the values."""
     from lightning_rec.models.sasrec import SASRecBlock
 
     torch.manual_seed(0)
-    d, h, m, T = 8, 2, 4, 6
-    blk = SASRecBlock(d, h, 8, 0.0, True, False, attention_m=m).eval()
-    dk, dh = blk.dk, d // h
-    assert dk == 1 and blk.qkv.out_features == 2 * h * m * dk + d
-    x = torch.randn(3, T, d)
+    d, h, m, T, B = 8, 2, 4, 6, 3
+    blk = SASRecBlock(d, h, 8, 0.0, True, False, attention_m=m, layout=layout).eval()
+    assert blk.qkv.out_features == 3 * d and blk.expand.shape == (1, m)
+    torch.testing.assert_close(blk.expand.detach(), torch.ones(1, m))  # at initialisation: plain attention
+    with torch.no_grad():
+        blk.expand.copy_(torch.tensor([[0.3, 1.7, -0.4, 2.2]]))  # mean 0.95
+    x, query = torch.randn(B, T, d), torch.randn(B, T, d)
     causal = torch.zeros(T, T).masked_fill_(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))[None, None]
-    got = blk.attend(x, causal)
-    proj = blk.qkv(x)
-    qs = proj[..., : h * m * dk].view(3, T, h, m, dk)
-    ks = proj[..., h * m * dk: 2 * h * m * dk].view(3, T, h, m, dk)
-    v = proj[..., 2 * h * m * dk:].view(3, T, h, dh)
-    heads = []
-    for i in range(h):
-        maps = [torch.softmax(qs[:, :, i, j] @ ks[:, :, i, j].transpose(1, 2) / dk**0.5 + causal[0], -1) for j in range(m)]
-        heads.append(torch.stack(maps).mean(0) @ v[:, :, i])
-    want = blk.out(torch.cat(heads, -1))
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    assert SASRecBlock(d, h, 8, 0.0, True, False).qkv.out_features == 3 * d  # m = 1: plain SASRec
+    for q_in in (None, query):
+        got = blk.attend(x, causal, query=q_in)
+        W, b = blk.qkv.weight, blk.qkv.bias
+        Q = (x if q_in is None else q_in) @ W[:d].T + b[:d]
+        K, V = x @ W[d:2 * d].T + b[d:2 * d], x @ W[2 * d:].T + b[2 * d:]
+        dh, heads = d // h, []
+        for i in range(h):
+            s = slice(i * dh, (i + 1) * dh)
+            a = torch.softmax(Q[..., s] @ K[..., s].transpose(1, 2) / dh**0.5 + causal[0], -1)  # (B, T, r)
+            rows = a.reshape(B * T, 1, T)  # [b, 1, r]: one weight vector per query
+            expanded = (rows.reshape(-1, 1) @ blk.expand).reshape(B * T, T, m).transpose(1, 2)  # [b, m, r]
+            heads.append(expanded.mean(1).reshape(B, T, T) @ V[..., s])
+        want = blk.out(torch.cat(heads, -1))
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert SASRecBlock(d, h, 8, 0.0, True, False).expand is None  # m = 1: plain SASRec, no extra parameter
 
 
 def test_pmixer_block_against_a_hand_computation():

@@ -21,10 +21,15 @@ class SASRecBlock(nn.Module):
     then ``x = LN(x)``, ``x = x + a_ffn * ffn(x)``.
     ``a_att``/``a_ffn`` are zero-initialised scalars (StackRec) or absent (plain SASRec).
 
-    ``attention_m > 1`` is the attentive encoder of the federated-distillation paper
-    (section 4): each head computes ``m`` attention maps, from ``m`` query/key pairs of width
-    ``max(1, d_head // m)``, and uses their average: ``y = mean_j softmax(q_j k_j^T / sqrt(dk)) v``.
-    Attention memory and time grow ``m``-fold.
+    ``attention_m > 1`` is the attentive encoder of the federated-distillation paper (section 4),
+    in the seed's form: every attention weight vector ``a`` (one query's softmax over the ``r`` keys,
+    ``[b, 1, r]``) is expanded to ``m`` dimensions by a learned ``[1, m]`` matrix ``w``
+    (``[b*r, 1] x [1, m] -> [b, m, r]``) and averaged over them, ``a' = mean_j w_j a``, before it
+    weighs the values. The average of that rank-1 expansion is ``mean(w) * a``, so the block computes
+    plain attention and scales it by ``mean(w)`` (one learned scalar per block, ``w`` initialised to
+    ones: at initialisation exactly SASRec); the cost is that of plain attention. (An earlier form
+    gave every head ``m`` query/key pairs of width ``d_head / m`` and averaged their maps; it measured
+    the same NDCG@10 as plain attention at twice the time, docs/log/federated.md, and was dropped.)
     """
 
     def __init__(self, d: int, num_heads: int, ffn_dim: int, dropout: float, norm_first: bool, residual_alpha: bool,
@@ -41,9 +46,10 @@ class SASRecBlock(nn.Module):
             raise ConfigError(f"model.attention_m={attention_m!r}: expected a positive integer (1 = plain attention)")
         self.num_heads, self.norm_first, self.dropout_p = num_heads, norm_first, dropout
         self.m = attention_m
-        self.dk = d // num_heads if attention_m == 1 else max(1, d // num_heads // attention_m)
         self.ln_att = nn.LayerNorm(d, eps=1e-8)
-        self.qkv = nn.Linear(d, 3 * d) if attention_m == 1 else nn.Linear(d, 2 * num_heads * attention_m * self.dk + d)
+        self.qkv = nn.Linear(d, 3 * d)
+        # attention_m > 1: the [1, m] expansion of every attention weight (averaged over m; see the class doc)
+        self.expand = nn.Parameter(torch.ones(1, attention_m)) if attention_m > 1 else None
         self.out = nn.Linear(d, d)
         self.ln_ffn = nn.LayerNorm(d, eps=1e-8)
         self.ffn = nn.Sequential(nn.Linear(d, ffn_dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(ffn_dim, d))
@@ -59,8 +65,6 @@ class SASRecBlock(nn.Module):
         """Causal attention over ``x``; queries from ``query`` (same shape) where given, else from ``x``."""
         B, T, d = x.shape
         h = self.num_heads
-        if self.m > 1:
-            return self._attend_averaged(x, mask, last_only, query)
         if query is None:
             q, k, v = self.qkv(x).view(B, T, 3, h, d // h).permute(2, 0, 3, 1, 4)  # (B, h, T, dh)
         else:  # one projection, its query rows applied to ``query`` and its key/value rows to ``x``
@@ -71,25 +75,8 @@ class SASRecBlock(nn.Module):
             q, mask = q[:, :, -1:], mask[:, :, -1:]
         p = self.dropout_p if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, h, Tq, dh)
-        return self.attn_out_dropout(self.out(y.transpose(1, 2).reshape(B, q.shape[2], d)))
-
-    def _attend_averaged(self, x: torch.Tensor, mask: torch.Tensor, last_only: bool,
-                         query: torch.Tensor | None = None) -> torch.Tensor:
-        B, T, d = x.shape
-        h, m, dk, dh = self.num_heads, self.m, self.dk, d // self.num_heads
-        proj = self.qkv(x)
-        qk = proj[..., : 2 * h * m * dk].view(B, T, 2, h * m, dk).permute(2, 0, 3, 1, 4)  # (2, B, h*m, T, dk)
-        q, k = qk[0], qk[1]
-        if query is not None:
-            q = self.qkv(query)[..., : h * m * dk].view(B, T, h * m, dk).transpose(1, 2)
-        v = proj[..., 2 * h * m * dk:].view(B, T, h, 1, dh).expand(B, T, h, m, dh).reshape(B, T, h * m, dh)
-        v = v.transpose(1, 2)  # (B, h*m, T, dh): sample j of head i uses head i's values
-        if last_only:
-            q, mask = q[:, :, -1:], mask[:, :, -1:]
-        p = self.dropout_p if self.training else 0.0
-        # mean over j of (A_j v) = (mean over j of A_j) v: the averaged attention map applied to v
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, h*m, Tq, dh)
-        y = y.view(B, h, m, q.shape[2], dh).mean(2)
+        if self.expand is not None:  # (mean_j w_j a) v = mean(w) (a v): the expanded weights, averaged over m
+            y = y * self.expand.mean().to(y.dtype)
         return self.attn_out_dropout(self.out(y.transpose(1, 2).reshape(B, q.shape[2], d)))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
@@ -136,7 +123,8 @@ class SASRec(nn.Module):
         attn_out_dropout: dropout on the attention branch's output as well as on its weights
             (False: on the weights only, as SASRec and SASRec.pytorch).
         residual_alpha: zero-initialised alphas on both branches (StackRec).
-        attention_m: attention maps averaged per head (1 = SASRec; 32 = the attentive encoder).
+        attention_m: dimensions each attention weight is expanded to and averaged over (1 = SASRec;
+            32 = the attentive encoder of the federated-distillation paper; see :class:`SASRecBlock`).
     """
 
     arch = "sasrec"
