@@ -10,8 +10,8 @@ from lightning_rec.methods.federated import (
     label_logits,
     split_devices,
     split_holdout,
+    teacher_for,
     teacher_from,
-    teachers_for_devices,
 )
 
 
@@ -61,7 +61,9 @@ def test_teacher_of_a_device_is_the_mean_of_the_others_never_itself():
     a = label_logits(torch.tensor([[1.0, 5.0, 3.0]]), torch.tensor([2]), top_m=3)
     b = label_logits(torch.tensor([[3.0, 1.0, 1.0]]), torch.tensor([2]), top_m=3)
     c = label_logits(torch.tensor([[100.0, 0.0, 0.0]]), torch.tensor([1]), top_m=3)
-    teachers = teachers_for_devices([a, b, c], top_m=3)
+    uploads = {0: a, 1: b, 2: c}
+    teachers = [teacher_for(uploads, d, top_m=3) for d in range(3)]
+    assert teacher_for({0: a}, 0, top_m=3) is None  # nobody else has uploaded yet
     # device a: only b saw label 2 -> b's logits; label 1 from c
     ta = dict(zip(teachers[0].labels.tolist(), range(2)))
     assert set(ta) == {1, 2}

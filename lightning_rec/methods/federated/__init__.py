@@ -6,9 +6,9 @@ from lightning_rec.methods.federated.core import (
            label_logits,
            split_devices,
            split_holdout,
+           teacher_for,
            teacher_from,
-           teachers_for_devices,
 )
 
-__all__ = ["LabelLogitAccumulator", "LabelLogits", "label_logits", "split_devices", "split_holdout", "teacher_from",
-           "teachers_for_devices"]
+__all__ = ["LabelLogitAccumulator", "LabelLogits", "label_logits", "split_devices", "split_holdout", "teacher_for",
+           "teacher_from"]

@@ -12,6 +12,7 @@ label contributes to each teacher entry of it. The teacher keeps the ``top_m`` l
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -171,6 +172,9 @@ def teacher_from(uploads: list[LabelLogits], top_m: int, weighted: bool = False)
     return LabelLogits(labels, torch.stack(out_items), torch.stack(out_vals), torch.tensor(out_counts))
 
 
-def teachers_for_devices(uploads: list[LabelLogits], top_m: int) -> list[LabelLogits]:
-    """Device k's teacher: the average of every other device's per-label logits (never its own)."""
-    return [teacher_from([u for j, u in enumerate(uploads) if j != k], top_m) for k in range(len(uploads))]
+def teacher_for(uploads: Mapping[int, LabelLogits], device: int, top_m: int) -> LabelLogits | None:
+    """Device ``device``'s teacher: the average (:func:`teacher_from`) of every *other* device's last
+    upload (``uploads``: device id -> its per-label logits), never its own; None when no other device
+    has uploaded yet. The one exclusion rule: the server builds every teacher with it."""
+    others = [u for d, u in sorted(uploads.items()) if int(d) != int(device)]
+    return teacher_from(others, top_m) if others else None

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from lightning_rec.errors import ConfigError, LightningRecError
-from lightning_rec.methods.federated.core import LabelLogits, teacher_from
+from lightning_rec.methods.federated.core import LabelLogits, teacher_for
 
 log = logging.getLogger(__name__)
 
@@ -237,8 +237,7 @@ class RecStrategy:
         out = {}
         for dev in devices:
             if self.kind == "distill":  # the average of the other devices' last uploads, never its own
-                others = [u for d, u in self.uploads.items() if d != dev]
-                arrays = logits_to_arrays(teacher_from(others, self.top_m)) if others else {}
+                arrays = logits_to_arrays(teacher_for(self.uploads, dev, self.top_m))
             else:
                 arrays = state_to_arrays(self.global_state)
             self._round_down += nbytes(arrays)
