@@ -5,7 +5,6 @@ run by CI once after the suite."""
 import os
 import re
 import subprocess
-import sys
 import venv
 
 import pytest
@@ -52,3 +51,38 @@ def test_every_module_imports_and_fits_on_the_floor_versions(tmp_path):
                        env={**os.environ, "WANDB_MODE": "offline"})
     assert p.returncode == 0, p.stderr[-3000:]
     assert "test metrics" in p.stdout
+
+
+def extra_floor(extra: str, name: str) -> str:
+    text = open(os.path.join(ROOT, "pyproject.toml"), encoding="utf-8").read()
+    deps = re.search(rf"^{extra} = \[(.*?)\]", text, re.S | re.M).group(1)
+    return dict(re.findall(r'"([A-Za-z0-9_.-]+)>=([0-9][^",<]*)', deps))[name]
+
+
+@pytest.mark.floor
+def test_the_fast_reader_works_on_the_pandas_floor(tmp_path):
+    """The ``fast`` extra's pandas floor: pandas' C parser reads every format, with the line reader's result."""
+    floor = extra_floor("fast", "pandas")
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(system_site_packages=True, with_pip=True).create(env_dir)
+    py = str(env_dir / "bin" / "python")
+    p = subprocess.run([py, "-m", "pip", "install", "-q", "--disable-pip-version-check", f"pandas=={floor}"],
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    check = ("import numpy as np, pandas\n"
+             "from lightning_rec.data import encode, read_sequences\n"
+             "from lightning_rec.data.readers import _read_fast\n"
+             "files = {'s.txt': ('sasrec', '1 5\\n2 7\\n1 6\\n'), 'r.dat': ('movielens', '1::5::3::9\\n1::6::4::2\\n'),\n"
+             "         'u.data': ('udata', '1\\t5\\t3\\t9\\n1\\t6\\t4\\t2\\n'),\n"
+             "         'r.csv': ('csv', 'user_id,item_id,timestamp\\nalice,b,5\\nalice,a,1\\nbob,c,3\\n')}\n"
+             "for name, (fmt, text) in files.items():\n"
+             "    open(name, 'w').write(text)\n"
+             "    fast = _read_fast(name, fmt, 'user_id', 'item_id', 'timestamp', None, None, ',' if fmt == 'csv' else None)\n"
+             "    slow = encode(read_sequences(name, fmt))\n"
+             "    assert fast is not None, name\n"
+             "    assert fast.user_ids == slow.user_ids and fast.item_ids == slow.item_ids, name\n"
+             "    assert np.array_equal(fast.items, slow.items) and np.array_equal(fast.indptr, slow.indptr), name\n"
+             "print(pandas.__version__)\n")
+    p = subprocess.run([py, "-c", check], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.split()[-1] == floor

@@ -19,8 +19,8 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_rec.data.download import DATASETS, fetch
-from lightning_rec.data.encode import EncodedSequences, encode, kcore
-from lightning_rec.data.readers import FORMATS, read_sequences
+from lightning_rec.data.encode import EncodedSequences, drop_short_users, encode, kcore_encoded
+from lightning_rec.data.readers import FORMATS, read_encoded
 from lightning_rec.data.sampler import EpochSampler
 from lightning_rec.data.synthetic import make_synthetic
 from lightning_rec.errors import ConfigError, DataError, check_int
@@ -211,7 +211,7 @@ class SeqDataModule(pl.LightningDataModule):
         if hp.name in DATASETS and not hp.path:
             fetch(hp.name, hp.cache_dir, hp.download_verify)
 
-    def _read(self) -> dict[str, list[str]]:
+    def _read(self) -> EncodedSequences:
         hp = self.hparams
         if hp.name == "synthetic":
             opts = dict(hp.synthetic or {})
@@ -222,12 +222,12 @@ class SeqDataModule(pl.LightningDataModule):
             data_seed = opts.pop("seed", None)  # null: the run's seed, so a seed sweep also redraws the data
             if data_seed is not None:
                 check_int(data_seed, "data.synthetic.seed", 0)
-            return make_synthetic(seed=hp.seed if data_seed is None else data_seed, **opts)
+            return encode(make_synthetic(seed=hp.seed if data_seed is None else data_seed, **opts))
         path, fmt = hp.path, hp.format
         if not path:
             path, fmt = fetch(hp.name, hp.cache_dir, hp.download_verify)
         self._resolved_path = path
-        return read_sequences(
+        return read_encoded(
             path, fmt, user_col=hp.user_col, item_col=hp.item_col, time_col=hp.time_col,
             rating_col=hp.rating_col, min_rating=hp.min_rating, sep=hp.sep,
         )
@@ -235,24 +235,24 @@ class SeqDataModule(pl.LightningDataModule):
     def load(self) -> EncodedSequences:
         """Read, filter and encode the data once; later calls return the cached result."""
         if self.data is None:
-            seqs = kcore(self._read(), self.hparams.min_user_interactions, self.hparams.min_item_interactions)
-            if not seqs:
+            enc = kcore_encoded(self._read(), self.hparams.min_user_interactions, self.hparams.min_item_interactions)
+            if enc.num_users == 0:
                 raise DataError(
                     f"data: no user left after k-core filtering (min_user_interactions="
                     f"{self.hparams.min_user_interactions}, min_item_interactions={self.hparams.min_item_interactions})"
                 )
             if self.hparams.short_users == "drop":
-                # before the ids are encoded: a dropped user leaves the user list, predictions and (with the items
-                # nobody else has) the catalogue, as if the file had not held it
-                kept = {u: s for u, s in seqs.items() if len(s) >= 3}
-                if not kept:
+                # a dropped user leaves the user list, predictions and (with the items nobody else has, the rest
+                # renumbered) the catalogue, as if the file had not held it
+                kept = drop_short_users(enc, 3)
+                if kept.num_users == 0:
                     raise DataError(f"{self.source}: every user has fewer than 3 interactions; "
                                     "data.short_users=drop leaves no one")
-                if len(kept) < len(seqs):
-                    rank_zero_info(f"data.short_users=drop: {len(seqs) - len(kept):,} users with fewer than 3 "
-                                   f"interactions left out")
-                seqs = kept
-            self.data = self._take_users(self._take_fraction(encode(seqs)))
+                if kept.num_users < enc.num_users:
+                    rank_zero_info(f"data.short_users=drop: {enc.num_users - kept.num_users:,} users with fewer "
+                                   f"than 3 interactions left out")
+                enc = kept
+            self.data = self._take_users(self._take_fraction(enc))
         return self.data
 
     def _take_users(self, enc: EncodedSequences) -> EncodedSequences:

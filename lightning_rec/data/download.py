@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sys
 import tempfile
 import urllib.error
 import urllib.request
@@ -26,6 +27,13 @@ DATASETS = {
         "ml-100k/u.data",
         "udata",
     ),
+    # ratings.csv: userId,movieId,rating,timestamp with a header (conf/data/ml-20m.yaml names the columns)
+    "ml-20m": (
+        "https://files.grouplens.org/datasets/movielens/ml-20m.zip",
+        "cd245b17a1ae2cc31bb14903e1204af3",
+        "ml-20m/ratings.csv",
+        "csv",
+    ),
 }
 
 
@@ -39,6 +47,17 @@ def md5_file(path: str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def _copy_with_progress(src, dst, url: str, total: int) -> None:
+    """``shutil.copyfileobj`` that prints a line at every tenth of a download over 20 MB (ml-20m.zip is 190 MB)."""
+    done, shown = 0, 0
+    for block in iter(lambda: src.read(1 << 20), b""):
+        dst.write(block)
+        done += len(block)
+        if total > 20 << 20 and (tenth := done * 10 // total) > shown:
+            shown = tenth
+            print(f"downloading {url}: {done >> 20} / {total >> 20} MB", file=sys.stderr, flush=True)
 
 
 def fetch(name: str, cache_dir: str | None = None, verify: bool = True) -> tuple[str, str]:
@@ -61,7 +80,7 @@ def fetch(name: str, cache_dir: str | None = None, verify: bool = True) -> tuple
         fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".part")
         try:
             with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=30) as resp:
-                shutil.copyfileobj(resp, out)
+                _copy_with_progress(resp, out, url, int(resp.headers.get("Content-Length") or 0))
         except (urllib.error.URLError, OSError) as e:
             os.unlink(tmp)
             raise DataError(
