@@ -17,9 +17,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-from lightning_rec.losses import candidate_logits, masked_ce
+from lightning_rec.losses import candidate_logits, chunked_sum, masked_ce
 
 HINT_KINDS = ("mse", "mse_centered", "kl", "kl_l2", "mse+kl")
 
@@ -50,10 +49,11 @@ def hint_kl(zs: torch.Tensor, zt: torch.Tensor, valid: torch.Tensor | None, temp
     if valid is not None:
         zs, zt = zs.masked_fill(~valid, float("-inf")), zt.masked_fill(~valid, float("-inf"))
     lt, ls = F.log_softmax(zt, -1), F.log_softmax(zs, -1)
-    kl = lt.exp() * (lt - ls)
+    pt = lt.exp()
     if valid is not None:
-        kl = torch.where(valid, kl, torch.zeros_like(kl))  # 0 * (-inf - -inf) would be NaN
-    return kl.sum(-1) * temperature**2
+        # 0 * (-inf - -inf) would be NaN, in the value and (through a where after it) in the gradient
+        lt, ls = torch.where(valid, lt, 0.0), torch.where(valid, ls, 0.0)
+    return (pt * (lt - ls)).sum(-1) * temperature**2
 
 
 @dataclass
@@ -98,17 +98,9 @@ def joint_losses(
                 out.append(hint.fn(zs, zt.detach() if hint.block else zt, valid).sum())
         return tuple(out)
 
-    rows = m if not chunk_rows or chunk_rows >= m else int(chunk_rows)
-    totals = None
-    for start in range(0, m, rows):
-        sl = slice(start, start + rows)
-        args = (hs[sl], ht[sl] if use_teacher else None, targets[sl], ws, wt if use_teacher else None)
-        if rows < m and torch.is_grad_enabled():
-            # Logits of one chunk at a time: recomputed in backward instead of kept for all rows.
-            parts = checkpoint(piece, *args, use_reentrant=False)
-        else:
-            parts = piece(*args)
-        totals = parts if totals is None else tuple(a + b for a, b in zip(totals, parts))
+    # Logits of one chunk at a time, recomputed in backward instead of kept for all rows.
+    totals = chunked_sum(piece, (hs, ht if use_teacher else None, targets), (ws, wt if use_teacher else None),
+                         chunk_rows)
     n = max(m, 1)
     out = {"student_ce": totals[0] / n}
     if use_teacher:

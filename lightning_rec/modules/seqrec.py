@@ -19,14 +19,16 @@ from lightning_rec.errors import ConfigError
 from lightning_rec.losses import (
     LOSSES,
     NEG_SAMPLERS,
+    LogitBuffer,
     bce_one_negative,
     full_ce,
+    mixed_softmax,
     popularity_log_q,
     sampled_softmax,
 )
 from lightning_rec.metrics import full_ranks, metrics_from_ranks, sampled_ranks, topk_items
 from lightning_rec.models import ENCODERS, block_dilations, build_encoder, normal_init_
-from lightning_rec.modules.optim import build_optimizer, build_scheduler, check_training_options
+from lightning_rec.modules.optim import build_optimizer, build_scheduler, check_training_options, parameter_groups
 
 __all__ = ["SeqRecModule", "build_optimizer", "check_training_options"]
 
@@ -43,10 +45,13 @@ class SeqRecModule(pl.LightningModule):
             N(0, 0.02) as RecBole does (:func:`~lightning_rec.models.normal_init_`).
         tied_embeddings: score items with the input embedding table (else a separate one).
         loss: ``ce`` (full softmax), ``sampled_softmax`` (``num_negatives``) or ``bce``.
-        neg_sampler: negatives of ``sampled_softmax``: ``uniform`` or ``popularity`` (drawn in
-            proportion to ``(training count + 1) ** neg_power``, counts from the DataModule).
-        logq_correction: with ``popularity``, subtract log q from every candidate's logit, so the
+        neg_sampler: negatives of ``sampled_softmax``: ``uniform``, ``popularity`` (drawn in
+            proportion to ``(training count + 1) ** neg_power``, counts from the DataModule) or ``mixed``
+            (the batch's own targets plus ``num_negatives`` uniform items, :func:`~lightning_rec.losses.mixed_softmax`).
+        logq_correction: with ``popularity`` or ``mixed``, subtract log q from every candidate's logit, so the
             sampled loss estimates the full softmax (false: popularity negatives as hard negatives).
+        loss_chunk_rows: compute the loss this many positions at a time, so no (positions x candidates)
+            logit tensor exists (full CE: a fused linear + cross-entropy in a reused buffer); None: all at once.
         optimizer: ``{_target_: <optimizer class>, lr, weight_decay, ...}`` (see :mod:`lightning_rec.modules.optim`).
         scheduler: ``{_target_: <schedule>, ...}`` stepped per batch, or ``{_target_: null}``.
         eval_ks: cut-offs of HR/NDCG/MRR.
@@ -82,6 +87,7 @@ class SeqRecModule(pl.LightningModule):
         neg_sampler: str = "uniform",
         neg_power: float = 1.0,
         logq_correction: bool = True,
+        loss_chunk_rows: int | None = None,
         optimizer: dict[str, Any] | None = None,
         scheduler: dict[str, Any] | None = None,
         eval_ks: list[int] | None = None,
@@ -103,6 +109,9 @@ class SeqRecModule(pl.LightningModule):
             raise ConfigError(f"model.neg_sampler: unknown sampler '{neg_sampler}'; expected one of {', '.join(NEG_SAMPLERS)}")
         if not isinstance(num_negatives, int) or num_negatives < 1:
             raise ConfigError(f"model.num_negatives: expected a positive integer, got {num_negatives!r}")
+        if loss_chunk_rows is not None and (isinstance(loss_chunk_rows, bool) or not isinstance(loss_chunk_rows, int)
+                                            or loss_chunk_rows < 1):
+            raise ConfigError(f"model.loss_chunk_rows={loss_chunk_rows!r}: expected an integer >= 1 or null")
         check_training_options(optimizer, scheduler, eval_protocol)
         if num_items < 1:
             raise ConfigError(f"num_items: expected a positive catalogue size, got {num_items}")
@@ -127,6 +136,7 @@ class SeqRecModule(pl.LightningModule):
         self.test_metrics = nn.ModuleDict({n.replace("@", "_at_"): MeanMetric() for n in self.metric_names})
         self._compiled = None
         self._neg_log_q = None  # log q of popularity negatives, from the DataModule at the first loss
+        self._logit_buffer = LogitBuffer()  # chunked full CE: one scratch tensor for every step
 
     # ------------------------------------------------------------------ model
     @property
@@ -194,16 +204,20 @@ class SeqRecModule(pl.LightningModule):
     def loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Next-item loss for hidden states (M, d) and their targets (M,)."""
         w = self.output_weight()
-        if self.hparams.loss == "ce":
-            return full_ce(hidden, w, targets)
-        if self.hparams.loss == "sampled_softmax":
-            return sampled_softmax(hidden, w, targets, self.hparams.num_negatives, self.negative_log_q(),
-                                   self.hparams.logq_correction)
+        hp = self.hparams
+        rows = hp.get("loss_chunk_rows")
+        if hp.loss == "ce":
+            return full_ce(hidden, w, targets, rows, self._logit_buffer)
+        if hp.loss == "sampled_softmax" and hp.neg_sampler == "mixed":
+            return mixed_softmax(hidden, w, targets, hp.num_negatives, hp.logq_correction, rows)
+        if hp.loss == "sampled_softmax":
+            return sampled_softmax(hidden, w, targets, hp.num_negatives, self.negative_log_q(),
+                                   hp.logq_correction, rows)
         return bce_one_negative(hidden, w, targets)
 
     def negative_log_q(self) -> torch.Tensor | None:
         """log q of the sampled-softmax negatives (None: uniform), from the DataModule's training counts."""
-        if self.hparams.neg_sampler == "uniform":
+        if self.hparams.neg_sampler in ("uniform", "mixed"):  # mixed: log q per batch (mixed_softmax)
             return None
         if self._neg_log_q is None:
             dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
@@ -329,7 +343,7 @@ class SeqRecModule(pl.LightningModule):
         self._optimizer_factory = factory
 
     def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
+        params = parameter_groups(self.named_parameters(), dict(self.hparams.optimizer))  # optimizer.no_weight_decay
         factory = getattr(self, "_optimizer_factory", None)
         built = factory(params, dict(self.hparams.optimizer)) if factory is not None else None
         opt, keep_scheduler = built if built is not None else (build_optimizer(dict(self.hparams.optimizer), params), True)

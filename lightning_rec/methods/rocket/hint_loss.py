@@ -59,7 +59,8 @@ class HintLossCallback(pl.Callback):
         l2_weight, kd_weight: see ``kind``.
         chunk_rows: with a teacher checkpoint, the student's and teacher's logits, the loss and the term are
             computed this many positions at a time (recomputed in backward), bounding memory at
-            ``chunk_rows x candidates``; None: all at once. A rocket takes ``model.loss_chunk_rows``.
+            ``chunk_rows x candidates``; None: the student's ``model.loss_chunk_rows`` (all at once when that is
+            null too). A rocket takes ``model.loss_chunk_rows``.
     """
 
     def __init__(
@@ -149,6 +150,10 @@ class HintLossCallback(pl.Callback):
                               "(or use model=rocket to train a booster alongside)")
         if stage == "fit" and getattr(pl_module.hparams, "loss", None) == "bce":
             raise ConfigError("model.loss=bce: distillation compares logits over a candidate set; use ce or sampled_softmax")
+        if (stage == "fit" and getattr(pl_module.hparams, "loss", None) == "sampled_softmax"
+                and getattr(pl_module.hparams, "neg_sampler", None) == "mixed"):
+            raise ConfigError("model.neg_sampler=mixed: distillation from a teacher checkpoint draws one shared set "
+                              "of negatives for both nets; use neg_sampler=uniform or popularity")
         if stage == "fit" and self.teacher is None:
             self.teacher = self._load_teacher(pl_module)
         if self.teacher is not None:
@@ -234,7 +239,7 @@ class HintLossCallback(pl.Callback):
             log_q = log_q if hp.logq_correction else None
         spec = self.spec(module)
         parts = distill.joint_losses(hidden, module.output_weight(), targets, negatives, ht[mask], wt, hint=spec,
-                                     log_q=log_q, chunk_rows=self.chunk_rows)
+                                     log_q=log_q, chunk_rows=self.chunk_rows or hp.get("loss_chunk_rows"))
         loss = spec.student_ce_weight * parts["student_ce"] + spec.weight * parts["hint"]
         return loss, {"train/hint_step": parts["hint"], "train/hint_epoch": parts["hint"],
                       "train/student_ce": parts["student_ce"]}
