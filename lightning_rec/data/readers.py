@@ -204,8 +204,6 @@ def _read_frame(pd, path, fmt, user_col, item_col, time_col, rating_col, min_rat
         return None
     numeric = [c for c in (ucol, icol) if c in sample.columns and all(
         isinstance(v, str) and _plain_int(v.strip() if strip else v) for v in sample[c].tolist())]
-    if fmt == "sasrec" and _single_spaced(path):
-        opts["sep"] = " "  # the C parser's fastest case; the same fields as r"\s+" in such a file
     if numeric and _ints_are_canonical(path, {"movielens": b" \t\v\f", "udata": b" \v\f"}.get(fmt, b"")):
         try:
             df = pd.read_csv(path, dtype={**dtype, **{c: np.int64 for c in numeric}}, **opts)
@@ -245,20 +243,6 @@ def _read_frame(pd, path, fmt, user_col, item_col, time_col, rating_col, min_rat
     if icodes is None:
         return None
     return encode_codes(ucodes, uuniq, icodes, iuniq, times)
-
-
-def _single_spaced(path: str) -> bool:
-    """True if every line is ``field field`` with one space between and none around (no tab, no CR)."""
-    if path.endswith(".gz"):
-        return False  # not worth a second decompression
-    tail = b"\n"
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            buf = tail + block
-            if b"\t" in buf or b"\r" in buf or b"  " in buf or b"\n " in buf or b" \n" in buf:
-                return False
-            tail = buf[-1:]
-    return True
 
 
 def _plain_int(v: str) -> bool:
