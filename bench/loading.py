@@ -19,7 +19,7 @@ child process of its own so that its peak RSS (``ru_maxrss`` from ``os.wait4``) 
 
 The generation and the runs take the heavy lock (/tmp/lightning_rec_heavy.lock), so they never run beside another
 heavy job; do not wrap the script in ``flock`` on that file as well. Results go to docs/log/loading.md and
-bench/results/loading.jsonl. Goal (issue 33): ours within 2x of pandas' time for every format.
+bench/results/loading.jsonl. Goal: ours within 2x of pandas' time for every format.
 """
 
 from __future__ import annotations
