@@ -108,7 +108,7 @@ class SeqDataModule(pl.LightningDataModule):
     """Loads interactions, remaps ids, splits leave-one-out and serves batches.
 
     Args:
-        name: ``synthetic`` (built-in), ``ml-1m`` / ``ml-100k`` (downloaded when
+        name: ``synthetic`` (built-in), ``ml-1m`` / ``ml-100k`` / ``ml-20m`` (downloaded when
             ``path`` is not given) or ``file`` (``path`` required).
         path: interactions file (``.gz`` allowed); see :mod:`lightning_rec.data.readers`.
         format: ``auto``, ``sasrec``, ``movielens``, ``udata`` or ``csv``.
