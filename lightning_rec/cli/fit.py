@@ -245,6 +245,9 @@ def _train_and_test(cfg: DictConfig, trainer, model, dm, start: _Start) -> dict[
                  f"epoch" if stop[0] < stop[1] else f"at the end of epoch {complete - 1}")
         rank_zero_info(f"trainer.max_time={limit} stopped the run at step {trainer.global_step}, {where} "
                        f"({complete} complete epochs)")
+    early = _early_stop(trainer)
+    if early and trainer.is_global_zero:
+        rank_zero_info(early[1])
     results: dict[str, float] = {}
     ckpt_cb = trainer.checkpoint_callback
     best = ckpt_cb.best_model_path if ckpt_cb else ""
@@ -261,8 +264,8 @@ def _train_and_test(cfg: DictConfig, trainer, model, dm, start: _Start) -> dict[
         "test": results, "run_dir": start.run_dir, "best_ckpt": best, "monitor": str(cfg.eval.monitor),
         "best_score": float(best_score) if best_score is not None else None,
         "epochs": trainer.current_epoch, "fit_seconds": fit_seconds,
-        "epochs_complete": complete, "stopped_by": "max_time" if stop else None,
-        "stopped_at_step": trainer.global_step if stop else None,
+        "epochs_complete": complete, "stopped_by": "max_time" if stop else ("early_stopping" if early else None),
+        "stopped_at_step": trainer.global_step if stop or early else None,
     }
     if trainer.is_global_zero:  # the run's outcome, machine-readable (sweeps read it from child processes)
         tmp = os.path.join(start.run_dir, "result.json.tmp")
@@ -270,3 +273,16 @@ def _train_and_test(cfg: DictConfig, trainer, model, dm, start: _Start) -> dict[
             json.dump(out, f, indent=1)
         os.replace(tmp, os.path.join(start.run_dir, "result.json"))
     return out
+
+
+def _early_stop(trainer) -> tuple[int, str] | None:
+    """``(epoch, message)`` when an EarlyStopping callback (``callbacks=early_stopping``) ended the run."""
+    from pytorch_lightning.callbacks import EarlyStopping
+
+    for cb in trainer.callbacks:
+        if isinstance(cb, EarlyStopping) and cb.stopped_epoch > 0:
+            best = float(cb.best_score)
+            return cb.stopped_epoch, (
+                f"early stopping: {cb.monitor} did not improve by more than {abs(cb.min_delta):g} for {cb.patience} "
+                f"validations (best {best:.4f}); stopped after epoch {cb.stopped_epoch} at step {trainer.global_step}")
+    return None

@@ -494,3 +494,23 @@ def test_a_time_limit_says_where_it_stopped_the_run(tmp_path, caplog):
     partial = result["epochs"] != result["epochs_complete"]
     assert ("batches into epoch" in m.group(2)) == partial
     assert out["epochs"] < 100000
+
+
+def test_callbacks_early_stopping_stops_on_the_monitor_and_says_so(tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.INFO, logger="pytorch_lightning.utilities.rank_zero")
+    # lr 0: the monitor never improves after the first validation, so patience 2 ends the run after epoch 2
+    out = fit(tmp_path, "callbacks=early_stopping", "callbacks.early_stopping.patience=2", "optimizer.lr=0.0",
+              epochs=50)
+    text = " ".join(caplog.text.split())
+    assert re.search(r"early stopping: val/ndcg@10 did not improve by more than 0 for 2 validations "
+                     r"\(best [0-9.]+\); stopped after epoch 2 at step \d+", text), text[-1500:]
+    result = json.load(open(os.path.join(out["run_dir"], "result.json")))
+    assert result["epochs"] == 3 and result["stopped_by"] == "early_stopping" and out["test"]
+    # it combines with another callbacks preset
+    from lightning_rec.config import load_config
+
+    cfg = load_config(["callbacks=[ema,early_stopping]"])
+    assert {"ema", "early_stopping", "model_checkpoint"} <= set(cfg.callbacks)
