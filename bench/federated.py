@@ -32,7 +32,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import SHARED_DATA, append, run_main  # noqa: E402
+from common import SHARED_DATA, append, record, run_main  # noqa: E402
 
 RUNS = os.environ.get("LIGHTNING_REC_BENCH_RUNS", os.path.expanduser("~/.cache/lightning_rec/bench-runs"))
 ORDER = ["centralized", "local", "fedavg", "topk", "distill", "fd_attentive", "fd_att_seg"]
@@ -131,8 +131,20 @@ def main() -> None:
                f"batch {args.batch_size}, lr {args.lr:g} (Adam; AdaShift for fd_att_seg), {args.devices} devices (random users), {args.rounds} rounds x {args.local_epochs} local "
                f"epoch(s) (centralized: {epochs} epochs), top-k k={args.k}, distill top_m={args.top_m}, "
                f"engine {args.engine} (Flower + Ray), seed {args.seed}")
-    append("federated", f"Federated: centralized vs FedAvg vs top-k vs distillation, {args.devices} devices",
-           f"Setting: {setting}.\n\n" + "\n".join(rows))
+    link = append("federated", f"Federated: centralized vs FedAvg vs top-k vs distillation, {args.devices} devices",
+                  f"Setting: {setting}.\n\n" + "\n".join(rows))
+    short = (f"SASRec d={args.d_model}, {args.devices} simulated devices, {args.rounds} rounds x {args.local_epochs} "
+             f"local epoch, top_m {args.top_m}, CPU")
+    # the pairs the issue asks for: the distillation term on/off (local = weight 0), the attentive encoder
+    for target, name, base, base_of in (("Federated distillation term", "distill", "local", "each device alone (weight 0)"),
+                                        ("Attentive encoder (m=32)", "fd_attentive", "distill", "plain attention")):
+        if name in res and base in res:
+            for metric, key in (("test NDCG@10", "ndcg"), ("wall seconds", "wall")):
+                value, baseline = res[name][key], res[base][key]
+                record("federated", target=target, setting=short, seed=args.seed,
+                       metric=f"{metric} of {name}", value=round(value, 4 if key == "ndcg" else 0),
+                       baseline=round(baseline, 4 if key == "ndcg" else 0), baseline_of=base_of,
+                       ratio=round(value / baseline, 3) if baseline else None, met=None, headline=False, log=link)
 
 
 if __name__ == "__main__":
