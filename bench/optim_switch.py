@@ -8,6 +8,8 @@ Runs (SASRec, same data, epochs and seed; full ranking):
   adam               Adam (--lr, default 4e-3) throughout
   adashift           AdaShift (n = 10, max reduction), same lr
   adam_sgd_auto      Adam, then SGD at the SWATS estimate when its rule fires (deadline: half the epochs)
+  adam_sgd_auto_2g   the same with two parameter groups (LayerNorms and biases in a no-weight-decay group),
+                     each switching on its own SWATS criterion
   adam_sgd_sched     Adam, then SGD at the start of epoch --switch-epoch (default: three quarters of the
                      epochs), at the SWATS estimate or at --sgd-lr
   adashift_sgd_auto  AdaShift, then SGD (SWATS rule, same deadline)
@@ -29,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import ROOT, SHARED_DATA, append, finish_ndcg_plot, run_main  # noqa: E402
 
 RUNS = os.environ.get("LIGHTNING_REC_BENCH_RUNS", os.path.expanduser("~/.cache/lightning_rec/bench-runs"))
-ORDER = ["adam", "adashift", "adam_sgd_auto", "adam_sgd_sched", "adashift_sgd_auto", "adashift_row",
+ORDER = ["adam", "adashift", "adam_sgd_auto", "adam_sgd_auto_2g", "adam_sgd_sched", "adashift_sgd_auto", "adashift_row",
          "adashift_row_sgd_auto"]
 
 
@@ -62,6 +64,8 @@ def main() -> None:
         "adam_sgd_auto": ["optimizer=adam", *sw, f"callbacks.optimizer_switch.deadline_epoch={half}"],
         "adam_sgd_sched": ["optimizer=adam", *sw, "callbacks.optimizer_switch.mode=scheduled",
                            f"callbacks.optimizer_switch.at_epoch={late}", *given],
+        "adam_sgd_auto_2g": ["optimizer=adam", "+optimizer.no_weight_decay=[*ln*,*norm*,*bias]", *sw,
+                             f"callbacks.optimizer_switch.deadline_epoch={half}"],
         "adashift_sgd_auto": ["optimizer=adashift", *sw, f"callbacks.optimizer_switch.deadline_epoch={half}"],
         "adashift_row": ["optimizer=adashift", "optimizer.reduction=row_max"],
         "adashift_row_sgd_auto": ["optimizer=adashift", "optimizer.reduction=row_max", *sw,
@@ -106,8 +110,9 @@ def main() -> None:
         test = r["test"].get("test/ndcg@10", float("nan"))
         rows.append(
             f"| {name} | {test:.4f} | {max(x['val/ndcg@10'] for x in r['timeline']):.4f} | "
-            f"{'never' if t is None else f'{t / 60:.1f} min'} | {ratio} | {s.get('switch_step', '') or ''} | "
-            f"{', '.join(f'{x:.3g}' for x in (s.get('lrs') or []))} | {r['timeline'][-1]['train_seconds'] / 60:.1f} |")
+            f"{'never' if t is None else f'{t / 60:.1f} min'} | {ratio} | {', '.join('-' if x is None else str(x) for x in (s.get('switch_steps') or [s.get('switch_step')])) if s.get('switch_step') else ''} | "
+            f"{', '.join('-' if x is None else f'{x:.3g}' for x in (s.get('lrs') or []))} | "
+            f"{r['timeline'][-1]['train_seconds'] / 60:.1f} |")
         if "sgd" in name and ref == "adam" and t is not None and t_ref and t < t_ref and \
                 test >= res["adam"]["test"].get("test/ndcg@10", 1):
             better.append(name)

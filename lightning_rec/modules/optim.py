@@ -7,6 +7,9 @@
 ``warmup_cosine(optimizer, total_steps=<the run's steps>, warmup_steps=100)``, stepped per batch;
 a schedule that takes ``total_steps`` gets the run's number of optimizer steps. ``_target_: null``: none.
 
+``optimizer.no_weight_decay: ["*.bias", "*ln*"]`` (fnmatch patterns of parameter names) puts the matching
+parameters in a second parameter group with ``weight_decay=0`` (:func:`parameter_groups`); null: one group.
+
 Configs written before ``_target_`` (a ``name:`` key, e.g. in older checkpoints) are read through
 :data:`OPTIMIZER_NAMES` and :data:`SCHEDULER_NAMES`.
 """
@@ -53,7 +56,7 @@ def _class(target: str, group: str):
 
 
 def _kwargs(conf: dict[str, Any]) -> dict[str, Any]:
-    out = {k: v for k, v in conf.items() if k not in ("_target_", "name")}
+    out = {k: v for k, v in conf.items() if k not in ("_target_", "name", "no_weight_decay")}
     for key in ("lr", "weight_decay"):  # numbers from the command line may arrive as ints
         if isinstance(out.get(key), int) and not isinstance(out.get(key), bool):
             out[key] = float(out[key])
@@ -67,10 +70,36 @@ def optimizer_target(conf: dict[str, Any]) -> str:
     return str(_target(dict(conf), OPTIMIZER_NAMES, "optimizer", "torch.optim.Adam"))
 
 
+def parameter_groups(named_params, conf: dict[str, Any]) -> list:
+    """The trainable parameters of ``named_params`` (``module.named_parameters()``) as ``build_optimizer`` takes
+    them: a flat list, or with ``optimizer.no_weight_decay`` (fnmatch patterns of names) two groups, the rest and
+    the matching parameters at ``weight_decay=0``."""
+    import fnmatch
+
+    named = [(n, p) for n, p in named_params if p.requires_grad]
+    patterns = conf.get("no_weight_decay")
+    if not patterns:
+        return [p for _, p in named]
+    if isinstance(patterns, str) or not all(isinstance(x, str) for x in patterns):
+        raise ConfigError(f"optimizer.no_weight_decay={patterns!r}: expected a list of parameter name patterns, "
+                          f"e.g. ['*.bias','*ln*']")
+    patterns = list(patterns)
+    plain = [p for n, p in named if not any(fnmatch.fnmatch(n, pat) for pat in patterns)]
+    free = [p for n, p in named if any(fnmatch.fnmatch(n, pat) for pat in patterns)]
+    if not free:
+        raise ConfigError(f"optimizer.no_weight_decay={patterns}: matches no parameter (names look like "
+                          f"{', '.join(n for n, _ in named[:3])})")
+    return ([{"params": plain}] if plain else []) + [{"params": free, "weight_decay": 0.0}]
+
+
 def build_optimizer(conf: dict[str, Any], params) -> torch.optim.Optimizer:
     """The optimizer ``conf`` describes, over ``params``; a value it rejects becomes a one-line ConfigError."""
     target = optimizer_target(conf)
     cls = _class(target, "optimizer")
+    params = list(params)
+    if conf.get("no_weight_decay") and not any(isinstance(p, dict) for p in params):
+        raise ConfigError(f"optimizer.no_weight_decay={list(conf['no_weight_decay'])}: this model builds its "
+                          f"optimizer from unnamed parameters, so it takes no name patterns (a single model does)")
     try:
         return cls(params, **_kwargs(dict(conf)))
     except (TypeError, ValueError) as e:
@@ -114,6 +143,11 @@ def linear_warmup(optimizer, warmup_steps: int = 0):
 
 def check_training_options(optimizer: dict[str, Any], scheduler: dict[str, Any], eval_protocol: str) -> None:
     """One-line errors for the options every module shares (built once on a dummy parameter)."""
+    optimizer = dict(optimizer)
+    patterns = optimizer.pop("no_weight_decay", None)
+    if patterns and (isinstance(patterns, str) or not all(isinstance(x, str) for x in patterns)):
+        raise ConfigError(f"optimizer.no_weight_decay={patterns!r}: expected a list of parameter name patterns, "
+                          f"e.g. ['*.bias','*ln*']")
     opt = build_optimizer(optimizer, [torch.nn.Parameter(torch.zeros(1))])
     build_scheduler(scheduler, opt, 1)
     if eval_protocol not in ("full", "sampled"):

@@ -28,7 +28,7 @@ from lightning_rec.losses import (
 )
 from lightning_rec.metrics import full_ranks, metrics_from_ranks, sampled_ranks, topk_items
 from lightning_rec.models import ENCODERS, block_dilations, build_encoder, normal_init_
-from lightning_rec.modules.optim import build_optimizer, build_scheduler, check_training_options
+from lightning_rec.modules.optim import build_optimizer, build_scheduler, check_training_options, parameter_groups
 
 __all__ = ["SeqRecModule", "build_optimizer", "check_training_options"]
 
@@ -343,7 +343,7 @@ class SeqRecModule(pl.LightningModule):
         self._optimizer_factory = factory
 
     def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
+        params = parameter_groups(self.named_parameters(), dict(self.hparams.optimizer))  # optimizer.no_weight_decay
         factory = getattr(self, "_optimizer_factory", None)
         built = factory(params, dict(self.hparams.optimizer)) if factory is not None else None
         opt, keep_scheduler = built if built is not None else (build_optimizer(dict(self.hparams.optimizer), params), True)

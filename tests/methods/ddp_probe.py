@@ -27,7 +27,8 @@ class SwitchProbe(pl.Callback):
         state = {n: float(p.detach().double().sum()) for n, p in pl_module.named_parameters()}
         with open(os.path.join(os.environ["PROBE_DIR"], f"switch{trainer.global_rank}.json"), "w") as f:
             json.dump({"phase": sw.phase, "switch_step": sw.switch_step, "switches": sw.switches, "lrs": sw.lrs,
-                       "optimizer": type(opt).__name__, "lr": opt.param_groups[0]["lr"], "state": state}, f)
+                       "optimizer": type(opt).__name__, "lr": opt.param_groups[0]["lr"], "state": state,
+                       "group_phases": [g.get("swats_phase") for g in opt.param_groups]}, f)
 
 
 class FinalWeights(pl.Callback):

@@ -1,5 +1,6 @@
 """AdaShift against a hand computation, the SWATS estimate, and the optimizer switch in real runs."""
 
+import copy
 import json
 import math
 import os
@@ -14,7 +15,7 @@ from pytorch_lightning.strategies import SingleDeviceStrategy
 from lightning_rec.cli import run
 from lightning_rec.errors import ConfigError
 from lightning_rec.methods.optim_switch import OptimizerSwitchCallback
-from lightning_rec.methods.optim_switch.optim import AdaShift, SwatsEstimate, swats_gamma
+from lightning_rec.methods.optim_switch.optim import AdaShift, PerGroupSwitch, SwatsEstimate, swats_gamma
 
 GRADS = [[0.5, -1.0], [2.0, 0.25], [-1.0, 1.0], [0.1, 3.0], [1.5, -0.5]]
 
@@ -286,7 +287,7 @@ def test_a_run_that_never_switches_says_so(monkeypatch):
     sched.on_train_end(trainer, None)
     assert "scheduled at epoch 5): not reached in 40 steps (2 epochs)" in said[-1]
     switched = OptimizerSwitchCallback(mode="scheduled", at_epoch=1)
-    switched.phase = "sgd"
+    switched.phases = ["sgd"]
     switched.on_train_end(trainer, None)
     assert len(said) == 2
 
@@ -363,9 +364,10 @@ def test_scheduled_switch_builds_sgd_with_the_given_rate_and_a_stack_keeps_it(tm
                            "+callbacks.stacking._target_=lightning_rec.methods.stackrec.StackingCallback",
                            "+callbacks.stacking.at_epochs=[2]", "test_after_fit=false", epochs=3)])
     ck = _ckpt(out)
-    group = ck["optimizer_states"][0]["param_groups"][0]
-    assert "momentum" in group and "betas" not in group and group["momentum"] == 0.9
-    assert group["lr"] == pytest.approx((1 - 0.9) * 0.2)  # SWATS's SGD: w -= (1 - mu) * rate * v
+    opt = ck["optimizer_states"][0]
+    group = opt["param_groups"][0]
+    assert (group["swats_phase"], group["swats_rate"], group["swats_momentum"]) == ("sgd", 0.2, 0.9)
+    assert {k for st in opt["state"].values() for k in st} == {"momentum_buffer"}  # no Adam moments left
     assert ck["hyper_parameters"]["num_blocks"] == 4  # stacked after the switch, still SGD
     n_params = sum(v.numel() for k, v in ck["state_dict"].items() if not k.startswith(("val_", "test_")))
     assert len(group["params"]) == len([k for k in ck["state_dict"] if not k.startswith(("val_", "test_"))])
@@ -383,7 +385,7 @@ def test_scheduled_switch_at_a_step(tmp_path, sgd_lr):
         assert st["lrs"] == [sgd_lr]
 
 
-@pytest.mark.parametrize("mine,rank0", [(None, [0.1]), ([0.3], None)])
+@pytest.mark.parametrize("mine,rank0", [(None, [0.1]), ([0.3], [None])])
 def test_rank_zero_decides_the_switch_for_every_rank(mine, rank0):
     # Under top-k averaging each rank has its own SWATS estimate; rank 1 (here) must follow rank 0
     # both ways, and take part in the broadcast either way, or the ranks' collectives fall out of step.
@@ -398,16 +400,17 @@ def test_rank_zero_decides_the_switch_for_every_rank(mine, rank0):
             pass
 
     p = torch.nn.Parameter(torch.zeros(2))
-    trainer = SimpleNamespace(optimizers=[torch.optim.Adam([p])], strategy=Strategy(), global_step=5, current_epoch=0,
-                              loggers=[])
+    opt = PerGroupSwitch(torch.optim.Adam([p]))
+    trainer = SimpleNamespace(optimizers=[opt], strategy=Strategy(), global_step=5, current_epoch=0, loggers=[])
     module = SimpleNamespace(hparams=SimpleNamespace(optimizer={"name": "adam", "lr": 1e-3}))
     cb = OptimizerSwitchCallback(min_steps=1)
     cb.estimates = [SwatsEstimate(0.999, 1e-6)]
     if mine:
         cb.estimates[0].update(mine[0])
     cb._switch(trainer, module, "test")
-    assert calls == [mine]
-    assert (cb.phase, cb.lrs, cb._pending) == (("sgd", rank0, False) if rank0 else ("adaptive", None, True))
+    assert calls == [mine or [None]]  # each group's rate, or None for "not yet"
+    assert (cb.phase, cb.lrs, cb._pending) == (("sgd", rank0, set()) if rank0[0] else ("adaptive", [None], {0}))
+    assert opt.phases() == [cb.phase]
 
 
 @pytest.mark.parametrize("stop_after,adaptive", [
@@ -437,6 +440,86 @@ def test_two_ddp_ranks_switch_once_at_the_same_step(tmp_path):
     r0, r1 = (json.load(open(probe / f"switch{r}.json")) for r in (0, 1))
     assert r0["switches"] == r1["switches"] == 1
     assert r0["switch_step"] == r1["switch_step"] and r0["switch_step"] <= 6
-    assert r0["lrs"] == r1["lrs"] and r0["optimizer"] == r1["optimizer"] == "SGD"
+    assert r0["lrs"] == r1["lrs"] and r0["group_phases"] == r1["group_phases"] == ["sgd"]
     for k in r0["state"]:
         assert abs(r0["state"][k] - r1["state"][k]) < 1e-5, k
+
+
+# ---------------------------------------------------------------------- per parameter group
+def test_per_group_switch_steps_each_group_as_adam_or_as_swats_sgd_and_round_trips():
+    # group 0 stays Adam; group 1 (weight decay 0.1) switches to SWATS's SGD: torch SGD at lr (1 - mu) * rate
+    torch.manual_seed(0)
+    grads = [(torch.randn(3), torch.randn(2)) for _ in range(8)]
+
+    def make():
+        a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+        opt = PerGroupSwitch(torch.optim.Adam([{"params": [a]}, {"params": [b], "weight_decay": 0.1}], lr=0.01))
+        return a, b, opt
+
+    a, b, opt = make()
+    ra, rb = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    adam, adam_b = torch.optim.Adam([ra], lr=0.01), torch.optim.Adam([rb], lr=0.01, weight_decay=0.1)
+    ref_b = adam_b  # group 1 is Adam until the switch
+    for k, (ga, gb) in enumerate(grads):
+        if k == 2:
+            opt.switch_group(1, 0.5, 0.9, nesterov=True)
+            ref_b = torch.optim.SGD([rb], lr=(1 - 0.9) * 0.5, momentum=0.9, weight_decay=0.1, nesterov=True)
+        if k == 4:
+            saved = (copy.deepcopy(opt.state_dict()), a.detach().clone(), b.detach().clone())
+        a.grad, b.grad, ra.grad, rb.grad = ga, gb, ga.clone(), gb.clone()
+        opt.step()
+        adam.step()
+        ref_b.step()
+        torch.testing.assert_close(a.detach(), ra.detach(), rtol=0, atol=0)
+        torch.testing.assert_close(b.detach(), rb.detach(), rtol=1e-6, atol=1e-7)
+    assert opt.phases() == ["adaptive", "sgd"] and set(opt.state[b]) == {"momentum_buffer"}
+    state, a0, b0 = saved  # a checkpoint taken mid-way, loaded into a fresh optimizer, goes on identically
+    a2, b2, opt2 = make()
+    with torch.no_grad():
+        a2.copy_(a0)
+        b2.copy_(b0)
+    opt2.load_state_dict(state)
+    for ga, gb in grads[4:]:
+        a2.grad, b2.grad = ga, gb
+        opt2.step()
+    assert opt2.phases() == ["adaptive", "sgd"]
+    assert torch.equal(a2, a) and torch.equal(b2, b)
+
+
+TWO_GROUPS = ["optimizer=sgd", "optimizer.momentum=0", "optimizer.lr=0.05", "optimizer.weight_decay=0.1",
+              "+optimizer.no_weight_decay=[*ln*,*norm*,*bias]", "callbacks=swats",
+              "callbacks.optimizer_switch.min_steps=3", "callbacks.optimizer_switch.rtol=1e-4",
+              "callbacks.optimizer_switch.deadline_step=10", "trainer.deterministic=true"]
+
+
+def test_each_parameter_group_switches_on_its_own_criterion_at_its_own_rate(tmp_path):
+    # Plain SGD at lr 0.05 as the first phase. The no-weight-decay group steps along -0.05 g exactly: its estimate
+    # settles at 0.05 and it switches at min_steps (3). The other group's steps include the decay 0.1 w, which its
+    # gradient does not: its gamma wanders, it does not settle and switches at the deadline (10) at its own rate.
+    out = run(["fit", *tiny(tmp_path, *TWO_GROUPS, "test_after_fit=false", epochs=2)])
+    ck = _ckpt(out)
+    st = _switch_state(ck)
+    assert st["phases"] == ["sgd", "sgd"] and st["switch_steps"] == [10, 3] and st["switches"] == 2
+    assert st["lrs"][1] == pytest.approx(0.05, rel=1e-4)
+    assert abs(st["lrs"][0] - 0.05) > 1e-3  # its own rate, not the other group's
+    groups = ck["optimizer_states"][0]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+    assert [g["swats_rate"] for g in groups] == st["lrs"]
+
+
+def test_resume_between_two_groups_switches_is_exact(tmp_path):
+    # interrupted after epoch 1 (7 steps): group 1 is in SGD (since step 3), group 0 still in the adaptive phase
+    full = run(["fit", *tiny(tmp_path / "a", *TWO_GROUPS, epochs=3)])
+    first = run(["fit", *tiny(tmp_path / "b", *TWO_GROUPS, "test_after_fit=false", epochs=1)])
+    assert _switch_state(_ckpt(first))["phases"] == ["adaptive", "sgd"]
+    resumed = run(["fit", *tiny(tmp_path / "b", *TWO_GROUPS, "ckpt_path=last", epochs=3)])
+    a, b = _ckpt(full), _ckpt(resumed)
+    assert _switch_state(a) == _switch_state(b)
+    for k in a["state_dict"]:
+        torch.testing.assert_close(a["state_dict"][k], b["state_dict"][k], rtol=0, atol=0, msg=k)
+    assert resumed["test"] == full["test"]
+
+
+def test_no_weight_decay_patterns_are_checked(tmp_path):
+    with pytest.raises(ConfigError, match=r"optimizer.no_weight_decay=\['\*nothing\*'\]: matches no parameter"):
+        run(["fit", *tiny(tmp_path, "+optimizer.no_weight_decay=[*nothing*]", epochs=1)])

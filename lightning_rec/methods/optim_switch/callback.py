@@ -1,4 +1,5 @@
-"""Switch from an adaptive optimizer (Adam, AdamW, AdaShift) to SGD with momentum: SWATS or scheduled."""
+"""Switch from an adaptive optimizer (Adam, AdamW, AdaShift) to SGD with momentum, per parameter group: SWATS or
+scheduled."""
 
 from __future__ import annotations
 
@@ -9,23 +10,27 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 
 from lightning_rec.errors import ConfigError
-from lightning_rec.methods.optim_switch.optim import SwatsEstimate, swats_gamma
-from lightning_rec.modules.optim import optimizer_target
+from lightning_rec.methods.optim_switch.optim import PerGroupSwitch, SwatsEstimate, swats_gamma
+from lightning_rec.modules.optim import build_optimizer, optimizer_target
 
 MODES = ("auto", "scheduled")
 
 
 class OptimizerSwitchCallback(pl.Callback):
-    """Adaptive phase, then SGD with momentum, at one step that every DDP rank agrees on.
+    """Adaptive phase, then SGD with momentum, per parameter group, at steps that every DDP rank agrees on.
 
     During the adaptive phase the SWATS estimate runs for every parameter group: with the step
     ``p_k`` the optimizer actually took and the gradient ``g_k`` it took it from,
     ``gamma_k = (p.p) / (-p.g)`` and ``Lambda`` = bias-corrected EMA of ``gamma`` (rate ``beta2``).
+    As in the reference implementation, each group switches on its own: its own criterion, at its own step, to SGD
+    at its own rate, while the other groups go on with the adaptive optimizer and their moments
+    (:class:`~lightning_rec.methods.optim_switch.optim.PerGroupSwitch`). Groups come from the module, e.g.
+    ``optimizer.no_weight_decay=[...]`` makes a second, no-weight-decay group.
 
     Args:
-        mode: ``auto`` (the SWATS rule: every group's ``|Lambda - gamma_k| <= rtol * Lambda`` with
-            ``Lambda > 0``, after ``min_steps``; at ``deadline_step`` / ``deadline_epoch`` at the
-            latest) or ``scheduled`` (at ``at_step`` or at the start of ``at_epoch``).
+        mode: ``auto`` (the SWATS rule: a group switches when its ``|Lambda - gamma_k| <= rtol * Lambda`` with
+            ``Lambda > 0``, after ``min_steps``; every group at ``deadline_step`` / ``deadline_epoch`` at the
+            latest) or ``scheduled`` (every group at ``at_step`` or at the start of ``at_epoch``).
         sgd_lr: the SGD rate; null uses each group's estimate ``Lambda``. As in SWATS, the SGD phase
             is ``v = momentum v + g; w -= (1 - momentum) rate v`` (torch's SGD with
             ``lr = (1 - momentum) rate``), so a long-run step equals an SGD step of ``rate``.
@@ -34,15 +39,16 @@ class OptimizerSwitchCallback(pl.Callback):
         beta2: EMA rate of the estimate; null uses the adaptive optimizer's beta2.
         rtol: relative tolerance of the convergence test (1e-6 in a public SWATS implementation).
         min_steps: no automatic switch before this many optimizer steps.
-        keep_scheduler: keep the configured LR scheduler in the SGD phase (default: constant rate).
+        keep_scheduler: a switched group's rate follows the configured LR scheduler from the switch on (scaled by
+            its lr over its lr at the switch); default: constant. The scheduler goes on for the adaptive groups.
         lr_bounds: ``[low, high]`` safety bounds: an estimate outside them is clipped at the switch
             (and said). The projection ``gamma`` is noisy when steps and gradients are nearly
             orthogonal (sparse embedding gradients, AdaShift's decorrelated moments).
 
-    The phase, switch step and learning rates are saved in the checkpoint: a run resumed after the
-    switch rebuilds SGD (its momentum restored), one resumed before it continues the adaptive
-    phase with its estimate. Logged: ``optim/phase`` (0 adaptive, 1 SGD), ``optim/swats_lr``
-    (group 0's estimate), ``optim/sgd_lr`` once switched.
+    Each group's phase, switch step and rate are saved in the checkpoint (the callback's state and the
+    optimizer's groups, with the SGD momentum buffers and the adaptive moments of the groups not yet switched):
+    a resumed run goes on exactly. Logged: ``optim/phase`` (the fraction of groups switched), ``optim/swats_lr``
+    (group 0's estimate; ``optim/swats_lr_g<i>`` for group i > 0), ``optim/sgd_lr`` (group 0's rate) once switched.
     """
 
     def __init__(
@@ -75,16 +81,43 @@ class OptimizerSwitchCallback(pl.Callback):
         self.lr_bounds = None if lr_bounds is None else (float(lr_bounds[0]), float(lr_bounds[1]))
         if self.lr_bounds is not None and not 0 <= self.lr_bounds[0] < self.lr_bounds[1]:
             raise ConfigError(f"callbacks.optimizer_switch.lr_bounds={list(lr_bounds)}: expected [low, high], 0 <= low < high")
-        self.phase = "adaptive"
-        self.switch_step: int | None = None
-        self.switches = 0
-        self.lrs: list[float] | None = None
+        # per parameter group (filled once the optimizer's groups are known)
+        self.phases: list[str] = []                  # "adaptive" | "sgd"
+        self.lrs: list[float | None] | None = None   # each group's SGD rate once switched
+        self.switch_steps: list[int | None] = []
+        self.momenta: list[float | None] = []
+        self.switches = 0                            # switch events (groups switched at one step count once)
         self.estimates: list[SwatsEstimate] = []
-        self._before: list[list[torch.Tensor]] | None = None
-        self._pending = False
-        self._converged: list[bool] | None = None  # the SWATS test of the last optimizer step, until batch end
+        self._pending: set[int] = set()              # groups due with no positive estimate yet
+        self._before: list[list[torch.Tensor] | None] | None = None
+        self._converged: list[bool | None] | None = None  # the SWATS test of the last optimizer step, until batch end
         self._hook = self._hooked = self._pl_module = None  # the post-step hook on the optimizer being measured
         self._epochs_run = 0  # epochs this fit has started, for the end-of-run message
+
+    # ------------------------------------------------------------------ per-group bookkeeping
+    @property
+    def phase(self) -> str:
+        """``adaptive`` (no group switched), ``sgd`` (every group) or ``mixed``."""
+        if not self.phases or all(p == "adaptive" for p in self.phases):
+            return "adaptive"
+        return "sgd" if all(p == "sgd" for p in self.phases) else "mixed"
+
+    @property
+    def switch_step(self) -> int | None:
+        """The first group's switch step."""
+        steps = [s for s in self.switch_steps if s is not None]
+        return min(steps) if steps else None
+
+    def _groups(self, n: int) -> None:
+        if len(self.phases) != n:
+            grow = n - len(self.phases)
+            if grow < 0:
+                raise ConfigError(f"callbacks.optimizer_switch: the optimizer has {n} parameter groups, the switch "
+                                  f"state {len(self.phases)}")
+            self.phases += ["adaptive"] * grow
+            self.lrs = list(self.lrs or []) + [None] * (n - len(self.lrs or []))
+            self.switch_steps += [None] * grow
+            self.momenta += [None] * grow
 
     # ------------------------------------------------------------------ wiring
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -94,7 +127,7 @@ class OptimizerSwitchCallback(pl.Callback):
                            "only re-estimates its rate; for SWATS use optimizer=adam, adamw or adashift")
         if not hasattr(pl_module, "set_optimizer_factory"):
             raise ConfigError(f"callbacks.optimizer_switch: {type(pl_module).__name__} has no set_optimizer_factory "
-                              f"(the hook that lets this callback build the SGD phase)")
+                              f"(the hook that lets this callback build the optimizer)")
         pl_module.set_optimizer_factory(self.build_optimizer)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -103,42 +136,54 @@ class OptimizerSwitchCallback(pl.Callback):
             pl_module.set_optimizer_factory(None)
 
     def build_optimizer(self, params, adaptive: dict[str, Any]):
-        """The module's optimizer factory: SWATS's SGD phase after the switch (also on a resume after it),
-        else None (the configured adaptive optimizer).
+        """The module's optimizer factory: the configured adaptive optimizer inside a
+        :class:`PerGroupSwitch`, with the groups already switched (a resume, a rebuild after a stack) in the SGD
+        phase, fresh momentum. The scheduler is kept (it drives the adaptive groups)."""
+        opt = PerGroupSwitch(build_optimizer(adaptive, params), follow_schedule=self.keep_scheduler)
+        if self.phases:
+            self._groups(len(opt.param_groups))
+        for i, ph in enumerate(self.phases):
+            if ph == "sgd":
+                opt.switch_group(i, self.lrs[i], self._momentum(opt.param_groups[i], i), self.nesterov)
+        return opt, True
 
-        SGD phase: v = mu v + g, w -= (1 - mu) * rate * v, i.e. torch's lr = (1 - mu) * rate.
-        """
-        if self.phase != "sgd":
-            return None
-        sw = self.sgd_settings(adaptive)
-        opt = torch.optim.SGD(params, lr=(1 - sw["momentum"]) * sw["lrs"][0],
-                              weight_decay=float(adaptive.get("weight_decay", 0.0)),
-                              momentum=sw["momentum"], nesterov=sw["nesterov"])
-        return opt, sw["keep_scheduler"]
-
-    def sgd_settings(self, adaptive: dict[str, Any]) -> dict[str, Any]:
-        """What configure_optimizers needs to build the SGD phase."""
-        betas = adaptive.get("betas", (0.9, 0.999))
-        return {"lrs": list(self.lrs or []), "momentum": float(self.momentum if self.momentum is not None else betas[0]),
-                "nesterov": self.nesterov, "keep_scheduler": self.keep_scheduler}
+    def _momentum(self, group: dict, i: int) -> float:
+        if i < len(self.momenta) and self.momenta[i] is not None:
+            return float(self.momenta[i])
+        if self.momentum is not None:
+            return float(self.momentum)
+        return float(group.get("betas", (0.9, 0.999))[0])
 
     def _beta2(self, pl_module) -> float:
         if self.beta2 is not None:
             return float(self.beta2)
         return float(dict(pl_module.hparams.optimizer).get("betas", (0.9, 0.999))[1])
 
+    @staticmethod
+    def _optimizer(trainer) -> PerGroupSwitch:
+        opt = trainer.optimizers[0]
+        opt = getattr(opt, "optimizer", opt)  # Lightning's LightningOptimizer wraps torch's
+        if not isinstance(opt, PerGroupSwitch):
+            raise ConfigError(f"callbacks.optimizer_switch: the module's optimizer is {type(opt).__name__}, not the "
+                              f"one this callback builds (its configure_optimizers must call the optimizer factory)")
+        return opt
+
     # ------------------------------------------------------------------ estimate
     # The step is measured inside the optimizer's own step (a torch post-step hook): a strategy that moves the
     # weights after the optimizer (top-k averaging's exchange) must not enter gamma, and gradient accumulation
     # steps that make no update give no estimate.
+    def _estimating(self) -> bool:
+        return not (self.mode == "scheduled" and self.sgd_lr is not None)
+
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        if self.phase != "adaptive" or (self.mode == "scheduled" and self.sgd_lr is not None):
+        if self.phase == "sgd" or not self._estimating():
             return  # nothing to estimate: skip copying every parameter and gradient each step
-        # Only the weights: Lightning clips gradients after this hook, so the gradient the step was taken
-        # from is read in the post-step hook (the optimizer leaves it in .grad until the next zero_grad).
-        self._before = [[p.detach().clone() for p in g["params"]] for g in optimizer.param_groups]
+        # Only the weights of the groups still adaptive: Lightning clips gradients after this hook, so the
+        # gradient the step was taken from is read in the post-step hook (the optimizer leaves it in .grad).
+        self._before = [None if g.get("swats_phase") == "sgd" else [p.detach().clone() for p in g["params"]]
+                        for g in optimizer.param_groups]
         self._pl_module = pl_module
-        inner = getattr(optimizer, "optimizer", optimizer)  # Lightning's LightningOptimizer wraps torch's
+        inner = getattr(optimizer, "optimizer", optimizer)
         if self._hooked is not inner:
             if self._hook is not None:
                 self._hook.remove()
@@ -146,37 +191,53 @@ class OptimizerSwitchCallback(pl.Callback):
             self._hooked = inner
 
     def _after_step(self, optimizer, args, kwargs) -> None:
-        if self._before is None or self.phase != "adaptive":
+        if self._before is None or self.phase == "sgd":
             return
         self._converged = self._measure(optimizer, self._pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.phase != "adaptive":
+        if self.phase == "sgd":
             return
-        estimating = not (self.mode == "scheduled" and self.sgd_lr is not None)
-        converged = self._converged if estimating else []
-        self._converged = None
-        if converged is None:
-            return  # no optimizer step since the snapshot (gradient accumulation)
-        if estimating:
+        n = len(self._optimizer(trainer).param_groups)
+        self._groups(n)
+        if self._estimating():
+            converged = self._converged
+            if converged is None:
+                return  # no optimizer step since the snapshot (gradient accumulation)
             self._log_estimate(pl_module)
-        step = trainer.global_step
-        if self.mode == "auto":
-            criterion = all(converged) and step >= self.min_steps
-            due = criterion or (self.deadline_step is not None and step >= int(self.deadline_step))
-            why = "SWATS criterion met" if criterion else f"deadline step {self.deadline_step}"
         else:
-            due = self.at_step is not None and step >= int(self.at_step)
-            why = f"scheduled at step {self.at_step}"
-        if trainer.strategy.broadcast(bool(due or self._pending), src=0):  # every rank switches at the same step
-            self._switch(trainer, pl_module, why)
+            converged = [False] * n
+        self._converged = None
+        step = trainer.global_step
+        due, why = [], {}
+        for i in range(n):
+            if self.phases[i] == "sgd":
+                due.append(False)
+                continue
+            if self.mode == "auto":
+                criterion = bool(converged[i]) and step >= self.min_steps
+                deadline = self.deadline_step is not None and step >= int(self.deadline_step)
+                why[i] = "SWATS criterion met" if criterion else f"deadline step {self.deadline_step}"
+            else:
+                criterion, deadline = False, self.at_step is not None and step >= int(self.at_step)
+                why[i] = f"scheduled at step {self.at_step}"
+            due.append(bool(criterion or deadline or i in self._pending))
+        due = trainer.strategy.broadcast(due, src=0)  # every rank switches the same groups at the same step
+        groups = [i for i, d in enumerate(due) if d]
+        if groups:
+            self._switch(trainer, pl_module, "; ".join(sorted({why.get(i, "due") for i in groups})), groups)
 
-    def _measure(self, opt, pl_module) -> list[bool]:
-        """Feed the step just taken to the SWATS estimates; per group, whether it has settled."""
+    def _measure(self, opt, pl_module) -> list[bool | None]:
+        """Feed the step just taken to each adaptive group's SWATS estimate; per group, whether it has settled
+        (None for a group in the SGD phase)."""
         if len(self.estimates) != len(opt.param_groups):
-            self.estimates = [SwatsEstimate(self._beta2(pl_module), self.rtol) for _ in opt.param_groups]
-        converged = []
+            self.estimates += [SwatsEstimate(self._beta2(pl_module), self.rtol)
+                               for _ in range(len(opt.param_groups) - len(self.estimates))]
+        converged: list[bool | None] = []
         for est, g, before in zip(self.estimates, opt.param_groups, self._before):
+            if before is None or g.get("swats_phase") == "sgd":
+                converged.append(None)
+                continue
             if len(before) != len(g["params"]):  # the model changed shape (a stack) since the snapshot
                 converged.append(False)
                 continue
@@ -188,10 +249,12 @@ class OptimizerSwitchCallback(pl.Callback):
         return converged
 
     def _log_estimate(self, pl_module) -> None:
-        lam = self.estimates[0].value if self.estimates else None
-        if lam is not None:
-            pl_module.log("optim/swats_lr", float(lam), on_step=True, on_epoch=False, batch_size=1)
-        pl_module.log("optim/phase", 0.0, on_step=True, on_epoch=False, batch_size=1)
+        for i, est in enumerate(self.estimates):
+            if est.value is not None and (i >= len(self.phases) or self.phases[i] != "sgd"):
+                pl_module.log("optim/swats_lr" + (f"_g{i}" if i else ""), float(est.value), on_step=True,
+                              on_epoch=False, batch_size=1)
+        frac = sum(p == "sgd" for p in self.phases) / max(len(self.phases), 1)
+        pl_module.log("optim/phase", float(frac), on_step=True, on_epoch=False, batch_size=1)
 
     def teardown_hook(self) -> None:
         if self._hook is not None:
@@ -200,7 +263,7 @@ class OptimizerSwitchCallback(pl.Callback):
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._epochs_run = trainer.current_epoch + 1
-        if self.phase != "adaptive":
+        if self.phase == "sgd":
             return
         epoch = trainer.current_epoch
         if self.mode == "scheduled" and self.at_epoch is not None and epoch >= int(self.at_epoch):
@@ -209,14 +272,16 @@ class OptimizerSwitchCallback(pl.Callback):
             self._switch(trainer, pl_module, f"deadline epoch {self.deadline_epoch}")
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if self.phase != "adaptive":
+        if self.phase == "sgd":
             return
-        lam = self.estimates[0].value if self.estimates else None
-        est = "none yet" if lam is None else f"{lam:.4g}"
+        left = [i for i, p in enumerate(self.phases) if p != "sgd"] or [0]
+        lams = [self.estimates[i].value if i < len(self.estimates) else None for i in left]
+        est = ", ".join("none yet" if v is None else f"{v:.4g}" for v in lams)
+        groups = "" if self.phase == "adaptive" else f"parameter group(s) {left} of {len(self.phases)}: "
         if self.mode == "auto":
-            rank_zero_info(f"optimizer switch (auto): no switch in {trainer.global_step} steps; the adaptive phase ran "
-                           f"to the end (SWATS estimate {est}; the rule needs it to settle within rtol={self.rtol:g} "
-                           f"after min_steps={self.min_steps})"
+            rank_zero_info(f"optimizer switch (auto): {groups}no switch in {trainer.global_step} steps; the adaptive "
+                           f"phase ran to the end (SWATS estimate {est}; the rule needs it to settle within "
+                           f"rtol={self.rtol:g} after min_steps={self.min_steps})"
                            + ("; its deadline passed with no positive estimate yet, and the switch was waiting "
                               "for one (or set callbacks.optimizer_switch.sgd_lr)" if self._pending else
                               "; its deadline was not reached" if self.deadline_epoch is not None
@@ -225,56 +290,88 @@ class OptimizerSwitchCallback(pl.Callback):
                               "given point"))
         else:
             when = f"step {self.at_step}" if self.at_step is not None else f"epoch {self.at_epoch}"
-            rank_zero_info(f"optimizer switch (scheduled at {when}): not reached in {trainer.global_step} steps "
-                           f"({self._epochs_run} epochs); the adaptive phase ran "
-                           f"to the end")
+            rank_zero_info(f"optimizer switch (scheduled at {when}): {groups}not reached in {trainer.global_step} "
+                           f"steps ({self._epochs_run} epochs); the adaptive phase ran to the end")
 
     # ------------------------------------------------------------------ switch
-    def _switch(self, trainer, pl_module, why: str) -> None:
-        n_groups = len(trainer.optimizers[0].param_groups)
-        if self.sgd_lr is not None:
-            lrs = [self.sgd_lr] * n_groups
-        else:
-            lrs = [e.value for e in self.estimates] if len(self.estimates) == n_groups else []
-            if not lrs or any(v is None or not v > 0 for v in lrs):
-                lrs = None  # e.g. AdaShift's first n steps make no update, so no estimate yet
-            elif self.lr_bounds is not None:
+    def _switch(self, trainer, pl_module, why: str, groups: list[int] | None = None) -> None:
+        """Switch ``groups`` (default: every group still adaptive) to SGD, each at its own rate."""
+        opt = self._optimizer(trainer)
+        self._groups(len(opt.param_groups))
+        groups = [i for i in (range(len(self.phases)) if groups is None else groups) if self.phases[i] != "sgd"]
+        rates: list[float | None] = []
+        for i in groups:
+            if self.sgd_lr is not None:
+                rates.append(self.sgd_lr)
+                continue
+            lam = self.estimates[i].value if i < len(self.estimates) else None
+            if lam is None or not lam > 0:
+                rates.append(None)  # e.g. AdaShift's first n steps make no update, so no estimate yet
+                continue
+            if self.lr_bounds is not None:
                 lo, hi = self.lr_bounds
-                clipped = [min(max(x, lo), hi) for x in lrs]
-                if clipped != lrs:
-                    rank_zero_info(f"SWATS estimate {', '.join(f'{x:.4g}' for x in lrs)} is outside lr_bounds "
-                                   f"[{lo:g}, {hi:g}]; using {', '.join(f'{x:.4g}' for x in clipped)}")
-                lrs = clipped
+                clipped = min(max(lam, lo), hi)
+                if clipped != lam:
+                    rank_zero_info(f"SWATS estimate {lam:.4g} of parameter group {i} is outside lr_bounds "
+                                   f"[{lo:g}, {hi:g}]; using {clipped:.4g}")
+                lam = clipped
+            rates.append(lam)
         # Rank 0 decides for every rank, switch now or wait: under top-k averaging each rank's estimate is
         # its own, and a rank that stayed behind would miss this collective and hang the others.
-        lrs = trainer.strategy.broadcast(lrs, src=0)
-        if lrs is None:
-            if not self._pending:
-                rank_zero_info(f"optimizer switch due ({why}) at step {trainer.global_step}, but there is no positive "
-                               f"SWATS estimate yet; switching at the first step that has one "
-                               f"(or set callbacks.optimizer_switch.sgd_lr)")
-            self._pending = True
+        rates = trainer.strategy.broadcast(rates, src=0)
+        step = int(trainer.global_step)
+        switched = []
+        for i, rate in zip(groups, rates):
+            if rate is None:
+                if i not in self._pending:
+                    rank_zero_info(f"optimizer switch due ({why}) at step {step} for parameter group {i}, but it has "
+                                   f"no positive SWATS estimate yet; switching it at the first step that has one "
+                                   f"(or set callbacks.optimizer_switch.sgd_lr)")
+                self._pending.add(i)
+                continue
+            mu = self._momentum(opt.param_groups[i], i)
+            opt.switch_group(i, float(rate), mu, self.nesterov)
+            self.phases[i], self.lrs[i], self.switch_steps[i], self.momenta[i] = "sgd", float(rate), step, mu
+            self._pending.discard(i)
+            switched.append(i)
+        if not switched:
             return
-        lrs = [float(x) for x in lrs]
-        self.phase, self.lrs, self.switch_step = "sgd", lrs, int(trainer.global_step)
         self.switches += 1
-        trainer.strategy.setup_optimizers(trainer)  # configure_optimizers now builds SGD
-        rank_zero_info(f"optimizer switch at step {self.switch_step} (epoch {trainer.current_epoch}, {why}): SGD with "
-                       f"momentum {self.sgd_settings(dict(pl_module.hparams.optimizer))['momentum']}, "
-                       f"rate {', '.join(f'{x:.4g}' for x in lrs)} (torch lr = (1 - momentum) x rate)")
+        n = len(self.phases)
+        which = "every parameter group" if len(switched) == n and n > 1 else \
+            ("" if n == 1 else f"parameter group(s) {switched} of {n}")
+        rank_zero_info(f"optimizer switch at step {step} (epoch {trainer.current_epoch}, {why}): "
+                       f"{which + ' to ' if which else ''}SGD with momentum "
+                       f"{', '.join(f'{self.momenta[i]:g}' for i in switched)}, rate "
+                       f"{', '.join(f'{self.lrs[i]:.4g}' for i in switched)} (torch lr = (1 - momentum) x rate)"
+                       + ("" if self.phase == "sgd" else "; the other groups stay adaptive"))
+        metrics = {"optim/switch_step": float(step)}
+        if self.lrs[0] is not None:
+            metrics["optim/sgd_lr"] = float(self.lrs[0])
         for lg in trainer.loggers:
-            lg.log_metrics({"optim/switch_step": float(self.switch_step), "optim/sgd_lr": lrs[0]}, step=trainer.global_step)
+            lg.log_metrics(metrics, step=trainer.global_step)
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
-        return {"phase": self.phase, "switch_step": self.switch_step, "lrs": self.lrs, "switches": self.switches,
-                "pending": self._pending,
+        return {"phase": self.phase, "phases": list(self.phases), "switch_step": self.switch_step,
+                "switch_steps": list(self.switch_steps), "lrs": None if self.lrs is None else list(self.lrs),
+                "momenta": list(self.momenta), "switches": self.switches, "pending": sorted(self._pending),
                 "estimates": [e.state_dict() for e in self.estimates]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.phase, self.switch_step, self.lrs = state["phase"], state["switch_step"], state["lrs"]
+        lrs = state.get("lrs")
+        if "phases" in state:
+            self.phases, self.switch_steps = list(state["phases"]), list(state["switch_steps"])
+            self.momenta = list(state.get("momenta") or [None] * len(self.phases))
+        else:  # written before per-group switching: every group in one phase
+            n = len(lrs or state.get("estimates") or [0])
+            self.phases = [state["phase"]] * n
+            self.switch_steps = [state["switch_step"]] * n
+            self.momenta = [None] * n
+        self.lrs = None if lrs is None else list(lrs)
         self.switches = int(state.get("switches", 0))
-        self._pending = bool(state.get("pending", False))
+        pending = state.get("pending", [])
+        self._pending = set(range(len(self.phases) or 1)) if pending is True else set(pending or [])
         self.estimates = []
         for s in state.get("estimates", []):
             e = SwatsEstimate(s["beta2"], s["rtol"])

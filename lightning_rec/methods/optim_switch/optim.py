@@ -238,4 +238,99 @@ class SwatsEstimate:
         self.ema, self.k, self.gamma = s["ema"], s["k"], s["gamma"]
 
 
-__all__ = ["AdaShift", "SwatsEstimate", "swats_gamma"]
+class PerGroupSwitch(Optimizer):
+    """An adaptive optimizer whose parameter groups switch to SGD with momentum one by one (SWATS per group).
+
+    It wraps ``adaptive`` (Adam, AdamW, AdaShift, ...) and shares its parameter groups and state. A group in the
+    SGD phase (``group["swats_phase"] == "sgd"``, set by :meth:`switch_group`) is left out of the adaptive step
+    and takes SWATS's SGD step instead, with its own rate ``group["swats_rate"]``::
+
+        v = momentum v + (g + weight_decay w);   w -= (1 - momentum) rate v     # torch SGD at lr (1 - momentum) rate
+
+    (Nesterov: ``w -= (1 - momentum) rate (g' + momentum v)``.) ``weight_decay`` is the group's own (0 in a
+    no-weight-decay group). The other groups keep their adaptive state and steps. With ``follow_schedule`` the
+    rate is scaled by ``lr / lr at the switch`` (the group's lr, which an LR scheduler moves), else it is constant.
+    Phases, rates and momentum buffers are in :meth:`state_dict`, so a checkpoint restores each group's phase.
+    """
+
+    def __init__(self, adaptive: Optimizer, follow_schedule: bool = False):
+        self.adaptive, self.follow_schedule = adaptive, bool(follow_schedule)
+        super().__init__(adaptive.param_groups, adaptive.defaults)  # the same group dicts as the adaptive optimizer
+        self.state = adaptive.state
+        for g in self.param_groups:
+            g.setdefault("swats_phase", "adaptive")
+            g.setdefault("swats_rate", None)
+
+    def switch_group(self, index: int, rate: float, momentum: float, nesterov: bool = False) -> None:
+        """Group ``index`` leaves the adaptive phase: SGD with momentum at ``rate`` from the next step on.
+        Its adaptive state (moments, windows) is dropped."""
+        g = self.param_groups[index]
+        if g["swats_phase"] == "sgd":
+            return
+        g.update(swats_phase="sgd", swats_rate=float(rate), swats_momentum=float(momentum),
+                 swats_nesterov=bool(nesterov), swats_lr0=float(g["lr"]))
+        for p in g["params"]:
+            self.state.pop(p, None)
+
+    def phases(self) -> list[str]:
+        return [g["swats_phase"] for g in self.param_groups]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        groups = self.param_groups
+        adaptive = [g for g in groups if g["swats_phase"] != "sgd"]
+        if adaptive:
+            own = self.adaptive.param_groups
+            self.adaptive.param_groups = adaptive  # the adaptive step sees only the groups still adaptive
+            try:
+                self.adaptive.step()
+            finally:
+                self.adaptive.param_groups = own
+        for g in groups:
+            if g["swats_phase"] == "sgd":
+                self._sgd_step(g)
+        return loss
+
+    def _sgd_step(self, g: dict) -> None:
+        mu, rate = g["swats_momentum"], g["swats_rate"]
+        if self.follow_schedule and g["swats_lr0"] > 0:
+            rate = rate * g["lr"] / g["swats_lr0"]
+        wd = float(g.get("weight_decay") or 0.0)
+        for p in g["params"]:
+            if p.grad is None:
+                continue
+            d = p.grad if not wd else p.grad.add(p, alpha=wd)
+            state = self.state[p]
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = state["momentum_buffer"] = d.detach().clone()  # as torch's SGD: v_1 = g_1
+            else:
+                buf.mul_(mu).add_(d)
+            if g["swats_nesterov"]:
+                d = d.add(buf, alpha=mu)
+            else:
+                d = buf
+            p.add_(d, alpha=-(1 - mu) * rate)
+
+    def load_state_dict(self, state_dict) -> None:
+        super().load_state_dict(state_dict)
+        # the base class replaced the group dicts and the state: hand the new ones to the adaptive optimizer
+        # (its own __setstate__ would expect adaptive state for every parameter, not SGD's momentum buffers)
+        self.adaptive.state, self.adaptive.param_groups = self.state, self.param_groups
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        adaptive = getattr(self, "adaptive", None)
+        if adaptive is not None and adaptive.param_groups is not self.param_groups:
+            param_group.setdefault("swats_phase", "adaptive")
+            param_group.setdefault("swats_rate", None)
+            for k, v in adaptive.defaults.items():
+                param_group.setdefault(k, v)
+            adaptive.param_groups.append(param_group)
+
+
+__all__ = ["AdaShift", "PerGroupSwitch", "SwatsEstimate", "swats_gamma"]

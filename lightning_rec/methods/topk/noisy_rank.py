@@ -39,6 +39,9 @@ class NoisyRankCallback(pl.Callback):
                     if not g.get("_noisy"):
                         g["lr"] *= self.lr_scale
                         g["_noisy"] = True
+                    if g.get("swats_phase") == "sgd" and not g.get("_noisy_sgd"):  # a group switched to SGD
+                        g["swats_rate"] *= self.lr_scale  # (callbacks=swats) steps at its own rate
+                        g["_noisy_sgd"] = True
             return
         targets = batch["targets"] = batch["targets"].clone()  # batches may be views of the dataset
         mask = targets != 0

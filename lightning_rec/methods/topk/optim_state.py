@@ -102,6 +102,8 @@ def global_batch_second_moment(optimizer: torch.optim.Optimizer, world: int) -> 
     """
     todo = []  # (state, v, m, step, betas) of every parameter with state; checked before anything changes
     for group in optimizer.param_groups:
+        if group.get("swats_phase") == "sgd":
+            continue  # a group switched to SGD (callbacks=swats): no second moment; the others may still be Adam
         for p in group["params"]:
             state = optimizer.state.get(p) or {}
             if not state:
