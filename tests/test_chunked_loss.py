@@ -214,3 +214,36 @@ def test_mixed_sampler_is_accepted_and_distillation_refuses_it():
     cb = HintLossCallback(teacher_ckpt="t.ckpt")
     with pytest.raises(ConfigError, match="model.neg_sampler=mixed: distillation"):
         cb.setup(None, m, "fit")
+
+
+# ---------------------------------------------------------------------- 1M-item data, fast
+def test_fast_synthetic_data_is_csr_zipf_and_planted_and_serves_batches():
+    import numpy as np
+
+    from lightning_rec.data import SeqDataModule
+    from lightning_rec.data.synthetic import make_synthetic_encoded
+
+    opts = {"num_users": 400, "num_items": 3000, "min_len": 5, "max_len": 30, "successors": 2, "p_follow": 0.8}
+    d = make_synthetic_encoded(seed=3, **opts)
+    again = make_synthetic_encoded(seed=3, **opts)
+    assert np.array_equal(d.items, again.items) and np.array_equal(d.indptr, again.indptr)  # seeded
+    assert d.num_users == 400 and d.num_items == 3000 and d.item_ids[:3] == ["<pad>", "1", "2"]
+    assert d.lengths.min() >= 5 and d.lengths.max() <= 30 and d.items.min() >= 1 and d.items.max() <= 3000
+    counts = np.sort(np.bincount(d.items, minlength=3001)[1:])[::-1]
+    assert counts[:30].sum() > 5 * counts[-1500:].sum()  # Zipf: the head dwarfs the tail
+    # planted transitions: a follow-up item is one of its predecessor's 2 successors most of the time
+    pairs = {}
+    for u in range(d.num_users):
+        s = d.items[d.indptr[u]:d.indptr[u + 1]]
+        for a, b in zip(s[:-1], s[1:]):
+            pairs.setdefault(int(a), []).append(int(b))
+    top2 = sum(sum(sorted(np.bincount(v), reverse=True)[:2]) for v in pairs.values() if len(v) >= 5)
+    total = sum(len(v) for v in pairs.values() if len(v) >= 5)
+    assert top2 / total > 0.7
+    dm = SeqDataModule(name="synthetic", synthetic={"fast": True, "seed": 3, **opts}, max_len=10)
+    dm.setup("fit")
+    assert dm.num_items == 3000 and np.array_equal(dm.load().items, d.items)
+    b = dm.test_set.__getitems__([0, 1, 2])
+    assert b["seen"].shape[0] == 3 and b["inputs"].shape[1] <= 10
+    with pytest.raises(ConfigError, match="data.synthetic.fast='yes': expected true or false"):
+        SeqDataModule(name="synthetic", synthetic={"fast": "yes"}).load()

@@ -22,7 +22,7 @@ from lightning_rec.data.download import DATASETS, fetch
 from lightning_rec.data.encode import EncodedSequences, drop_short_users, encode, kcore_encoded
 from lightning_rec.data.readers import FORMATS, read_encoded
 from lightning_rec.data.sampler import EpochSampler
-from lightning_rec.data.synthetic import make_synthetic
+from lightning_rec.data.synthetic import make_synthetic, make_synthetic_encoded
 from lightning_rec.errors import ConfigError, DataError, check_int
 
 SHORT_USER_POLICIES = ("error", "train", "drop")
@@ -215,14 +215,18 @@ class SeqDataModule(pl.LightningDataModule):
         hp = self.hparams
         if hp.name == "synthetic":
             opts = dict(hp.synthetic or {})
+            fast = opts.pop("fast", False)  # numpy over all users at once (millions of items), another stream
+            if not isinstance(fast, bool):
+                raise ConfigError(f"data.synthetic.fast={fast!r}: expected true or false")
             known = inspect.signature(make_synthetic).parameters
             for key in opts:
                 if key not in known:
-                    raise ConfigError(f"data.synthetic.{key}: no such option; expected one of {', '.join(known)}")
+                    raise ConfigError(f"data.synthetic.{key}: no such option; expected one of fast, {', '.join(known)}")
             data_seed = opts.pop("seed", None)  # null: the run's seed, so a seed sweep also redraws the data
             if data_seed is not None:
                 check_int(data_seed, "data.synthetic.seed", 0)
-            return encode(make_synthetic(seed=hp.seed if data_seed is None else data_seed, **opts))
+            seed = hp.seed if data_seed is None else data_seed
+            return make_synthetic_encoded(seed=seed, **opts) if fast else encode(make_synthetic(seed=seed, **opts))
         path, fmt = hp.path, hp.format
         if not path:
             path, fmt = fetch(hp.name, hp.cache_dir, hp.download_verify)
