@@ -247,3 +247,11 @@ def test_fast_synthetic_data_is_csr_zipf_and_planted_and_serves_batches():
     assert b["seen"].shape[0] == 3 and b["inputs"].shape[1] <= 10
     with pytest.raises(ConfigError, match="data.synthetic.fast='yes': expected true or false"):
         SeqDataModule(name="synthetic", synthetic={"fast": "yes"}).load()
+
+
+def test_the_module_releases_its_logit_buffer_after_training():
+    m = SeqRecModule(N, d_model=8, num_blocks=1, max_len=9, loss_chunk_rows=4)
+    m.train_loss(batch()).backward()
+    assert m._logit_buffer._t is not None and m._logit_buffer._t.numel() == 4 * N
+    m.on_train_end()
+    assert m._logit_buffer._t is None

@@ -234,6 +234,9 @@ class SeqRecModule(pl.LightningModule):
     def on_fit_start(self) -> None:
         self._neg_log_q = None  # recomputed from this fit's data
 
+    def on_train_end(self) -> None:
+        self._logit_buffer.release()  # the chunked CE's scratch (chunk x catalogue floats) is not needed after training
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self.train_loss(batch, log=True)
 
