@@ -277,7 +277,7 @@ def test_bad_rocket_settings_name_the_option():
     sas = {"arch": "sasrec", "d_model": 16, "num_blocks": 2, "num_heads": 2}
     nin = {"arch": "nextitnet", "d_model": 16, "num_blocks": 2, "dilations": [1, 2]}
     for light, why in (({**sas, "num_blocks": 1, "layout": "post"}, "layout: pre in the booster, post in the light"),
-                       ({**sas, "num_blocks": 1, "num_heads": 1}, "dk: 8 in the booster, 16 in the light"),
+                       ({**sas, "num_blocks": 1, "num_heads": 1}, "num_heads: 2 in the booster, 1 in the light"),
                        ({**sas, "num_blocks": 1, "residual_alpha": False}, "alpha_att shape: (1,) in the booster, absent"),
                        ({**nin, "num_blocks": 1, "dilations": [2]}, "conv1.dilation: (1,) in the booster, (2,)")):
         booster = nin if light["arch"] == "nextitnet" else sas
