@@ -13,10 +13,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLOORED = ("pytorch-lightning", "torchmetrics", "hydra-core", "wandb")
 
 
-def declared_floors() -> dict[str, str]:
+def declared_floors(section: str = "dependencies") -> dict[str, str]:
+    """``name -> floor`` of pyproject.toml's main dependencies, or of an extra (``section="fast"``)."""
     text = open(os.path.join(ROOT, "pyproject.toml"), encoding="utf-8").read()
-    deps = re.search(r"^dependencies = \[(.*?)\]", text, re.S | re.M).group(1)
+    deps = re.search(rf"^{section} = \[(.*?)\]", text, re.S | re.M).group(1)
     return dict(re.findall(r'"([A-Za-z0-9_.-]+)>=([0-9][^",<]*)', deps))
+
+
+def floor_venv(tmp_path, pins: list[str]) -> str:
+    """A venv over this interpreter's packages with ``pins`` installed in it; returns its python."""
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(system_site_packages=True, with_pip=True).create(env_dir)
+    py = str(env_dir / "bin" / "python")
+    p = subprocess.run([py, "-m", "pip", "install", "-q", "--disable-pip-version-check", *pins], capture_output=True,
+                       text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    return py
 
 
 def test_the_floors_are_declared():
@@ -27,13 +39,7 @@ def test_the_floors_are_declared():
 @pytest.mark.floor
 def test_every_module_imports_and_fits_on_the_floor_versions(tmp_path):
     floors = declared_floors()
-    env_dir = tmp_path / "venv"
-    venv.EnvBuilder(system_site_packages=True, with_pip=True).create(env_dir)
-    py = str(env_dir / "bin" / "python")
-    pins = [f"{name}=={floors[name]}" for name in FLOORED]
-    p = subprocess.run([py, "-m", "pip", "install", "-q", "--disable-pip-version-check", *pins], capture_output=True,
-                       text=True, timeout=900)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    py = floor_venv(tmp_path, [f"{name}=={floors[name]}" for name in FLOORED])
     check = ("import importlib, pkgutil, lightning_rec, pytorch_lightning, torchmetrics, hydra, wandb\n"
              "print(pytorch_lightning.__version__, torchmetrics.__version__, hydra.__version__, wandb.__version__)\n"
              "for m in pkgutil.walk_packages(lightning_rec.__path__, 'lightning_rec.'):\n"
@@ -53,22 +59,11 @@ def test_every_module_imports_and_fits_on_the_floor_versions(tmp_path):
     assert "test metrics" in p.stdout
 
 
-def extra_floor(extra: str, name: str) -> str:
-    text = open(os.path.join(ROOT, "pyproject.toml"), encoding="utf-8").read()
-    deps = re.search(rf"^{extra} = \[(.*?)\]", text, re.S | re.M).group(1)
-    return dict(re.findall(r'"([A-Za-z0-9_.-]+)>=([0-9][^",<]*)', deps))[name]
-
-
 @pytest.mark.floor
 def test_the_fast_reader_works_on_the_pandas_floor(tmp_path):
     """The ``fast`` extra's pandas floor: pandas' C parser reads every format, with the line reader's result."""
-    floor = extra_floor("fast", "pandas")
-    env_dir = tmp_path / "venv"
-    venv.EnvBuilder(system_site_packages=True, with_pip=True).create(env_dir)
-    py = str(env_dir / "bin" / "python")
-    p = subprocess.run([py, "-m", "pip", "install", "-q", "--disable-pip-version-check", f"pandas=={floor}"],
-                       capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    floor = declared_floors("fast")["pandas"]
+    py = floor_venv(tmp_path, [f"pandas=={floor}"])
     check = ("import numpy as np, pandas\n"
              "from lightning_rec.data import encode, read_sequences\n"
              "from lightning_rec.data.readers import _read_fast\n"

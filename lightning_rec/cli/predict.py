@@ -18,12 +18,6 @@ def rewrite(overrides: list[str]) -> list[str]:
     return ["ckpt_path=" + o.split("=", 1)[1] if o.split("=", 1)[0] == "ckpt" else o for o in overrides]
 
 
-def dm_predict_at() -> tuple[str, ...]:
-    from lightning_rec.data.datamodule import SeqDataModule
-
-    return SeqDataModule.PREDICT_AT
-
-
 def predict(cfg: DictConfig, overrides: list[str]) -> str:
     """Write the top-``predict.k`` unseen items for every user, with original ids, as TSV."""
     import pytorch_lightning as pl
@@ -34,9 +28,11 @@ def predict(cfg: DictConfig, overrides: list[str]) -> str:
     if cfg.predict.out and os.path.isdir(cfg.predict.out):
         raise ConfigError(f"predict.out={cfg.predict.out}: a folder; expected a file path, e.g. "
                           f"{os.path.join(cfg.predict.out, 'predictions.tsv')}")
+    from lightning_rec.data.datamodule import SeqDataModule
+
     at = cfg.predict.get("at", "next")
-    if at not in dm_predict_at():
-        raise ConfigError(f"predict.at={at}: expected one of {', '.join(dm_predict_at())}")
+    if at not in SeqDataModule.PREDICT_AT:
+        raise ConfigError(f"predict.at={at}: expected one of {', '.join(SeqDataModule.PREDICT_AT)}")
     path, dm, model = load_for_eval(cfg, overrides)
     dm.predict_at = at
     k = positive_int(cfg.predict.k, "predict.k")
