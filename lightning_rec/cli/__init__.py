@@ -1,4 +1,4 @@
-"""``python -m lightning_rec {fit,test,predict,stack,export,federate} [key=value ...]`` (also ``lightning-rec``).
+"""``python -m lightning_rec {fit,test,predict,stack,export,serve,federate} [key=value ...]`` (also ``lightning-rec``).
 
 fit      train a model, checkpoint the best and last epochs, then test the best one
 test     evaluate a checkpoint on the test split:      test ckpt_path=<file>  (or ckpt=<file>)
@@ -6,6 +6,8 @@ predict  write top-K recommendations per user (original ids): predict ckpt_path=
 stack    write a model twice as deep from a trained one: stack ckpt=<file> mode=adjacent|cross out=<file>
          (start training from it with: fit init_from=<file>)
 export   write one net of a rocket checkpoint as a standalone model: export ckpt=<file> net=light out=<file>
+         or a serving bundle (query encoder, item table, id map): export ckpt=<file> format=onnx out=<folder>
+serve    answer HTTP requests from a bundle (FastAPI + uvicorn): serve bundle=<folder> port=8000
 federate federated training over simulated devices (Flower): federate federation.num_devices=4
 
 Overrides follow Hydra: ``model=nextitnet data=ml-1m data.path=... trainer.max_epochs=50 logger=wandb``.
@@ -27,7 +29,7 @@ from omegaconf import OmegaConf
 from lightning_rec.errors import ConfigError, LightningRecError
 
 # command -> the module that implements it (one file per command, each with ``run(cfg, overrides)``)
-COMMANDS = ("fit", "test", "predict", "stack", "export", "federate")
+COMMANDS = ("fit", "test", "predict", "stack", "export", "serve", "federate")
 CFG_PARTS = ("job", "hydra", "all")  # what Hydra's --cfg prints
 
 

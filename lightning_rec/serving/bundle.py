@@ -1,0 +1,264 @@
+"""Load a serving bundle and recommend from it, with numpy and onnxruntime (or torch for a ``pt2`` bundle).
+
+A bundle folder holds:
+
+- ``manifest.json``: format, architecture, catalogue size, history length, the source checkpoint, the
+  export-time parity and index recall figures, and the sha256 of every other file;
+- the query encoder, ``encoder.onnx`` (format onnx) or ``encoder.pt2`` (format pt2, ``torch.export``):
+  item histories (B, T) of internal ids, left-padded with 0, T <= max_len -> user vectors (B, d);
+- ``items.npy``: the scoring table (N + 1, d), float32; row i scores internal item i, row 0 is padding;
+- ``id_maps.json``: ``{"items": [...]}``, the original id of each internal item (index 0: padding);
+- optionally ``items.faiss``: a FAISS inner-product index over rows 1..N for approximate top-K.
+
+Nothing here imports torch, pytorch_lightning or hydra unless the bundle is ``pt2``; faiss is imported only
+for a bundle with an index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from lightning_rec.errors import ConfigError
+
+MANIFEST = "manifest.json"
+ITEMS = "items.npy"
+ID_MAPS = "id_maps.json"
+INDEX = "items.faiss"
+BUNDLE_VERSION = 1
+FORMATS = {"onnx": "encoder.onnx", "pt2": "encoder.pt2"}  # format -> encoder file
+SCORE_CHUNK = 65536  # items scored at once by the exact scorer: memory is batch x chunk floats
+
+
+class BundleError(ConfigError, ValueError):
+    """Bad input to a bundle (an empty history, a bad k) or a broken bundle folder; the message is one line."""
+
+
+def sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_manifest(path: str) -> dict[str, Any]:
+    mpath = os.path.join(path, MANIFEST)
+    if not os.path.isfile(mpath):
+        raise BundleError(f"bundle={path}: no {MANIFEST}; expected a folder written by "
+                          f"`python -m lightning_rec export ckpt=<file> format=onnx out=<folder>`")
+    try:
+        with open(mpath, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        raise BundleError(f"{mpath}: not a readable JSON manifest ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("bundle_version") != BUNDLE_VERSION:
+        got = manifest.get("bundle_version") if isinstance(manifest, dict) else None
+        raise BundleError(f"{mpath}: bundle_version={got!r}; this loader reads bundle_version {BUNDLE_VERSION}")
+    return manifest
+
+
+class Bundle:
+    """A loaded bundle: :meth:`recommend` for one history, :meth:`recommend_batch` for many.
+
+    ``Bundle.load(path)`` checks every file against the manifest's sha256, then loads the encoder, the item
+    table, the id map and (when the bundle has one and ``use_index``) the FAISS index.
+    """
+
+    def __init__(self, path: str, manifest: dict[str, Any], encode, items: np.ndarray, item_ids: list[Any],
+                 index=None):
+        self.path = path
+        self.manifest = manifest
+        self._encode = encode
+        self.items = items
+        self.item_ids = item_ids
+        self.internal = {str(o): i for i, o in enumerate(item_ids) if i > 0}
+        self.index = index
+        self.max_len = int(manifest["max_len"])
+        self.num_items = int(manifest["num_items"])
+        self.exclude_seen = bool(manifest.get("exclude_seen", True))
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, path: str, verify: bool = True, use_index: bool = True, threads: int | None = None,
+             ef_search: int | None = None, nprobe: int | None = None) -> Bundle:
+        """Load the bundle folder ``path``.
+
+        Args:
+            verify: check each file's sha256 against the manifest (a bundle copied half-way fails here).
+            use_index: answer from the bundle's FAISS index when it has one; False: the exact scorer.
+            threads: intra-op threads of the encoder (default: the runtime's, all cores).
+            ef_search, nprobe: the index's search breadth (HNSW, IVF); default: the manifest's.
+        """
+        manifest = read_manifest(path)
+        fmt = manifest.get("format")
+        if fmt not in FORMATS:
+            raise BundleError(f"{os.path.join(path, MANIFEST)}: format={fmt!r}; expected one of {', '.join(FORMATS)}")
+        for name, digest in manifest.get("files", {}).items():
+            fp = os.path.join(path, name)
+            if not os.path.isfile(fp):
+                raise BundleError(f"bundle={path}: {name} is missing (listed in {MANIFEST})")
+            if verify and sha256(fp) != digest:
+                raise BundleError(f"bundle={path}: {name} does not match its sha256 in {MANIFEST} (changed or corrupt)")
+        items = np.load(os.path.join(path, ITEMS))
+        with open(os.path.join(path, ID_MAPS), encoding="utf-8") as f:
+            item_ids = json.load(f)["items"]
+        if items.shape[0] != len(item_ids) or len(item_ids) != int(manifest["num_items"]) + 1:
+            raise BundleError(f"bundle={path}: {ITEMS} has {items.shape[0]} rows and {ID_MAPS} {len(item_ids)} ids; "
+                              f"expected num_items + 1 = {int(manifest['num_items']) + 1} each")
+        encoder = os.path.join(path, FORMATS[fmt])
+        encode = _onnx_encoder(encoder, threads) if fmt == "onnx" else _pt2_encoder(encoder, threads)
+        index = None
+        info = manifest.get("index")
+        if use_index and info:
+            try:
+                import faiss
+            except ImportError:
+                raise BundleError(f"bundle={path}: has a FAISS index ({info['type']}) and faiss is not installed; "
+                                  f"pip install faiss-cpu, or load it with use_index=False (exact scoring)") from None
+            index = faiss.read_index(os.path.join(path, INDEX))
+            if info["type"] == "hnsw":
+                index.hnsw.efSearch = int(ef_search or info["ef_search"])
+            elif info["type"] == "ivf":
+                index.nprobe = int(nprobe or info["nprobe"])
+        return cls(path, manifest, encode, items, item_ids, index)
+
+    # ------------------------------------------------------------------ queries
+    def to_internal(self, history: Sequence[Any]) -> tuple[list[int], int]:
+        """(internal ids of the known items in order, how many ids were unknown and skipped)."""
+        known = [self.internal.get(str(i)) for i in history]
+        kept = [i for i in known if i is not None]
+        return kept, len(known) - len(kept)
+
+    def encode_internal(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
+        """User vectors (B, d) for histories of internal ids: each keeps its last max_len, left-padded with 0."""
+        width = max(1, min(self.max_len, max(len(r) for r in rows)))
+        batch = np.zeros((len(rows), width), dtype=np.int64)
+        for r, h in enumerate(rows):
+            h = list(h)[-width:]
+            if h:
+                batch[r, width - len(h):] = h
+        return np.asarray(self._encode(batch), dtype=np.float32)
+
+    def recommend(self, history: Sequence[Any], k: int = 10, exclude_seen: bool | None = None) -> dict[str, Any]:
+        """Top-``k`` items for one history of original item ids, oldest first.
+
+        Returns ``{"items": [original ids, best first], "scores": [...], "skipped": n}``: ids the catalogue
+        does not know are skipped and counted; a history with no known item is a :class:`BundleError`.
+        ``exclude_seen`` (default: the checkpoint's ``eval.exclude_seen``) leaves the history's items out.
+        """
+        return self.recommend_batch([history], k, exclude_seen)[0]
+
+    def recommend_batch(self, histories: Sequence[Sequence[Any]], k: int = 10,
+                        exclude_seen: bool | None = None) -> list[dict[str, Any]]:
+        """:meth:`recommend` for many histories at once (one encoder call, one scoring pass)."""
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= self.num_items:
+            raise BundleError(f"k={k!r}: expected an integer in 1..{self.num_items} (the catalogue size)")
+        if isinstance(histories, (str, bytes)) or not hasattr(histories, "__len__") or not len(histories):
+            raise BundleError("histories: expected a non-empty list of histories (lists of item ids)")
+        exclude = self.exclude_seen if exclude_seen is None else exclude_seen
+        if not isinstance(exclude, bool):
+            raise BundleError(f"exclude_seen={exclude_seen!r}: expected true or false")
+        rows, skipped = [], []
+        for n, h in enumerate(histories):
+            if isinstance(h, (str, bytes, dict)) or not hasattr(h, "__iter__"):
+                raise BundleError(f"history {n}: expected a list of item ids, got {type(h).__name__}")
+            ids, s = self.to_internal(list(h))
+            if not ids:
+                what = f"all {s} ids are unknown to the catalogue" if s else "it is empty"
+                raise BundleError(f"history {n}: no known item to recommend from ({what})")
+            rows.append(ids)
+            skipped.append(s)
+        users = self.encode_internal(rows)
+        top, scores = self.top_k(users, int(k), [set(r) for r in rows] if exclude else None)
+        return [{"items": [self.item_ids[i] for i in t], "scores": s, "skipped": sk}
+                for t, s, sk in zip(top, scores, skipped)]
+
+    def top_k(self, users: np.ndarray, k: int, seen: list[set[int]] | None = None,
+              exact: bool = False) -> tuple[list[list[int]], list[list[float]]]:
+        """Internal ids and scores of the ``k`` best items per user vector, best first, without ``seen``.
+
+        From the FAISS index when the bundle loaded one (``exact=False``), else the exact inner product over
+        the whole table, ``SCORE_CHUNK`` items at a time. Fewer than ``k`` come back only when fewer unseen
+        items exist. Equal scores go to the lower internal id, as in the eager model's ranking.
+        """
+        if self.index is not None and not exact:
+            return self._top_k_index(users, k, seen)
+        B, N = users.shape[0], self.num_items
+        best_s = np.full((B, 0), -np.inf, dtype=np.float32)
+        best_i = np.zeros((B, 0), dtype=np.int64)
+        for c0 in range(1, N + 1, SCORE_CHUNK):
+            c1 = min(c0 + SCORE_CHUNK, N + 1)
+            s = users @ self.items[c0:c1].T  # (B, c1 - c0): column j scores item c0 + j
+            if seen:
+                for r, ss in enumerate(seen):
+                    cols = np.fromiter(ss, dtype=np.int64, count=len(ss)) - c0
+                    s[r, cols[(cols >= 0) & (cols < c1 - c0)]] = -np.inf
+            s = np.concatenate([best_s, s], 1)
+            ids = np.concatenate([best_i, np.broadcast_to(np.arange(c0, c1), (B, c1 - c0))], 1)
+            kk = min(k, s.shape[1])
+            part = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
+            best_s, best_i = np.take_along_axis(s, part, 1), np.take_along_axis(ids, part, 1)
+        out_i, out_s = [], []
+        for r in range(B):
+            order = np.lexsort((best_i[r], -best_s[r]))  # score descending, then the lower id
+            keep = order[np.isfinite(best_s[r, order])]
+            out_i.append(best_i[r, keep].tolist())
+            out_s.append(best_s[r, keep].astype(float).tolist())
+        return out_i, out_s
+
+    def _top_k_index(self, users: np.ndarray, k: int, seen: list[set[int]] | None):
+        extra = max((len(s) for s in seen), default=0) if seen else 0
+        want = min(k + extra, self.num_items)  # the seen items may all rank first
+        d, ids = self.index.search(np.ascontiguousarray(users, dtype=np.float32), want)
+        out_i, out_s = [], []
+        for r in range(users.shape[0]):
+            s = seen[r] if seen else ()
+            got = [(int(i) + 1, float(x)) for i, x in zip(ids[r], d[r]) if i >= 0 and int(i) + 1 not in s][:k]
+            out_i.append([g[0] for g in got])
+            out_s.append([g[1] for g in got])
+        return out_i, out_s
+
+    def describe(self) -> dict[str, Any]:
+        """What a health check reports: the manifest's summary, without the file digests."""
+        m = self.manifest
+        keys = ("format", "arch", "net", "num_items", "max_len", "d_model", "exclude_seen", "source", "created")
+        out = {k: m[k] for k in keys if k in m}
+        out["index"] = (m.get("index") or {}).get("type") if self.index is not None else None
+        return out
+
+
+def _onnx_encoder(path: str, threads: int | None):
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise BundleError(f"{path}: an ONNX bundle needs onnxruntime; pip install onnxruntime "
+                          f"(or pip install 'lightning_rec[serve]')") from None
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+    opts.log_severity_level = 3  # warnings and below stay quiet
+    sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    return lambda batch: sess.run(None, {name: batch})[0]
+
+
+def _pt2_encoder(path: str, threads: int | None):
+    try:
+        import torch
+    except ImportError:
+        raise BundleError(f"{path}: a pt2 bundle needs torch; pip install torch, or export format=onnx") from None
+    if threads:
+        torch.set_num_threads(int(threads))
+    module = torch.export.load(path).module()
+
+    def encode(batch: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return module(torch.from_numpy(batch)).numpy()
+
+    return encode
