@@ -21,7 +21,16 @@ from typing import Any
 import numpy as np
 
 from lightning_rec.errors import ConfigError
-from lightning_rec.serving.bundle import BUNDLE_VERSION, FORMATS, ID_MAPS, INDEX, ITEMS, MANIFEST, Bundle, sha256
+from lightning_rec.serving.bundle import (
+    BUNDLE_VERSION,
+    FORMATS,
+    ID_MAPS,
+    INDEX,
+    ITEMS,
+    MANIFEST,
+    Bundle,
+    sha256,
+)
 
 INDEXES = ("flat", "hnsw", "ivf")
 INDEX_DEFAULTS = {"hnsw_m": 32, "ef_construction": 200, "ef_search": 256, "nlist": None, "nprobe": 64}
