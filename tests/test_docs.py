@@ -74,7 +74,7 @@ COMMANDS = [(rel(p), c) for p in user_pages() for c in page_commands(p)]
 
 def test_the_docs_have_commands_for_every_command():
     assert len(COMMANDS) >= 60
-    assert {c.split()[0] for _, c in COMMANDS} >= {"fit", "test", "predict", "stack", "export", "federate"}
+    assert {c.split()[0] for _, c in COMMANDS} >= {"fit", "test", "predict", "stack", "export", "serve", "federate"}
     readme = {c.split()[0] for p, c in COMMANDS if p == "README.md"}
     assert readme >= {"fit", "predict", "federate"}
 

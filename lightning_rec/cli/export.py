@@ -67,7 +67,7 @@ def export_bundle(cfg: DictConfig, overrides: list[str]) -> str:
     opts = {k: ec.get(k) for k in ("hnsw_m", "ef_construction", "ef_search", "nlist", "nprobe")}
     info = {"net": ec.net if rocket else None, "source": {
         "ckpt": os.path.abspath(src), "epoch": ckpt.get("epoch"), "global_step": ckpt.get("global_step")}}
-    print(f"exporting {'the ' + ec.net + ' net of ' if rocket else ''}{src} as a {fmt} bundle", flush=True)
+    print(f"exporting {'the ' + ec.net + ' net of ' if rocket else ''}{src} as a bundle ({fmt})", flush=True)
     from lightning_rec.serving.write import write_bundle
 
     recall_q = positive_int(ec.recall_queries, "recall_queries")

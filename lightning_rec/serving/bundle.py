@@ -92,7 +92,7 @@ class Bundle:
         Args:
             verify: check each file's sha256 against the manifest (a bundle copied half-way fails here).
             use_index: answer from the bundle's FAISS index when it has one; False: the exact scorer.
-            threads: intra-op threads of the encoder (default: the runtime's, all cores).
+            threads: intra-op threads of the encoder and the index (default: the runtimes', all cores).
             ef_search, nprobe: the index's search breadth (HNSW, IVF); default: the manifest's.
         """
         manifest = read_manifest(path)
@@ -122,6 +122,8 @@ class Bundle:
                 raise BundleError(f"bundle={path}: has a FAISS index ({info['type']}) and faiss is not installed; "
                                   f"pip install faiss-cpu, or load it with use_index=False (exact scoring)") from None
             index = faiss.read_index(os.path.join(path, INDEX))
+            if threads:
+                faiss.omp_set_num_threads(int(threads))
             if info["type"] == "hnsw":
                 index.hnsw.efSearch = int(ef_search or info["ef_search"])
             elif info["type"] == "ivf":
