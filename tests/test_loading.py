@@ -173,3 +173,21 @@ def test_data_ml_20m_downloads_ratings_csv_and_reads_its_columns(tmp_path, monke
     assert d.items.tolist() == [1, 3, 6, 4, 2, 5]  # time order within each user
     dm = SeqDataModule(**{**data, "cache_dir": str(tmp_path / "cache"), "min_rating": 4})
     assert dm.load().items.tolist() == [3, 1, 2]  # ratings >= 4 only: items 3, 70, 296 renumbered 1..3
+
+
+def test_a_large_file_read_line_by_line_says_why(tmp_path, monkeypatch, capsys):
+    declined = write(tmp_path, "colon.dat", "1::7::3::2\n1::a:b::3::4\n")  # an id holding ':': the fast reader declines it
+    fine = write(tmp_path, "ok.txt", "7 1\n7 2\n8 1\n")
+    monkeypatch.setattr(readers, "SLOW_NOTE_BYTES", 10)  # both files count as large
+    read_encoded(fine)
+    assert capsys.readouterr().err == ""  # read fast: nothing to say
+    read_encoded(declined)
+    err = capsys.readouterr().err
+    assert err.startswith(f"note: {declined}: read line by line") and "exactly the expected shape" in err
+    assert err.count("\n") == 1
+    monkeypatch.setattr(readers, "_pandas", lambda: None)
+    read_encoded(fine)
+    assert "pandas is not installed (pip install 'lightning_rec[fast]')" in capsys.readouterr().err
+    monkeypatch.setattr(readers, "SLOW_NOTE_BYTES", 1 << 30)  # small files: no note
+    read_encoded(declined)
+    assert capsys.readouterr().err == ""

@@ -27,6 +27,7 @@ import csv
 import gzip
 import io
 import os
+import sys
 import warnings
 from collections.abc import Iterator
 
@@ -114,6 +115,9 @@ def _check_options(path: str, fmt: str, min_rating, sep: str | None) -> tuple[st
     return fmt, sep
 
 
+SLOW_NOTE_BYTES = 64 << 20  # files at least this large get a note when the line-by-line reader reads them
+
+
 def read_encoded(
     path: str,
     fmt: str = "auto",
@@ -132,6 +136,11 @@ def read_encoded(
         enc = _read_fast(path, fmt, user_col, item_col, time_col, rating_col, min_rating, sep)
         if enc is not None:
             return enc
+        if os.path.getsize(path) >= SLOW_NOTE_BYTES:  # where the line reader costs minutes, say why it is used
+            why = ("pandas is not installed (pip install 'lightning_rec[fast]')" if _pandas() is None else
+                   "the fast reader takes only files of exactly the expected shape; the line reader checks each line")
+            print(f"note: {path}: read line by line, several times slower at this size: {why}", file=sys.stderr,
+                  flush=True)
     return encode(read_sequences(path, fmt, user_col, item_col, time_col, rating_col, min_rating, sep))
 
 
