@@ -128,7 +128,13 @@ def write_bundle(model, item_ids: list[Any], out: str, fmt: str = "onnx", *, max
     try:
         t0 = time.perf_counter()
         encoder = query_encoder(model)
-        _export(encoder, fmt, os.path.join(tmp, FORMATS[fmt]), max_len)
+        try:
+            _export(encoder, fmt, os.path.join(tmp, FORMATS[fmt]), max_len)
+        except Exception as e:  # an operator the exporter cannot translate, a shape it cannot keep dynamic
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            other = "pt2" if fmt == "onnx" else "onnx"
+            raise ConfigError(f"format={fmt}: the {model.hparams.get('arch')} encoder did not export ({type(e).__name__}: "
+                              f"{first}); try format={other}") from e
         table = encoder.net.output_weight().detach().numpy().astype(np.float32, copy=True)
         np.save(os.path.join(tmp, ITEMS), table)
         with open(os.path.join(tmp, ID_MAPS), "w", encoding="utf-8") as f:

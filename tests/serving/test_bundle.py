@@ -212,3 +212,16 @@ def test_a_failed_export_leaves_no_folder_and_keeps_the_old_bundle(tmp_path, mon
     _toy_bundle(tmp_path, index="flat", overwrite=True, recall_queries=10)  # overwrite=true replaces it whole
     assert json.loads((dest / "manifest.json").read_text())["index"]["type"] == "flat"
     assert sorted(os.listdir(tmp_path)) == ["toy"]
+
+
+def test_an_encoder_the_exporter_cannot_translate_is_one_line_naming_the_other_format(tmp_path, monkeypatch):
+    from lightning_rec.serving import write
+
+    def unsupported(*a, **k):
+        raise RuntimeError("Unsupported operator aten::frobnicate\nlong traceback text")
+
+    monkeypatch.setattr(write, "_export", unsupported)
+    with pytest.raises(ConfigError, match=r"format=onnx: the sasrec encoder did not export \(RuntimeError: Unsupported "
+                                          r"operator aten::frobnicate\); try format=pt2$"):
+        _toy_bundle(tmp_path)
+    assert os.listdir(tmp_path) == []
