@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
 LOG_DIR = os.path.join(ROOT, "docs", "log")
 RESULTS_DIR = os.path.join(ROOT, "bench", "results")
-TOPICS = ("quality_ml1m", "throughput", "stackrec", "rocket", "optim_switch", "topk", "federated", "loading", "scale")
+TOPICS = ("quality_ml1m", "throughput", "stackrec", "rocket", "optim_switch", "topk", "federated", "loading", "scale", "serving")
 
 
 def run_main(main) -> None:

@@ -24,11 +24,11 @@ from common import slug  # noqa: E402  (the anchors append() gives its headings)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join(ROOT, "bench", "results")
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
-TOPICS = ("quality_ml1m", "throughput", "stackrec", "rocket", "optim_switch", "topk", "federated", "loading", "scale")
+TOPICS = ("quality_ml1m", "throughput", "stackrec", "rocket", "optim_switch", "topk", "federated", "loading", "scale", "serving")
 TOPIC_NAMES = {"quality_ml1m": "Accuracy on ML-1M", "throughput": "Speed", "stackrec": "StackRec",
                "rocket": "Rocket Launching", "optim_switch": "Optimizer switching", "topk": "Top-k averaging",
                "federated": "Federated training", "loading": "Loading large files",
-               "scale": "Large catalogues"}
+               "scale": "Large catalogues", "serving": "Serving"}
 KEY = ("target", "setting", "seed", "metric", "baseline_of")
 
 
