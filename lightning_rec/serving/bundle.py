@@ -187,32 +187,32 @@ class Bundle:
 
         From the FAISS index when the bundle loaded one (``exact=False``), else the exact inner product over
         the whole table, ``SCORE_CHUNK`` items at a time. Fewer than ``k`` come back only when fewer unseen
-        items exist. Equal scores go to the lower internal id, as in the eager model's ranking.
+        items exist. Equal scores go to the lower internal id.
         """
         if self.index is not None and not exact:
             return self._top_k_index(users, k, seen)
         B, N = users.shape[0], self.num_items
-        best_s = np.full((B, 0), -np.inf, dtype=np.float32)
-        best_i = np.zeros((B, 0), dtype=np.int64)
+        if seen:  # every (row, item) pair to exclude, as two flat arrays: one masking step per chunk
+            rows = np.repeat(np.arange(B), [len(x) for x in seen])
+            cols = np.fromiter((i for x in seen for i in x), dtype=np.int64, count=len(rows))
+        cand_s, cand_i = [], []
         for c0 in range(1, N + 1, SCORE_CHUNK):
             c1 = min(c0 + SCORE_CHUNK, N + 1)
             s = users @ self.items[c0:c1].T  # (B, c1 - c0): column j scores item c0 + j
             if seen:
-                for r, ss in enumerate(seen):
-                    cols = np.fromiter(ss, dtype=np.int64, count=len(ss)) - c0
-                    s[r, cols[(cols >= 0) & (cols < c1 - c0)]] = -np.inf
-            s = np.concatenate([best_s, s], 1)
-            ids = np.concatenate([best_i, np.broadcast_to(np.arange(c0, c1), (B, c1 - c0))], 1)
-            kk = min(k, s.shape[1])
-            part = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
-            best_s, best_i = np.take_along_axis(s, part, 1), np.take_along_axis(ids, part, 1)
-        out_i, out_s = [], []
-        for r in range(B):
-            order = np.lexsort((best_i[r], -best_s[r]))  # score descending, then the lower id
-            keep = order[np.isfinite(best_s[r, order])]
-            out_i.append(best_i[r, keep].tolist())
-            out_s.append(best_s[r, keep].astype(float).tolist())
-        return out_i, out_s
+                m = (cols >= c0) & (cols < c1)
+                s[rows[m], cols[m] - c0] = -np.inf
+            top_s, top_i = _chunk_top_k(s, min(k, c1 - c0))
+            cand_s.append(top_s)
+            cand_i.append(top_i + c0)
+        best_s, best_i = np.concatenate(cand_s, 1), np.concatenate(cand_i, 1)
+        order = np.lexsort((best_i, -best_s), axis=-1)[:, :k]  # score descending, then the lower id
+        best_s, best_i = np.take_along_axis(best_s, order, 1), np.take_along_axis(best_i, order, 1)
+        finite = np.isfinite(best_s)
+        if finite.all():
+            return best_i.tolist(), best_s.astype(float).tolist()
+        return ([r[f].tolist() for r, f in zip(best_i, finite)],
+                [r[f].astype(float).tolist() for r, f in zip(best_s, finite)])
 
     def _top_k_index(self, users: np.ndarray, k: int, seen: list[set[int]] | None):
         extra = max((len(s) for s in seen), default=0) if seen else 0
@@ -235,6 +235,27 @@ class Bundle:
         return out
 
 
+def _chunk_top_k(s: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best scores of each row of ``s`` (B, W) and their columns, best first, equal scores by the lower
+    column: exact, without a selection over every column of every row.
+
+    The k-th best of a subsample of a row's columns is at most the k-th best of the row, so every column of the
+    row's top-k scores at least that threshold: only the (few) columns at or above it are sorted.
+    """
+    B, W = s.shape
+    stride = max(1, W // (1024 * k))  # a subsample of >= 1024 k columns per row: about k x stride candidates
+    th = np.partition(s[:, ::stride], -k, axis=1)[:, -k]
+    r, c = np.divmod(np.flatnonzero(s >= th[:, None]), W)  # flat: several times faster than 2-D nonzero
+    v = s[r, c]
+    order = np.lexsort((c, -v, r))  # by row, then score descending, then the lower column
+    r, c, v = r[order], c[order], v[order]
+    rank = np.arange(len(r)) - np.searchsorted(r, r)  # position within its row
+    keep = rank < k  # every row has >= k columns at or above its threshold
+    if keep.sum() != B * k:  # only NaN scores break the threshold's promise
+        raise BundleError("the scores hold NaN: the bundle's encoder or item table is broken (export it again)")
+    return v[keep].reshape(B, k), c[keep].reshape(B, k)
+
+
 def _onnx_encoder(path: str, threads: int | None):
     try:
         import onnxruntime as ort
@@ -245,6 +266,9 @@ def _onnx_encoder(path: str, threads: int | None):
     if threads:
         opts.intra_op_num_threads = int(threads)
     opts.log_severity_level = 3  # warnings and below stay quiet
+    # no busy-waiting of the encoder's threads after a call: the scorer's matrix product runs right after it,
+    # on the same cores (with spinning, a 256-user batch over 3,416 items scored 10x slower)
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
     return lambda batch: sess.run(None, {name: batch})[0]

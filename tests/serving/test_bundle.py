@@ -123,6 +123,20 @@ def test_the_exact_scorer_equals_a_brute_force_ranking_across_chunks(tmp_path, m
     assert top[5] == []  # every item seen: nothing left to recommend
 
 
+def test_the_chunk_selection_is_exact_with_many_ties():
+    rng = np.random.default_rng(1)
+    for width, k in ((5000, 10), (70_000, 3), (50, 50), (12, 1)):
+        s = rng.integers(-20, 20, size=(9, width)).astype(np.float32)  # few distinct values: ties everywhere
+        s[0, ::2] = -np.inf  # half of a row excluded
+        s[1, :] = -np.inf
+        s[1, [7, 3]] = 0.0  # fewer finite scores than k: the rest is -inf, still by the lower column
+        top_s, top_i = bundle_mod._chunk_top_k(s, k)
+        for r in range(9):
+            oracle = sorted(range(width), key=lambda c: (-s[r, c], c))[:k]
+            assert top_i[r].tolist() == oracle, (width, k, r)
+            assert top_s[r].tolist() == [float(s[r, c]) for c in oracle]
+
+
 def test_the_faiss_index_recalls_the_exact_top_k_on_a_100k_item_catalogue(tmp_path):
     dest, _ = _toy_bundle(tmp_path, num_items=100_000, d=32, index="hnsw", recall_queries=300)
     info = json.loads((dest / "manifest.json").read_text())["index"]
