@@ -1,8 +1,8 @@
 """Serving latency and parity: a rocket's booster and light net (eager torch) against the light net's bundle.
 
-    python bench/serving.py                          # train a rocket_ml1m for 2 epochs, then measure (~10 min)
+    python bench/serving.py                          # train a rocket_ml1m for 2 epochs, then measure (~5 min)
     python bench/serving.py --ckpt runs/.../best.ckpt    # measure an existing rocket checkpoint
-    python bench/serving.py --ann-items 100000,1000000   # also a 1M-item catalogue (HNSW build: minutes)
+    python bench/serving.py --ann-items 100000,1000000   # also 1M items (HNSW build ~6 min on 2 cores)
     python bench/serving.py --ckpt r.ckpt --requests 50 --ann-items 5000 --no-record   # a smoke run
 
 Paths, each answering "top-10 items for this history of original ids, the history's items left out":
