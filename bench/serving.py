@@ -133,6 +133,21 @@ def latency_rows(res: dict) -> list[str]:
     return [f"| {n} | {r['p50']:.2f} | {r['p99']:.2f} | {r['ups']:,.0f} |" for n, r in res.items()]
 
 
+def revision() -> str:
+    """The commit measured, and whether the serving code differed from it (the scorer changes between runs)."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "lightning_rec"], cwd=root, capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "commit unknown (not a git checkout)"
+    return f"commit {head}" + (" with uncommitted changes under lightning_rec/" if dirty else "")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", default=None, help="a rocket checkpoint (default: train rocket_ml1m for --epochs)")
@@ -277,7 +292,7 @@ def main() -> None:
     data_name = os.path.basename(str(dm_hp.get("path"))) if dm_hp.get("path") else f"data={dm_hp.get('name')}"
     setting = (f"{data_name}, {os.path.basename(ckpt)}: booster {arch['booster']}, "
                f"light {arch['light']}, max_len {max_len}, top-{K} without the history, {args.threads} threads, {hnsw_opts}")
-    lines = [f"Setting: {setting}; requests are whole user histories in original ids (median length "
+    lines = [f"Code: {revision()}.", "", f"Setting: {setting}; requests are whole user histories in original ids (median length "
              f"{int(np.median(lengths))}); batch 1: {args.requests} requests per path after {args.warmup} warm-up, "
              f"the paths taking turns; batch {args.batch}: all {len(histories):,} users "
              f"({res['light (eager)']['batches']} batches); load average (1 min) {load0:.2f} before the "
