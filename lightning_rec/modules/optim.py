@@ -16,6 +16,8 @@ Configs written before ``_target_`` (a ``name:`` key, e.g. in older checkpoints)
 
 from __future__ import annotations
 
+import logging
+
 import inspect
 import math
 from typing import Any
@@ -44,15 +46,22 @@ def _target(conf: dict[str, Any], names: dict[str, str | None], group: str, defa
 
 
 def _class(target: str, group: str):
-    from hydra.utils import get_class, get_method
+    """The class or function ``target`` names (hydra's get_object, which does not log an error for a function
+    the way get_class does)."""
+    from hydra.utils import get_object
 
+    logger = logging.getLogger("hydra.utils")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)  # a failed lookup becomes our one-line error, not hydra's log line too
     try:
-        return get_class(target)
-    except Exception:
-        try:
-            return get_method(target)
-        except Exception as e:
-            raise ConfigError(f"{group}._target_={target}: cannot import it ({' '.join(str(e).split())[:160]})") from None
+        obj = get_object(target)
+    except Exception as e:
+        raise ConfigError(f"{group}._target_={target}: cannot import it ({' '.join(str(e).split())[:160]})") from None
+    finally:
+        logger.setLevel(level)
+    if not callable(obj):
+        raise ConfigError(f"{group}._target_={target}: not a class or function ({type(obj).__name__})")
+    return obj
 
 
 def _kwargs(conf: dict[str, Any]) -> dict[str, Any]:

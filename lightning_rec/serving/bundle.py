@@ -215,15 +215,23 @@ class Bundle:
                 [r[f].astype(float).tolist() for r, f in zip(best_s, finite)])
 
     def _top_k_index(self, users: np.ndarray, k: int, seen: list[set[int]] | None):
-        extra = max((len(s) for s in seen), default=0) if seen else 0
-        want = min(k + extra, self.num_items)  # the seen items may all rank first
-        d, ids = self.index.search(np.ascontiguousarray(users, dtype=np.float32), want)
-        out_i, out_s = [], []
-        for r in range(users.shape[0]):
-            s = seen[r] if seen else ()
-            got = [(int(i) + 1, float(x)) for i, x in zip(ids[r], d[r]) if i >= 0 and int(i) + 1 not in s][:k]
-            out_i.append([g[0] for g in got])
-            out_s.append([g[1] for g in got])
+        """Top-k from the FAISS index: each user's history may rank first, so a row asks for k + its history's
+        length, rows grouped by that need rounded up to a power of two (one search per group, not one search
+        of the batch's longest history for every row)."""
+        B = users.shape[0]
+        need = np.array([min(k + (len(seen[r]) if seen else 0), self.num_items) for r in range(B)])
+        group = np.minimum(2 ** np.ceil(np.log2(need)).astype(np.int64), self.num_items)
+        out_i: list[list[int]] = [[] for _ in range(B)]
+        out_s: list[list[float]] = [[] for _ in range(B)]
+        users = np.ascontiguousarray(users, dtype=np.float32)
+        for want in np.unique(group):
+            rows = np.flatnonzero(group == want)
+            d, ids = self.index.search(users[rows], int(want))
+            for r, dr, ir in zip(rows, d, ids):
+                s = seen[r] if seen else ()
+                got = [(int(i) + 1, float(x)) for i, x in zip(ir, dr) if i >= 0 and int(i) + 1 not in s][:k]
+                out_i[r] = [g[0] for g in got]
+                out_s[r] = [g[1] for g in got]
         return out_i, out_s
 
     def describe(self) -> dict[str, Any]:
