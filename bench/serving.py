@@ -343,7 +343,7 @@ def main() -> None:
     rec_latency(short, res, {"booster (eager)": None, "light (eager)": "booster (eager)",
                              "bundle (onnx, exact)": "light (eager)", "bundle (onnx + hnsw)": "light (eager)"})
     rec(short, f"top-{K} of the exact bundle identical to the eager light net's, fraction of users", parity,
-        goal="== 1.0", ok=parity == 1.0, headline=True)
+        goal="== 1.0", ok=parity == 1.0)  # on the results page; README keeps the recall row (its size limit)
     rec(short, f"recall@{K} of the HNSW bundle against exact", rec_ml, goal=">= 0.99", ok=rec_ml >= 0.99)
     for n_items, a in ann.items():
         s = f"{n_items:,}-item catalogue, untrained {arch['light']}, {hnsw_opts}, {args.threads} threads"
