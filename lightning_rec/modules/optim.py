@@ -46,22 +46,23 @@ def _target(conf: dict[str, Any], names: dict[str, str | None], group: str, defa
 
 
 def _class(target: str, group: str):
-    """The class or function ``target`` names (hydra's get_object, which does not log an error for a function
-    the way get_class does)."""
-    from hydra.utils import get_object
+    """The class or function ``target`` names. Hydra's get_class logs an error for a function before
+    get_method finds it (scheduler=cosine printed one per lookup), so its logger is quiet here; a failed
+    lookup is our one-line error alone."""
+    from hydra.utils import get_class, get_method
 
     logger = logging.getLogger("hydra.utils")
     level = logger.level
-    logger.setLevel(logging.CRITICAL)  # a failed lookup becomes our one-line error, not hydra's log line too
+    logger.setLevel(logging.CRITICAL)
     try:
-        obj = get_object(target)
+        try:
+            return get_class(target)
+        except Exception:
+            return get_method(target)
     except Exception as e:
         raise ConfigError(f"{group}._target_={target}: cannot import it ({' '.join(str(e).split())[:160]})") from None
     finally:
         logger.setLevel(level)
-    if not callable(obj):
-        raise ConfigError(f"{group}._target_={target}: not a class or function ({type(obj).__name__})")
-    return obj
 
 
 def _kwargs(conf: dict[str, Any]) -> dict[str, Any]:

@@ -146,3 +146,15 @@ def test_a_bad_option_found_while_lightning_sets_up_leaves_no_run_folder(tmp_pat
             ]
         )
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.yaml"))
+
+
+def test_a_function_target_is_found_without_an_error_in_the_log(caplog):
+    import logging
+
+    from lightning_rec.modules.optim import _class, warmup_cosine
+
+    with caplog.at_level(logging.DEBUG):
+        assert _class("lightning_rec.modules.optim.warmup_cosine", "scheduler") is warmup_cosine
+        with pytest.raises(ConfigError, match="scheduler._target_=torch.nope.X: cannot import it"):
+            _class("torch.nope.X", "scheduler")
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text  # hydra's 'Error getting class'
