@@ -29,6 +29,20 @@ def export(cfg: DictConfig, overrides: list[str]) -> str:
     return export_net(cfg)
 
 
+def _source(cfg: DictConfig, needs: str, kind: str) -> tuple[str, dict]:
+    """``(path, checkpoint)`` of ``ckpt=``, after the checks both exports share: ckpt and out given (else
+    ``needs``), a known net, and no existing ``out`` (a ``kind``) unless overwrite=true."""
+    ec = cfg.export
+    if not ec.ckpt or not ec.out:
+        raise ConfigError(needs)
+    if ec.net not in ("light", "booster"):
+        raise ConfigError(f"net={ec.net}: expected light or booster")
+    src = runs.resolve_checkpoint(str(ec.ckpt), cfg.runs_dir, cfg.name, option="ckpt")
+    if os.path.exists(ec.out) and not ec.overwrite:
+        raise ConfigError(f"out={ec.out}: {kind} exists; choose another path or pass overwrite=true")
+    return src, runs.load_checkpoint(src, "ckpt")
+
+
 def export_bundle(cfg: DictConfig, overrides: list[str]) -> str:
     """Write the serving bundle folder ``out`` of a checkpoint (a rocket's ``net``, by default the light net)."""
     from lightning_rec.build import model_class
@@ -42,14 +56,7 @@ def export_bundle(cfg: DictConfig, overrides: list[str]) -> str:
                           "use format=pt2 (torch.export, loaded with torch) or format=onnx (onnxruntime, no torch)")
     if fmt not in FORMATS:
         raise ConfigError(f"format={fmt}: expected one of {', '.join(FORMATS)} (or leave it out: a light-net checkpoint)")
-    if not ec.ckpt or not ec.out:
-        raise ConfigError(f"export format={fmt}: needs ckpt=<file> and out=<bundle folder>")
-    if ec.net not in ("light", "booster"):
-        raise ConfigError(f"net={ec.net}: expected light or booster")
-    src = runs.resolve_checkpoint(str(ec.ckpt), cfg.runs_dir, cfg.name, option="ckpt")
-    if os.path.exists(ec.out) and not ec.overwrite:
-        raise ConfigError(f"out={ec.out}: exists; choose another path or pass overwrite=true")
-    ckpt = runs.load_checkpoint(src, "ckpt")
+    src, ckpt = _source(cfg, f"export format={fmt}: needs ckpt=<file> and out=<bundle folder>", "folder")
     hp = ckpt.get("hyper_parameters") or {}
     if "state_dict" not in ckpt or not hp:
         raise ConfigError(f"ckpt={src}: not a lightning_rec checkpoint (no hyper_parameters/state_dict)")
@@ -61,7 +68,7 @@ def export_bundle(cfg: DictConfig, overrides: list[str]) -> str:
     rocket = hp.get("arch") == "rocket"
     if rocket:
         model = model.export_net(ec.net)
-    elif "export.net" in {override_key(o) for o in overrides} or any(o.startswith("net=") for o in overrides):
+    elif "export.net" in {override_key(o) for o in overrides}:  # net= was rewritten to export.net=
         raise ConfigError(f"net={ec.net}: {src} is a single model (net= chooses a rocket's net); drop net=")
     max_len = int((ckpt.get("datamodule_hyper_parameters") or {}).get("max_len") or model.hparams.max_len)
     opts = {k: ec.get(k) for k in ("hnsw_m", "ef_construction", "ef_search", "nlist", "nprobe")}
@@ -92,14 +99,8 @@ def export_net(cfg: DictConfig) -> str:
     from lightning_rec.methods.rocket.module import RocketModule, net_parameters, scoring_latency
 
     ec = cfg.export
-    if not ec.ckpt or not ec.out:
-        raise ConfigError("export: needs ckpt=<rocket.ckpt> and out=<light.ckpt> (and optionally net=light|booster)")
-    if ec.net not in ("light", "booster"):
-        raise ConfigError(f"net={ec.net}: expected light or booster")
-    src = runs.resolve_checkpoint(str(ec.ckpt), cfg.runs_dir, cfg.name, option="ckpt")
-    if os.path.exists(ec.out) and not ec.overwrite:
-        raise ConfigError(f"out={ec.out}: file exists; choose another path or pass overwrite=true")
-    ckpt = runs.load_checkpoint(src, "ckpt")
+    src, ckpt = _source(cfg, "export: needs ckpt=<rocket.ckpt> and out=<light.ckpt> (and optionally net=light|booster)",
+                        "file")
     if (ckpt.get("hyper_parameters") or {}).get("arch") != "rocket":
         raise ConfigError(f"ckpt={src}: not a rocket checkpoint (model=rocket); a single model is already standalone "
                           f"(format=onnx out=<folder> writes a serving bundle of it)")

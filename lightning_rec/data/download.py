@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import sys
@@ -11,6 +10,7 @@ import urllib.error
 import urllib.request
 import zipfile
 
+from lightning_rec.digest import file_digest
 from lightning_rec.errors import DataError
 
 # name -> (url, MD5 of the archive as GroupLens publishes it, member to extract, format)
@@ -39,14 +39,6 @@ DATASETS = {
 
 def default_cache_dir() -> str:
     return os.environ.get("LIGHTNING_REC_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "lightning_rec"))
-
-
-def md5_file(path: str) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _copy_with_progress(src, dst, url: str, total: int) -> None:
@@ -87,14 +79,14 @@ def fetch(name: str, cache_dir: str | None = None, verify: bool = True) -> tuple
                 f"data={name}: could not download {url} ({getattr(e, 'reason', e)}); "
                 f"pass data.path=<path to {os.path.basename(member)} or a 'user item' file> instead"
             ) from None
-        if verify and (got := md5_file(tmp)) != md5:
+        if verify and (got := file_digest(tmp, "md5")) != md5:
             os.unlink(tmp)
             raise DataError(
                 f"{url}: MD5 {got} does not match the published archive ({md5}); "
                 "pass data.download_verify=false if the publisher changed the file"
             )
         os.replace(tmp, archive)
-    elif verify and (got := md5_file(archive)) != md5:  # put there by hand, or by an older tool
+    elif verify and (got := file_digest(archive, "md5")) != md5:  # put there by hand, or by an older tool
         raise DataError(
             f"{archive}: MD5 {got} does not match the published archive ({md5}); delete it to download it again, "
             "or pass data.download_verify=false to use it as it is"

@@ -16,7 +16,6 @@ for a bundle with an index.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -24,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from lightning_rec.digest import file_digest
 from lightning_rec.errors import ConfigError
 
 MANIFEST = "manifest.json"
@@ -37,14 +37,6 @@ SCORE_CHUNK = 65536  # items scored at once by the exact scorer: memory is batch
 
 class BundleError(ConfigError, ValueError):
     """Bad input to a bundle (an empty history, a bad k) or a broken bundle folder; the message is one line."""
-
-
-def sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_manifest(path: str) -> dict[str, Any]:
@@ -103,7 +95,7 @@ class Bundle:
             fp = os.path.join(path, name)
             if not os.path.isfile(fp):
                 raise BundleError(f"bundle={path}: {name} is missing (listed in {MANIFEST})")
-            if verify and sha256(fp) != digest:
+            if verify and file_digest(fp) != digest:
                 raise BundleError(f"bundle={path}: {name} does not match its sha256 in {MANIFEST} (changed or corrupt)")
         items = np.load(os.path.join(path, ITEMS))
         with open(os.path.join(path, ID_MAPS), encoding="utf-8") as f:
@@ -124,10 +116,7 @@ class Bundle:
             index = faiss.read_index(os.path.join(path, INDEX))
             if threads:
                 faiss.omp_set_num_threads(int(threads))
-            if info["type"] == "hnsw":
-                index.hnsw.efSearch = int(ef_search or info["ef_search"])
-            elif info["type"] == "ivf":
-                index.nprobe = int(nprobe or info["nprobe"])
+            set_search(index, info, ef_search, nprobe)
         return cls(path, manifest, encode, items, item_ids, index)
 
     # ------------------------------------------------------------------ queries
@@ -241,6 +230,14 @@ class Bundle:
         out = {k: m[k] for k in keys if k in m}
         out["index"] = (m.get("index") or {}).get("type") if self.index is not None else None
         return out
+
+
+def set_search(index, info: dict[str, Any], ef_search: int | None = None, nprobe: int | None = None) -> None:
+    """The FAISS index's search breadth: the manifest's ``index`` settings, or the ones given."""
+    if info["type"] == "hnsw":
+        index.hnsw.efSearch = int(ef_search or info["ef_search"])
+    elif info["type"] == "ivf":
+        index.nprobe = int(nprobe or info["nprobe"])
 
 
 def _chunk_top_k(s: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

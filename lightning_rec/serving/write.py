@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from lightning_rec.digest import file_digest
 from lightning_rec.errors import ConfigError
 from lightning_rec.serving.bundle import (
     BUNDLE_VERSION,
@@ -29,7 +30,7 @@ from lightning_rec.serving.bundle import (
     ITEMS,
     MANIFEST,
     Bundle,
-    sha256,
+    set_search,
 )
 
 INDEXES = ("flat", "hnsw", "ivf")
@@ -166,14 +167,14 @@ def write_bundle(model, item_ids: list[Any], out: str, fmt: str = "onnx", *, max
             keep = {"hnsw": ("hnsw_m", "ef_construction", "ef_search"), "ivf": ("nlist", "nprobe"), "flat": ()}[index]
             manifest["index"] = {"type": index, "file": INDEX, **{k: opts[k] for k in keep}}
             build_s = time.perf_counter() - t0
-            _write_manifest(tmp, manifest)
-            loaded = Bundle.load(tmp, verify=False)
+            set_search(built, manifest["index"])  # as Bundle.load sets it up
+            loaded.index = built  # the loaded encoder and table again, not a second load
             recall = index_recall(loaded, recall_queries, recall_k, seed)
             manifest["index"].update(recall_at_k=recall, recall_k=recall_k, recall_queries=recall_queries,
                                      build_s=round(build_s, 2))
             log(f"  {index} index built in {build_s:.1f} s; recall@{recall_k} against exact scoring "
                 f"{recall:.4f} on {recall_queries} sampled histories")
-        manifest["files"] = {name: sha256(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))
+        manifest["files"] = {name: file_digest(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))
                              if name != MANIFEST}
         _write_manifest(tmp, manifest)
         old = None
